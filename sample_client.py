@@ -1,0 +1,48 @@
+#!/usr/bin/env python3
+"""An echo server built on socketprotector's receive_connections().
+
+    python3 socketprotector.py -f 4321 -- python3 sample_client.py 4321
+    echo "Hello, World" | nc -q1 localhost 4321
+
+Run it alone (python3 sample_client.py 4321) and it listens on the port
+itself.  Each connection gets a thread; when socketprotector retires this
+process, the loop ends, the open connections finish, and it exits 0.
+"""
+
+import os
+import sys
+import threading
+
+from socketprotector import receive_connections
+
+
+def log(message):
+    print(f"sample_client[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
+
+
+def echo(conn):
+    peer = "%s:%d" % conn.getpeername()[:2]
+    log(f"open {peer}")
+    with conn:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            conn.sendall(data)
+    log(f"close {peer}")
+
+
+def main():
+    port = int(sys.argv[1]) if len(sys.argv) > 1 else None
+    workers = []
+    for conn in receive_connections(port):
+        worker = threading.Thread(target=echo, args=(conn,))
+        worker.start()
+        workers = [w for w in workers if w.is_alive()] + [worker]
+    for worker in workers:          # the stream ended: finish what is open
+        worker.join()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

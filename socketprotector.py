@@ -1,0 +1,1273 @@
+#!/usr/bin/env python3
+"""Keep a TCP port answering while the server behind it restarts.
+
+socketprotector owns a listening TCP port and hands every connection it
+accepts to a child process: your server.  On SIGHUP it starts a new child,
+waits until that child is ready, sends it every new connection, and lets the
+old child finish the connections it already has.  A new build that fails to
+start never takes the service down: the old child keeps serving.
+
+Command line::
+
+    python3 socketprotector.py [options] PORT -- COMMAND [ARG...]
+    python3 socketprotector.py -f 4321 -- python3 sample_client.py 4321
+
+The child needs one call::
+
+    from socketprotector import receive_connections
+
+    for conn in receive_connections(4321):   # port used only without the daemon
+        handle(conn)                          # a connected, blocking socket
+
+Channel protocol: each child inherits one end of a private AF_UNIX
+SOCK_SEQPACKET socketpair, its descriptor number in $SOCKETPROTECTOR_FD.
+The child sends b"R" once (ready).  The daemon sends b"C" with up to
+_MAX_BATCH connections as SCM_RIGHTS descriptors per message.  The child
+answers b"A" + uint32 (big-endian) for every n messages it received, or b"N"
+for a message whose descriptors it could not all receive (the daemon then
+sends that batch again).  The daemon keeps its own copy of every connection
+until it is acknowledged, so a connection sent to a child that dies first
+goes to the next child.  End of stream (EOF) from the daemon means "take no
+more": the child finishes its connections and exits.
+
+Exit codes: 0 after a clean shutdown, 1 for a runtime failure (port in use,
+command not found, first child failed to start), 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConnectionReceiver",
+    "ProtocolError",
+    "SocketProtectorError",
+    "UsageError",
+    "main",
+    "receive_connections",
+]
+__version__ = "1.0.0"
+
+import argparse
+import array
+import collections
+import enum
+import errno
+import fcntl
+import functools
+import logging
+import logging.handlers
+import os
+import select
+import selectors
+import shutil
+import signal
+import socket
+import sys
+import time
+from typing import Callable, Iterator, List, Optional
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+ENV_FD = "SOCKETPROTECTOR_FD"
+
+_MSG_READY = b"R"
+_MSG_ACK = b"A"
+_MSG_NACK = b"N"
+_MSG_CONNS = b"C"
+
+_MAX_BATCH = 64            # descriptors per message; the receiver makes room for this many
+_MAX_UNACKED = 512         # connections a child may hold unacknowledged
+_MAX_WAITING = 256         # accepted connections the daemon queues before it stops accepting
+_ACCEPT_PAUSE = 0.1        # seconds to stop accepting after EMFILE and the like
+_NACK_PAUSE = 0.1          # seconds before a child that could not receive is sent more
+
+_DEFAULT_READY_TIMEOUT = 30.0
+_DEFAULT_STOP_TIMEOUT = 10.0
+_DEFAULT_BACKLOG = 1024
+_KILL_GRACE = 5.0          # seconds from SIGTERM to SIGKILL
+_BACKOFF_MIN = 0.1
+_BACKOFF_MAX = 30.0
+_STABLE_AFTER = 10.0       # a child ready this long resets the crash backoff
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+_USAGE = "socketprotector.py [options] PORT -- COMMAND [ARG...]"
+
+_log = logging.getLogger("socketprotector")
+
+# ---------------------------------------------------------------------------
+# Exceptions
+# ---------------------------------------------------------------------------
+
+
+class SocketProtectorError(Exception):
+    """A failure the user can cause or fix; str() is one line."""
+
+
+class UsageError(SocketProtectorError):
+    """The command line is wrong (exit code 2)."""
+
+
+class ProtocolError(SocketProtectorError):
+    """The peer on the channel broke the protocol."""
+
+
+# ---------------------------------------------------------------------------
+# The library the child imports
+# ---------------------------------------------------------------------------
+
+
+class ConnectionReceiver:
+    """The source of a server's connections, for event loops.
+
+    Under socketprotector it takes the channel named by $SOCKETPROTECTOR_FD
+    (removing the variable, so the server's own subprocesses don't see it)
+    and tells the daemon it is ready.  Without the daemon, given a port, it
+    listens on that port itself, so the same server runs either way.
+
+    Register fileno() for reading; when it is readable call receive().
+    Once ``ended`` is true the daemon sends nothing more: finish the open
+    connections, close the receiver and exit.
+    """
+
+    def __init__(self, port: Optional[int] = None, *, host: str = "",
+                 backlog: int = _DEFAULT_BACKLOG) -> None:
+        """Raise SocketProtectorError if neither the daemon's channel nor a
+        port is available, or OSError if listening on the port fails."""
+        self.ended = False
+        self._channel: Optional[socket.socket] = None
+        self._listener: Optional[socket.socket] = None
+        fd_text = os.environ.pop(ENV_FD, None)
+        if fd_text is not None:
+            self._channel = _adopt_channel(fd_text)
+            self._send(_MSG_READY)
+        elif port is not None:
+            self._listener = _listen(host or None, port, backlog)
+            self._listener.setblocking(False)
+        else:
+            raise SocketProtectorError(
+                f"receive_connections: ${ENV_FD} is not set (not started by "
+                f"socketprotector) and no port was given to listen on")
+
+    def fileno(self) -> int:
+        """The descriptor to wait on for readability (-1 once closed)."""
+        sock = self._channel or self._listener
+        return sock.fileno() if sock is not None else -1
+
+    def receive(self) -> List[socket.socket]:
+        """Return the connections available now, as blocking sockets.
+
+        Never blocks; returns [] when there are none.  Sets ``ended`` when
+        the daemon has ended this child's stream.
+        """
+        if self._listener is not None:
+            return _accept_ready(self._listener)
+        if self._channel is None:
+            return []
+        conns: List[socket.socket] = []
+        taken = 0
+        try:
+            while True:
+                try:
+                    msg, fds, truncated = _recv_batch(self._channel)
+                except BlockingIOError:
+                    break
+                if not msg and not fds:
+                    self._end()
+                    break
+                if truncated:
+                    # Descriptors were dropped by the kernel (RLIMIT_NOFILE?):
+                    # give the whole batch back so another try, or another
+                    # child, serves it.
+                    for fd in fds:
+                        os.close(fd)
+                    if taken:
+                        self._send(_MSG_ACK + taken.to_bytes(4, "big"))
+                        taken = 0
+                    self._send(_MSG_NACK)
+                    break
+                if msg != _MSG_CONNS:
+                    raise ProtocolError(f"unexpected message from socketprotector: {msg!r}")
+                taken += 1
+                conns.extend(_wrap_connection(fd) for fd in fds)
+        finally:
+            # Acknowledge before the application sees a connection, so the
+            # daemon closes its copy at once.
+            if taken and self._channel is not None:
+                self._send(_MSG_ACK + taken.to_bytes(4, "big"))
+        return conns
+
+    def close(self) -> None:
+        """Stop receiving; connections not yet received go to another child."""
+        for sock in (self._channel, self._listener):
+            if sock is not None:
+                sock.close()
+        self._channel = self._listener = None
+
+    def __enter__(self) -> "ConnectionReceiver":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _send(self, msg: bytes) -> None:
+        try:
+            self._channel.sendmsg([msg], [], socket.MSG_NOSIGNAL)
+        except (BrokenPipeError, ConnectionResetError):
+            self._end()
+
+    def _end(self) -> None:
+        self.ended = True
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+
+def receive_connections(port: Optional[int] = None, *, host: str = "") -> Iterator[socket.socket]:
+    """Yield connected, blocking sockets until the daemon ends the stream.
+
+    Under socketprotector, the first request tells the daemon this child is
+    ready.  Without it, listens on ``port`` (all interfaces, or ``host``) and
+    never ends.  Raises SocketProtectorError when neither is available.
+    """
+    with ConnectionReceiver(port, host=host) as receiver:
+        poller = select.poll()
+        poller.register(receiver.fileno(), select.POLLIN)
+        while True:
+            conns = receiver.receive()
+            yield from conns
+            if receiver.ended:
+                return
+            if not conns:
+                poller.poll()
+
+
+# ---------------------------------------------------------------------------
+# Descriptor and channel helpers (both sides)
+# ---------------------------------------------------------------------------
+
+
+def _adopt_channel(fd_text: str) -> socket.socket:
+    """The inherited channel socket, made close-on-exec."""
+    try:
+        fd = int(fd_text)
+        sock = socket.socket(fileno=fd)
+    except (ValueError, OSError) as e:
+        raise SocketProtectorError(
+            f"${ENV_FD}={fd_text!r} does not name an open socket: {e}") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+        sock.detach()
+        raise SocketProtectorError(f"${ENV_FD}={fd_text!r} is not a socketprotector channel")
+    os.set_inheritable(fd, False)
+    sock.setblocking(True)
+    return sock
+
+
+def _send_fds(sock: socket.socket, msg: bytes, fds: List[int]) -> None:
+    # socket.send_fds() ignores its flags argument, so call sendmsg directly.
+    sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+                 socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+
+
+_CMSG_ROOM = socket.CMSG_SPACE(_MAX_BATCH * array.array("i").itemsize)
+
+
+def _recv_batch(sock: socket.socket):
+    """One message as (data, fds, truncated); raises BlockingIOError if none."""
+    # socket.recv_fds() ignores its flags (python/cpython#128881), so call
+    # recvmsg directly: MSG_CMSG_CLOEXEC makes every received fd close-on-exec.
+    try:
+        msg, ancdata, flags, _ = sock.recvmsg(
+            16, _CMSG_ROOM, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+    except ConnectionResetError:
+        return b"", [], False
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return msg, list(fds), bool(flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC))
+
+
+def _wrap_connection(fd: int) -> socket.socket:
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    return sock
+
+
+def _accept_ready(listener: socket.socket) -> List[socket.socket]:
+    """Accept what the backlog holds now, without blocking."""
+    conns = []
+    while len(conns) < _MAX_BATCH:
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            break
+        conn.setblocking(True)
+        conns.append(conn)
+    return conns
+
+
+def _listen(host: Optional[str], port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket: on every interface (IPv6 and IPv4) when host is None."""
+    where = f"{host or '*'}:{port}"
+    try:
+        if host is None:
+            if socket.has_dualstack_ipv6():
+                try:
+                    return socket.create_server(("", port), family=socket.AF_INET6,
+                                                backlog=backlog, dualstack_ipv6=True)
+                except OSError as e:
+                    if e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                        raise
+            return socket.create_server(("", port), backlog=backlog)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        return socket.create_server(address, family=family, backlog=backlog)
+    except socket.gaierror as e:
+        raise SocketProtectorError(f"cannot resolve bind address {host!r}: {e.strerror}") from None
+    except OSError as e:
+        raise SocketProtectorError(f"cannot listen on {where}: {e.strerror}") from None
+
+
+def _format_address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _close_fds(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _describe_status(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+# ---------------------------------------------------------------------------
+# The daemon
+# ---------------------------------------------------------------------------
+
+
+class _State(enum.Enum):
+    STARTING = "starting"    # forked; not yet asked for a connection
+    SERVING = "serving"      # the one child that is sent new connections
+    RETIRING = "retiring"    # stream ended; finishing its connections
+    STOPPING = "stopping"    # sent SIGTERM; SIGKILL at kill_at
+    EXITED = "exited"
+
+
+class _Child:
+    """One child process and the daemon's end of its channel."""
+
+    def __init__(self, pid: int, channel: socket.socket) -> None:
+        self.pid = pid
+        self.channel: Optional[socket.socket] = channel
+        self.state = _State.STARTING
+        self.started = time.monotonic()
+        self.ready_at = 0.0
+        self.deadline: Optional[float] = None    # ready or drain timeout, by state
+        self.kill_at: Optional[float] = None     # SIGKILL after SIGTERM
+        self.paused_until = 0.0                  # after a NACK
+        self.blocked = False                     # channel full: waiting for EVENT_WRITE
+        self.unacked: collections.deque = collections.deque()   # batches of fds
+        self.unacked_count = 0
+
+    def can_take(self, now: float) -> bool:
+        return (self.channel is not None and not self.blocked
+                and self.unacked_count < _MAX_UNACKED and now >= self.paused_until)
+
+    def signal(self, sig: int) -> None:
+        # Children lead their own process group: signal the whole group so
+        # a shell wrapper's children get it too.
+        try:
+            os.killpg(self.pid, sig)
+        except OSError:
+            try:
+                os.kill(self.pid, sig)
+            except OSError:
+                pass
+
+
+class _SpawnError(SocketProtectorError):
+    """The command could not be started."""
+
+
+class _Supervisor:
+    """Accepts connections and hands them to the serving child.
+
+    One selector loop owns everything: the listener, each child's channel,
+    and a socketpair that signal.set_wakeup_fd() writes signal numbers to.
+    Timeouts are deadlines the loop computes its select() timeout from.
+    """
+
+    def __init__(self, listener: socket.socket, command: List[str], *, cwd: str,
+                 ready_timeout: float, drain_timeout: Optional[float],
+                 stop_timeout: float, wakeup: socket.socket,
+                 on_event: Callable[[str, str], None] = lambda event, detail: None) -> None:
+        self._listener: Optional[socket.socket] = listener
+        self._command = command
+        self._cwd = cwd
+        self._ready_timeout = ready_timeout
+        self._drain_timeout = drain_timeout
+        self._stop_timeout = stop_timeout
+        self._on_event = on_event
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(wakeup, selectors.EVENT_READ, self._on_wakeup)
+        self._wakeup = wakeup
+        self._listening = False
+        self._children: dict = {}                 # pid -> _Child, until reaped
+        self._serving: Optional[_Child] = None
+        self._starting: Optional[_Child] = None
+        self._waiting: collections.deque = collections.deque()   # accepted fds not yet sent
+        self._ever_ready = False
+        self._restart_again = False
+        self._stopping = False
+        self._stop_deadline: Optional[float] = None
+        self._respawn_at: Optional[float] = None
+        self._accept_paused_until: Optional[float] = None
+        self._backoff = _BACKOFF_MIN
+        self._error: Optional[str] = None
+        self.forwarded = 0
+        self.restarts = 0
+        self.failed_restarts = 0
+        self.crashes = 0
+        self._child_env = {k: v for k, v in os.environ.items() if k != ENV_FD}
+
+    # -- the loop -----------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until shut down; raise SocketProtectorError if start-up failed."""
+        try:
+            self._spawn()
+            while self._children or not self._stopping:
+                timeout = self._timeout()
+                for key, mask in self._sel.select(timeout):
+                    key.data(mask)
+                self._check_deadlines()
+        finally:
+            self._close_everything()
+        if self._error:
+            raise SocketProtectorError(self._error)
+
+    def _timeout(self) -> Optional[float]:
+        deadlines = [self._stop_deadline, self._respawn_at, self._accept_paused_until]
+        for child in self._children.values():
+            deadlines += (child.deadline, child.kill_at)
+            if child is self._serving and child.paused_until and self._waiting:
+                deadlines.append(child.paused_until)
+        pending = [d for d in deadlines if d is not None]
+        if not pending:
+            return None
+        return max(0.0, min(pending) - time.monotonic())
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for child in list(self._children.values()):
+            if child.kill_at is not None and now >= child.kill_at:
+                _log.warning("child %d still running %.0f s after SIGTERM; sending SIGKILL",
+                             child.pid, _KILL_GRACE)
+                child.kill_at = None
+                child.signal(signal.SIGKILL)
+            if child.deadline is not None and now >= child.deadline:
+                child.deadline = None
+                if child.state is _State.STARTING:
+                    self._not_ready_in_time(child)
+                elif child.state is _State.RETIRING:
+                    _log.warning("child %d still draining after %g s; stopping it",
+                                 child.pid, self._drain_timeout)
+                    self._terminate(child)
+        if self._respawn_at is not None and now >= self._respawn_at:
+            self._respawn_at = None
+            self._spawn_replacement()
+        if self._stop_deadline is not None and now >= self._stop_deadline:
+            self._stop_deadline = None
+            self._terminate_all(f"after --stop-timeout {self._stop_timeout:g} s")
+        if self._accept_paused_until is not None and now >= self._accept_paused_until:
+            self._accept_paused_until = None
+        self._pump()
+
+    def _close_everything(self) -> None:
+        self._set_listening(False)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._waiting:
+            _log.warning("closing %d connections no child took", len(self._waiting))
+        _close_fds(self._waiting)
+        self._waiting.clear()
+        for child in self._children.values():
+            self._close_channel(child)
+            for batch in child.unacked:
+                _close_fds(batch)
+        self._sel.close()
+
+    # -- signals ------------------------------------------------------------
+
+    def _on_wakeup(self, mask: int) -> None:
+        signums = bytearray()
+        while True:
+            try:
+                data = self._wakeup.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data:
+                break
+            signums += data
+        self._reap()
+        for signum in dict.fromkeys(signums):   # each kind once, in arrival order
+            if signum == signal.SIGHUP:
+                self._request_restart()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self._request_stop(signal.Signals(signum).name)
+            elif signum == signal.SIGUSR1:
+                self._log_status()
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self._children.pop(pid, None)
+            if child is not None:       # else an orphan reparented to us
+                self._exited(child, status)
+
+    def _log_status(self) -> None:
+        now = time.monotonic()
+        serving = self._serving
+        draining = [c.pid for c in self._children.values() if c.state is _State.RETIRING]
+        _log.info("status: listening on %s; serving child %s; draining %s; "
+                  "%d connections forwarded; %d restarts, %d failed; %d crashes",
+                  _format_address(self._listener) if self._listener else "nothing",
+                  f"{serving.pid} up {now - serving.ready_at:.0f} s" if serving else "none",
+                  ",".join(map(str, draining)) or "none",
+                  self.forwarded, self.restarts, self.failed_restarts, self.crashes)
+
+    # -- child transitions --------------------------------------------------
+
+    def _spawn(self) -> _Child:
+        """Fork and exec the command: a new child in STARTING."""
+        executable = _resolve_command(self._command[0], self._cwd)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        err_r, err_w = os.pipe()
+        try:
+            env = dict(self._child_env)
+            env[ENV_FD] = str(theirs.fileno())
+            try:
+                pid = os.fork()
+            except OSError as e:
+                raise _SpawnError(f"cannot start {self._command[0]!r}: fork: {e.strerror}") from None
+            if pid == 0:
+                _exec_child(executable, self._command, env, self._cwd, theirs.fileno(), err_w)
+            os.close(err_w)
+            err_w = -1
+            try:
+                os.setpgid(pid, pid)
+            except OSError:
+                pass            # the child did it first, or has already exec'd
+            report = _read_all(err_r)
+        finally:
+            theirs.close()
+            os.close(err_r)
+            if err_w >= 0:
+                os.close(err_w)
+        if report:
+            ours.close()
+            os.waitpid(pid, 0)
+            code, _, text = report.decode(errors="replace").partition(":")
+            raise _SpawnError(f"cannot run {self._command[0]!r}: {text or code}")
+        ours.setblocking(False)
+        child = _Child(pid, ours)
+        child.deadline = child.started + self._ready_timeout
+        self._children[pid] = child
+        self._starting = child
+        self._sel.register(ours, selectors.EVENT_READ, functools.partial(self._on_channel, child))
+        _log.info("child %d started: %s", pid, " ".join(self._command))
+        return child
+
+    def _ready(self, child: _Child) -> None:
+        """STARTING -> SERVING; the previous serving child retires."""
+        if child.state is not _State.STARTING:
+            return      # retired or stopped before it got here
+        old = self._serving
+        self._starting = None
+        child.state = _State.SERVING
+        child.ready_at = time.monotonic()
+        child.deadline = None
+        self._serving = child
+        if old is not None:
+            self.restarts += 1
+            _log.info("child %d ready; child %d retiring", child.pid, old.pid)
+            self._retire(old)
+            self._on_event("reloaded", f"child {child.pid} serving")
+        else:
+            _log.info("child %d ready, serving", child.pid)
+            self._on_event("ready" if not self._ever_ready else "reloaded",
+                           f"child {child.pid} serving")
+        self._ever_ready = True
+        if self._stopping:
+            self._retire(child)
+        elif self._restart_again:
+            self._restart_again = False
+            self._request_restart()
+
+    def _retire(self, child: _Child) -> None:
+        """SERVING/STARTING -> RETIRING: end its stream; it finishes and exits."""
+        if child is self._serving:
+            self._serving = None
+        if child is self._starting:
+            self._starting = None
+        child.state = _State.RETIRING
+        child.deadline = (time.monotonic() + self._drain_timeout
+                          if self._drain_timeout is not None else None)
+        if child.channel is not None:
+            try:
+                child.channel.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def _terminate(self, child: _Child) -> None:
+        """Any live state -> STOPPING: SIGTERM now, SIGKILL after _KILL_GRACE."""
+        if child.state is _State.STOPPING:
+            return
+        if child is self._serving:
+            self._serving = None
+        if child is self._starting:
+            self._starting = None
+        if child.state in (_State.SERVING, _State.STARTING) and child.channel is not None:
+            try:
+                child.channel.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        child.state = _State.STOPPING
+        child.deadline = None
+        child.kill_at = time.monotonic() + _KILL_GRACE
+        child.signal(signal.SIGTERM)
+
+    def _exited(self, child: _Child, status: int) -> None:
+        """Any state -> EXITED: its unacknowledged connections go to the next child."""
+        was = child.state
+        how = _describe_status(status)
+        child.state = _State.EXITED
+        self._close_channel(child)
+        self._requeue(child)
+        if child is self._starting:
+            self._starting = None
+        if child is self._serving:
+            self._serving = None
+            self._crashed(child, how)
+            return
+        if was is _State.STARTING:
+            self._start_failed(child, f"{how} before it was ready")
+        else:
+            _log.info("child %d %s (%s)", child.pid, how, was.value)
+
+    def _crashed(self, child: _Child, how: str) -> None:
+        self.crashes += 1
+        if self._stopping:
+            _log.warning("child %d %s while shutting down", child.pid, how)
+            return
+        if child.ready_at and time.monotonic() - child.ready_at >= _STABLE_AFTER:
+            self._backoff = _BACKOFF_MIN
+        if self._starting is not None:
+            _log.warning("child %d %s unexpectedly; child %d, starting, will take over",
+                         child.pid, how, self._starting.pid)
+            return
+        _log.warning("child %d %s unexpectedly; %s", child.pid, how, self._schedule_respawn())
+
+    def _start_failed(self, child: Optional[_Child], why: str) -> None:
+        """A new child will not become ready: keep the old one, or retry, or give up."""
+        name = f"child {child.pid}" if child is not None else "new child"
+        if self._stopping:
+            _log.info("%s %s", name, why)
+            return
+        if self._serving is not None:
+            self.failed_restarts += 1
+            _log.error("restart failed: %s %s; child %d keeps serving",
+                       name, why, self._serving.pid)
+            self._on_event("reloaded", f"restart failed; child {self._serving.pid} serving")
+            if self._restart_again:
+                self._restart_again = False
+                self._request_restart()
+        elif not self._ever_ready:
+            self._fail(f"{name} {why}")
+        else:
+            _log.error("%s %s; %s", name, why, self._schedule_respawn())
+
+    def _not_ready_in_time(self, child: _Child) -> None:
+        self._terminate(child)
+        self._start_failed(child, f"was not ready within {self._ready_timeout:g} s; stopped it")
+
+    def _schedule_respawn(self) -> str:
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+        self._respawn_at = time.monotonic() + delay
+        return f"starting another in {delay:g} s"
+
+    def _spawn_replacement(self) -> None:
+        if self._stopping or self._starting is not None:
+            return
+        try:
+            self._spawn()
+        except _SpawnError as e:
+            if self._ever_ready:
+                _log.error("%s; %s", e, self._schedule_respawn())
+            else:
+                self._fail(str(e))
+
+    def _fail(self, why: str) -> None:
+        _log.error("%s", why)
+        self._error = why
+        self._on_event("failed", why)
+        self._request_stop(None)
+        self._terminate_all(None)
+
+    # -- operator requests --------------------------------------------------
+
+    def _request_restart(self) -> None:
+        if self._stopping:
+            _log.info("SIGHUP ignored: shutting down")
+            return
+        if self._starting is not None:
+            self._restart_again = True
+            _log.info("SIGHUP: child %d is still starting; one more restart will follow",
+                      self._starting.pid)
+            return
+        self._respawn_at = None
+        if self._serving is not None:
+            _log.info("restart: starting a new child to replace child %d", self._serving.pid)
+        self._on_event("reloading", "starting a new child")
+        try:
+            self._spawn()
+        except _SpawnError as e:
+            self._start_failed(None, str(e))
+
+    def _request_stop(self, signame: Optional[str]) -> None:
+        if self._stopping:
+            if signame:
+                _log.info("%s again: stopping children now", signame)
+                self._terminate_all(None)
+            return
+        self._stopping = True
+        self._restart_again = False
+        self._respawn_at = None
+        if signame:
+            _log.info("%s: shutting down", signame)
+        self._on_event("stopping", "shutting down")
+        if self._listener is not None:
+            if self._serving is not None:
+                self._accept(limit=None)   # what waits in the backlog is served, not reset
+            self._set_listening(False)
+            self._listener.close()
+            self._listener = None
+        self._stop_deadline = time.monotonic() + self._stop_timeout
+        if self._starting is not None:
+            self._retire(self._starting)
+        self._pump()
+
+    def _terminate_all(self, why: Optional[str]) -> None:
+        live = [c for c in self._children.values() if c.state is not _State.STOPPING]
+        if why and live:
+            _log.warning("stopping %s %s",
+                         ", ".join(f"child {c.pid}" for c in live), why)
+        for child in live:
+            self._terminate(child)
+
+    # -- connections --------------------------------------------------------
+
+    def _on_listener(self, mask: int) -> None:
+        self._accept(limit=_MAX_WAITING - len(self._waiting))
+        self._pump()
+
+    def _accept(self, limit: Optional[int]) -> None:
+        accept = self._listener._accept   # raw fds: no socket object per connection
+        waiting = self._waiting
+        count = 0
+        while limit is None or count < limit:
+            try:
+                fd, _ = accept()
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    if self._accept_paused_until is None:
+                        _log.warning("cannot accept: %s; pausing %g s", e.strerror, _ACCEPT_PAUSE)
+                    self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
+                    break
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue
+                raise
+            waiting.append(fd)
+            count += 1
+
+    def _pump(self) -> None:
+        """Send waiting connections to the serving child; then decide whether to accept."""
+        child = self._serving
+        now = time.monotonic()
+        while self._waiting and child is not None and child.can_take(now):
+            room = min(len(self._waiting), _MAX_BATCH, _MAX_UNACKED - child.unacked_count)
+            batch = [self._waiting.popleft() for _ in range(room)]
+            try:
+                _send_fds(child.channel, _MSG_CONNS, batch)
+            except (BlockingIOError, InterruptedError):
+                self._waiting.extendleft(reversed(batch))
+                child.blocked = True
+                self._sel.modify(child.channel, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                 functools.partial(self._on_channel, child))
+                break
+            except OSError as e:
+                self._waiting.extendleft(reversed(batch))
+                if e.errno == errno.ETOOMANYREFS:
+                    child.paused_until = now + _NACK_PAUSE
+                    break
+                self._lose_channel(child, f"cannot send to its channel: {e.strerror}", requeue=True)
+                break
+            child.unacked.append(batch)
+            child.unacked_count += len(batch)
+            self.forwarded += len(batch)
+        if self._stopping and self._serving is not None and not self._waiting:
+            self._retire(self._serving)
+        self._set_listening(
+            not self._stopping and self._serving is not None
+            and self._serving.can_take(now) and len(self._waiting) < _MAX_WAITING
+            and self._accept_paused_until is None)
+
+    def _set_listening(self, want: bool) -> None:
+        if want == self._listening or self._listener is None:
+            return
+        if want:
+            self._sel.register(self._listener, selectors.EVENT_READ, self._on_listener)
+        else:
+            self._sel.unregister(self._listener)
+        self._listening = want
+
+    def _requeue(self, child: _Child) -> None:
+        """Put a child's unacknowledged connections back at the front of the queue."""
+        if child.unacked_count:
+            _log.info("child %d had not taken %d connections; they go to the next child",
+                      child.pid, child.unacked_count)
+        while child.unacked:
+            self._waiting.extendleft(reversed(child.unacked.pop()))
+        child.unacked_count = 0
+
+    # -- the channel --------------------------------------------------------
+
+    def _on_channel(self, child: _Child, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE and child.channel is not None:
+            child.blocked = False
+            self._sel.modify(child.channel, selectors.EVENT_READ,
+                             functools.partial(self._on_channel, child))
+        if mask & selectors.EVENT_READ:
+            self._read_channel(child)
+        self._pump()
+
+    def _read_channel(self, child: _Child) -> None:
+        while child.channel is not None:
+            try:
+                msg = child.channel.recv(16)
+            except BlockingIOError:
+                return
+            except OSError:
+                msg = b""
+            if not msg:
+                self._channel_closed(child)
+            elif msg == _MSG_READY:
+                self._ready(child)
+            elif msg[:1] == _MSG_ACK and len(msg) == 5:
+                self._acked(child, int.from_bytes(msg[1:], "big"))
+            elif msg == _MSG_NACK and child.unacked:
+                batch = child.unacked.popleft()
+                child.unacked_count -= len(batch)
+                self._waiting.extendleft(reversed(batch))
+                child.paused_until = time.monotonic() + _NACK_PAUSE
+                _log.warning("child %d could not receive %d connections; sending them again",
+                             child.pid, len(batch))
+            else:
+                self._lose_channel(child, f"sent an invalid message {msg[:16]!r}", requeue=False)
+
+    def _acked(self, child: _Child, count: int) -> None:
+        if count > len(child.unacked):
+            self._lose_channel(child, f"acknowledged {count} batches, only "
+                                      f"{len(child.unacked)} were sent", requeue=False)
+            return
+        for _ in range(count):
+            batch = child.unacked.popleft()
+            child.unacked_count -= len(batch)
+            _close_fds(batch)
+
+    def _channel_closed(self, child: _Child) -> None:
+        if child.state in (_State.RETIRING, _State.STOPPING):
+            self._close_channel(child)   # the normal end: it took everything and hung up
+            self._requeue(child)
+            return
+        # Usually the child has just exited: report that, not the channel.
+        try:
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid = 0
+        if pid:
+            del self._children[pid]
+            self._exited(child, status)
+            return
+        # The kernel discarded what the child had not received; everything it
+        # received it acknowledged.  So the unacknowledged ones are safe to resend.
+        self._lose_channel(child, "closed its channel", requeue=True)
+
+    def _lose_channel(self, child: _Child, why: str, requeue: bool) -> None:
+        """The channel is unusable: no more connections to this child."""
+        _log.warning("child %d %s; it gets no more connections", child.pid, why)
+        self._close_channel(child)
+        if requeue:
+            self._requeue(child)
+        was_serving = child is self._serving
+        if child.state is _State.STARTING:
+            self._terminate(child)
+            self._start_failed(child, "closed its channel before it was ready")
+        elif was_serving:
+            self._retire(child)
+            self._crashed(child, "lost its channel")
+
+    def _close_channel(self, child: _Child) -> None:
+        if child.channel is None:
+            return
+        self._sel.unregister(child.channel)
+        child.channel.close()
+        child.channel = None
+
+
+def _resolve_command(name: str, cwd: str) -> str:
+    """The executable to run, or _SpawnError saying why there is none."""
+    if "/" in name:
+        path = os.path.join(cwd, name)
+        if not os.path.exists(path):
+            raise _SpawnError(f"cannot run {name!r}: No such file or directory")
+        if os.path.isdir(path):
+            raise _SpawnError(f"cannot run {name!r}: is a directory")
+        if not os.access(path, os.X_OK):
+            raise _SpawnError(f"cannot run {name!r}: not executable")
+        return path
+    found = shutil.which(name)
+    if found is None:
+        raise _SpawnError(f"cannot run {name!r}: command not found")
+    return os.path.join(cwd, found)
+
+
+def _exec_child(executable: str, argv: List[str], env: dict, cwd: str,
+                channel_fd: int, err_w: int) -> None:
+    """In the forked child: exec the command or report why not; never returns."""
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD,
+                    signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)   # Python ignores SIGPIPE; a server expects the default
+        os.setpgid(0, 0)
+        os.chdir(cwd)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        os.set_inheritable(channel_fd, True)
+        os.execve(executable, argv, env)
+    except OSError as e:
+        os.write(err_w, f"{e.errno}:{e.strerror}".encode())
+    except BaseException:
+        os.write(err_w, b"0:unexpected error before exec")
+    finally:
+        os._exit(127)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+# ---------------------------------------------------------------------------
+# Pid file and detaching
+# ---------------------------------------------------------------------------
+
+
+class _PidFile:
+    """A pid file locked (flock) for the daemon's whole life."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = -1
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise SocketProtectorError(f"cannot open pid file {path}: {e.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise SocketProtectorError(
+                    f"already running, pid {holder} (pid file {path} is locked)") from None
+            # The file may have been removed by its previous owner between our
+            # open and our lock; then the lock protects nothing: try again.
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return
+            os.close(fd)
+
+    def write(self, pid: int) -> None:
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{pid}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = -1
+
+
+class _Launcher:
+    """Detaches the daemon and makes the launching process wait for its verdict."""
+
+    def __init__(self) -> None:
+        self._report = -1
+
+    def detach(self) -> None:
+        """Return in the detached daemon; the launcher exits from here."""
+        read_end, self._report = os.pipe()
+        pid = os.fork()
+        if pid > 0:
+            os.close(self._report)
+            os.waitpid(pid, 0)
+            verdict = _read_all(read_end).decode(errors="replace")
+            if verdict.startswith("ready"):
+                code = EXIT_OK
+            else:
+                reason = verdict.partition(" ")[2].strip() or "daemon exited before it was ready"
+                print(f"socketprotector: {reason}", file=sys.stderr)
+                code = EXIT_FAILURE
+            sys.stderr.flush()
+            os._exit(code)
+        os.close(read_end)
+        try:
+            os.setsid()
+            if os.fork() > 0:
+                os._exit(0)
+        except BaseException:
+            os._exit(EXIT_FAILURE)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        os.chdir("/")
+
+    def on_event(self, event: str, detail: str) -> None:
+        if event == "ready":
+            self._send("ready")
+        elif event == "failed":
+            self._send(f"error {detail}")
+
+    def _send(self, line: str) -> None:
+        if self._report >= 0:
+            try:
+                os.write(self._report, f"{line}\n".encode())
+            except OSError:
+                pass
+            os.close(self._report)
+            self._report = -1
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer: {text!r}")
+    return value
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(
+        prog="socketprotector.py", usage=_USAGE, allow_abbrev=False,
+        description="Keep TCP PORT listening and hand its connections to COMMAND; "
+                    "SIGHUP restarts COMMAND without refusing a connection.",
+        epilog="Signals: HUP restarts the child (start-first), TERM/INT shut down "
+               "(twice: at once), USR1 logs a status line.  Exit codes: 0 clean "
+               "shutdown, 1 runtime failure, 2 bad usage.")
+    parser.add_argument("port", metavar="PORT",
+                        help="TCP port to listen on (0 picks a free one and logs it)")
+    parser.add_argument("-f", "--foreground", action="store_true",
+                        help="stay attached and log to stderr (default: detach)")
+    parser.add_argument("--pid-file", metavar="PATH",
+                        help="write the daemon's pid here, locked while it runs")
+    parser.add_argument("--bind", metavar="ADDR",
+                        help="address to listen on (default: every interface, IPv6 and IPv4)")
+    parser.add_argument("--backlog", metavar="N", type=_positive_int, default=_DEFAULT_BACKLOG,
+                        help=f"listen backlog (default {_DEFAULT_BACKLOG})")
+    parser.add_argument("--ready-timeout", metavar="S", type=_seconds,
+                        default=_DEFAULT_READY_TIMEOUT,
+                        help="a new child not ready after S seconds is stopped and the old "
+                             f"one keeps serving (default {_DEFAULT_READY_TIMEOUT:g})")
+    parser.add_argument("--drain-timeout", metavar="S", type=_seconds, default=None,
+                        help="a retired child still running after S seconds gets SIGTERM, "
+                             "then SIGKILL (default: no limit)")
+    parser.add_argument("--stop-timeout", metavar="S", type=_seconds,
+                        default=_DEFAULT_STOP_TIMEOUT,
+                        help="on shutdown, children still running after S seconds get "
+                             f"SIGTERM, then SIGKILL (default {_DEFAULT_STOP_TIMEOUT:g})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument("--version", action="version", version=f"socketprotector {__version__}")
+    return parser
+
+
+def _parse_args(argv: List[str]) -> argparse.Namespace:
+    """Options and PORT before '--', the command after it; UsageError if wrong."""
+    parser = _build_parser()
+    if "--" in argv:
+        split = argv.index("--")
+        own, command = argv[:split], argv[split + 1:]
+    else:
+        own, command = argv, None
+    opts = parser.parse_args(own)     # -h and --version exit here
+    try:
+        opts.port = int(opts.port, 10)
+    except ValueError:
+        raise UsageError(f"PORT must be a number, not {opts.port!r}") from None
+    if not 0 <= opts.port <= 65535:
+        raise UsageError(f"PORT must be between 0 and 65535, not {opts.port}")
+    if command is None:
+        raise UsageError("missing '--' between PORT and the command to run")
+    if not command:
+        raise UsageError("missing the command to run after '--'")
+    opts.command = command
+    if opts.pid_file:
+        opts.pid_file = os.path.abspath(opts.pid_file)
+    return opts
+
+
+def _configure_logging(opts: argparse.Namespace) -> None:
+    _log.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
+    _log.propagate = False
+    if opts.foreground:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("socketprotector[%(process)d]: %(message)s"))
+    else:
+        try:
+            handler = logging.handlers.SysLogHandler("/dev/log", facility="daemon")
+            handler.setFormatter(logging.Formatter("socketprotector[%(process)d]: %(message)s"))
+        except OSError:
+            handler = logging.NullHandler()
+    _log.handlers[:] = [handler]
+
+
+def _install_signals(wakeup: socket.socket) -> None:
+    signal.set_wakeup_fd(wakeup.fileno(), warn_on_full_buffer=False)
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1):
+        signal.signal(sig, _ignore_signal)
+
+
+def _ignore_signal(signum, frame) -> None:
+    """The handler does nothing: the loop reads the signal from the wakeup socket."""
+
+
+def _serve(opts: argparse.Namespace) -> None:
+    """Everything after parsing: pid file, listener, detach, supervise."""
+    cwd = os.getcwd()
+    _resolve_command(opts.command[0], cwd)      # fail before detaching
+    pid_file = _PidFile(opts.pid_file) if opts.pid_file else None
+    launcher = None
+    try:
+        listener = _listen(opts.bind, opts.port, opts.backlog)
+        with listener:
+            listener.setblocking(False)
+            if not opts.foreground:
+                launcher = _Launcher()
+                launcher.detach()
+            if pid_file is not None:
+                pid_file.write(os.getpid())
+            _log.info("listening on %s", _format_address(listener))
+            wake_r, wake_w = socket.socketpair()
+            with wake_r, wake_w:
+                wake_r.setblocking(False)
+                wake_w.setblocking(False)
+                _install_signals(wake_w)
+                supervisor = _Supervisor(
+                    listener, opts.command, cwd=cwd, ready_timeout=opts.ready_timeout,
+                    drain_timeout=opts.drain_timeout, stop_timeout=opts.stop_timeout,
+                    wakeup=wake_r,
+                    on_event=launcher.on_event if launcher else lambda event, detail: None)
+                try:
+                    supervisor.run()
+                finally:
+                    signal.set_wakeup_fd(-1)
+            _log.info("stopped")
+    except SocketProtectorError as e:
+        if launcher is not None:
+            launcher.on_event("failed", str(e))
+        raise
+    finally:
+        if pid_file is not None:
+            pid_file.release()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the daemon; return the exit code (0 ok, 1 runtime failure, 2 usage)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        opts = _parse_args(argv)
+    except UsageError as e:
+        print(f"socketprotector: {e}\nusage: {_USAGE} (see --help)", file=sys.stderr)
+        return EXIT_USAGE
+    _configure_logging(opts)
+    try:
+        _serve(opts)
+    except SocketProtectorError as e:
+        print(f"socketprotector: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
