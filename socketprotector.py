@@ -89,6 +89,7 @@ _KILL_GRACE = 5.0          # seconds from SIGTERM to SIGKILL
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 30.0
 _STABLE_AFTER = 10.0       # a child ready this long resets the crash backoff
+_EXIT_GRACE = 1.0          # after a child hangs up, how long to wait for it to exit
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -329,7 +330,9 @@ def _listen(host: Optional[str], port: int, backlog: int) -> socket.socket:
     except socket.gaierror as e:
         raise SocketProtectorError(f"cannot resolve bind address {host!r}: {e.strerror}") from None
     except OSError as e:
-        raise SocketProtectorError(f"cannot listen on {where}: {e.strerror}") from None
+        # create_server() rewrites strerror with the address; keep the plain reason
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise SocketProtectorError(f"cannot listen on {where}: {reason}") from None
 
 
 def _format_address(sock: socket.socket) -> str:
@@ -482,7 +485,9 @@ class _Supervisor:
                 child.signal(signal.SIGKILL)
             if child.deadline is not None and now >= child.deadline:
                 child.deadline = None
-                if child.state is _State.STARTING:
+                if child.channel is None and child.state in (_State.STARTING, _State.SERVING):
+                    self._hung_up(child)
+                elif child.state is _State.STARTING:
                     self._not_ready_in_time(child)
                 elif child.state is _State.RETIRING:
                     _log.warning("child %d still draining after %g s; stopping it",
@@ -790,6 +795,8 @@ class _Supervisor:
     # -- connections --------------------------------------------------------
 
     def _on_listener(self, mask: int) -> None:
+        if not self._listening:
+            return      # unregistered by an earlier event of the same select()
         self._accept(limit=_MAX_WAITING - len(self._waiting))
         self._pump()
 
@@ -834,7 +841,7 @@ class _Supervisor:
                 if e.errno == errno.ETOOMANYREFS:
                     child.paused_until = now + _NACK_PAUSE
                     break
-                self._lose_channel(child, f"cannot send to its channel: {e.strerror}", requeue=True)
+                self._channel_closed(child)     # EPIPE, ECONNRESET: it hung up
                 break
             child.unacked.append(batch)
             child.unacked_count += len(batch)
@@ -897,12 +904,12 @@ class _Supervisor:
                 _log.warning("child %d could not receive %d connections; sending them again",
                              child.pid, len(batch))
             else:
-                self._lose_channel(child, f"sent an invalid message {msg[:16]!r}", requeue=False)
+                self._lose_channel(child, f"sent an invalid message {msg[:16]!r}")
 
     def _acked(self, child: _Child, count: int) -> None:
         if count > len(child.unacked):
             self._lose_channel(child, f"acknowledged {count} batches, only "
-                                      f"{len(child.unacked)} were sent", requeue=False)
+                                      f"{len(child.unacked)} were sent")
             return
         for _ in range(count):
             batch = child.unacked.popleft()
@@ -910,36 +917,34 @@ class _Supervisor:
             _close_fds(batch)
 
     def _channel_closed(self, child: _Child) -> None:
-        if child.state in (_State.RETIRING, _State.STOPPING):
-            self._close_channel(child)   # the normal end: it took everything and hung up
-            self._requeue(child)
-            return
-        # Usually the child has just exited: report that, not the channel.
-        try:
-            pid, status = os.waitpid(child.pid, os.WNOHANG)
-        except ChildProcessError:
-            pid = 0
-        if pid:
-            del self._children[pid]
-            self._exited(child, status)
-            return
-        # The kernel discarded what the child had not received; everything it
-        # received it acknowledged.  So the unacknowledged ones are safe to resend.
-        self._lose_channel(child, "closed its channel", requeue=True)
-
-    def _lose_channel(self, child: _Child, why: str, requeue: bool) -> None:
-        """The channel is unusable: no more connections to this child."""
-        _log.warning("child %d %s; it gets no more connections", child.pid, why)
+        # The kernel discarded what the child had not received, and it
+        # acknowledged everything it received: the rest is safe to resend.
         self._close_channel(child)
-        if requeue:
-            self._requeue(child)
-        was_serving = child is self._serving
+        self._requeue(child)
+        if child.state in (_State.STARTING, _State.SERVING):
+            # Usually it has just exited and SIGCHLD is on its way; wait for
+            # that, to report how it ended, before calling it a hang-up.
+            child.deadline = time.monotonic() + _EXIT_GRACE
+
+    def _hung_up(self, child: _Child) -> None:
+        _log.warning("child %d closed its channel but is still running", child.pid)
         if child.state is _State.STARTING:
             self._terminate(child)
             self._start_failed(child, "closed its channel before it was ready")
-        elif was_serving:
+        else:
             self._retire(child)
-            self._crashed(child, "lost its channel")
+            self._crashed(child, "hung up")
+
+    def _lose_channel(self, child: _Child, why: str) -> None:
+        """The child broke the protocol: no more connections to it."""
+        _log.warning("child %d %s; it gets no more connections", child.pid, why)
+        self._close_channel(child)
+        if child.state is _State.STARTING:
+            self._terminate(child)
+            self._start_failed(child, "broke the channel protocol before it was ready")
+        elif child is self._serving:
+            self._retire(child)
+            self._crashed(child, "broke the channel protocol")
 
     def _close_channel(self, child: _Child) -> None:
         if child.channel is None:

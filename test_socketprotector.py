@@ -1,0 +1,817 @@
+"""Tests for socketprotector: real processes, real sockets on 127.0.0.1.
+
+Run: python3 -m unittest -v test_socketprotector
+
+Each test starts the daemon in its own session and registers a cleanup that
+kills the whole session, so no process outlives a test, even a failed one.
+Tests wait on conditions (a log line, a pid, a reply) with deadlines; none
+sleeps a fixed time to let something happen.
+"""
+
+import errno
+import faulthandler
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DAEMON = os.path.join(HERE, "socketprotector.py")
+SAMPLE = os.path.join(HERE, "sample_client.py")
+sys.path.insert(0, HERE)
+import socketprotector  # noqa: E402
+
+TIMEOUT = 10.0          # the most any single condition may take
+WATCHDOG = 120.0        # a hung test is dumped and the run fails
+
+# A test server on receive_connections().  It echoes lines, except:
+#   "pid"   -> its pid, to tell which child served a connection
+#   "cork"  -> the connection's TCP_CORK option
+#   "close" -> "bye", then the server closes (as an HTTP/1.0 server does)
+# Files named by environment variables switch on failures: SP_TEST_FAIL
+# (exit 3 before ready), SP_TEST_HANG (never ready), SP_TEST_DELAY (sleep
+# the seconds it holds before ready).  SP_TEST_RECORD names a file that gets
+# the peer port of every connection the server takes.
+APP = r'''
+import os, socket, sys, threading, time
+sys.path.insert(0, os.environ["SP_TEST_LIBDIR"])
+from socketprotector import receive_connections
+
+def flag(name):
+    path = os.environ.get(name)
+    return path if path and os.path.exists(path) else None
+
+def serve(conn):
+    with conn, conn.makefile("rb") as lines:
+        for line in lines:
+            command = line.strip()
+            if command == b"pid":
+                conn.sendall(b"%d\n" % os.getpid())
+            elif command == b"cork":
+                conn.sendall(b"%d\n" % conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK))
+            elif command == b"close":
+                conn.sendall(b"bye\n")
+                return
+            else:
+                conn.sendall(line)
+
+def main():
+    if flag("SP_TEST_FAIL"):
+        sys.exit(3)
+    if flag("SP_TEST_HANG"):
+        time.sleep(3600)
+    delay = flag("SP_TEST_DELAY")
+    if delay:
+        time.sleep(float(open(delay).read()))
+    record = os.environ.get("SP_TEST_RECORD")
+    record_fd = os.open(record, os.O_WRONLY | os.O_APPEND | os.O_CREAT) if record else -1
+    port = int(sys.argv[1]) if len(sys.argv) > 1 else None
+    for conn in receive_connections(port, host="127.0.0.1"):
+        if record_fd >= 0:
+            os.write(record_fd, b"%d\n" % conn.getpeername()[1])
+        threading.Thread(target=serve, args=(conn,)).start()
+
+main()
+'''
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def wait_until(predicate, what, timeout=TIMEOUT, interval=0.01):
+    """Poll predicate until it returns something true; fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def proc_stat(pid):
+    """(state, ppid, session) of a process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = data[data.rfind(")") + 2:].split()
+    return fields[0], int(fields[1]), int(fields[3])
+
+
+def alive(pid):
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def all_pids():
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def kill_session(sid):
+    for pid in all_pids():
+        stat = proc_stat(pid)
+        if stat is not None and stat[2] == sid and pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def children_of(pid):
+    return [p for p in all_pids() if (proc_stat(p) or (None, None))[1] == pid]
+
+
+def zombies_of(pid):
+    return [p for p in children_of(pid) if (proc_stat(p) or ("",))[0] == "Z"]
+
+
+def fd_count(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def read_pid(path):
+    with open(path) as f:
+        return int(f.read())
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connect(port):
+    return socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+
+
+def read_line(sock):
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def ask(sock, command):
+    sock.sendall(command + b"\n")
+    return read_line(sock).strip()
+
+
+def served_by(port):
+    """The pid of the child that serves a new connection."""
+    with connect(port) as s:
+        return int(ask(s, b"pid"))
+
+
+class Load:
+    """Echo sessions run continuously from threads until stop().
+
+    Each session connects, sends a unique line, reads it back exactly and
+    closes.  Every failure is kept: (local port, what went wrong).
+    """
+
+    def __init__(self, port, threads=4):
+        self.port = port
+        self.ok = 0
+        self.failures = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                         for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, worker):
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            self.session(b"%d-%d-%s\n" % (worker, n, b"x" * 32))
+
+    def session(self, payload):
+        local = None
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as s:
+                local = s.getsockname()[1]
+                s.sendall(payload)
+                got = b""
+                while len(got) < len(payload):
+                    chunk = s.recv(len(payload) - len(got))
+                    if not chunk:
+                        raise ConnectionError(f"early EOF after {got!r}")
+                    got += chunk
+                if got != payload:
+                    raise ValueError(f"wrong bytes {got!r}")
+        except Exception as e:          # every kind of failure is a finding
+            with self._lock:
+                self.failures.append((local, repr(e)))
+            return False
+        with self._lock:
+            self.ok += 1
+        return True
+
+    def wait_for(self, sessions, what="sessions"):
+        start = self.ok
+        wait_until(lambda: self.ok >= start + sessions, f"{sessions} more {what}")
+
+    def stop(self):
+        self._stop.set()
+        for t in self._threads:
+            t.join(TIMEOUT * 2)
+
+
+class Daemon:
+    """socketprotector in the foreground, in its own session, on 127.0.0.1:0."""
+
+    def __init__(self, test, *options, command=None, env=None):
+        self.test = test
+        command = command or [sys.executable, test.app]
+        argv = [sys.executable, DAEMON, "-f", "--bind", "127.0.0.1", *options, "0", "--",
+                *command]
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, start_new_session=True, cwd=test.tmp,
+            env=dict(test.env, **(env or {})))
+        test.addCleanup(self.cleanup)
+        self.pid = self.proc.pid
+        self.lines = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = int(self.wait_line(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+
+    def _read(self):
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self.lines.append(None)     # EOF
+            self._cond.notify_all()
+
+    def mark(self):
+        with self._cond:
+            return len(self.lines)
+
+    def wait_line(self, pattern, start=0, timeout=TIMEOUT):
+        """The first line from `start` on that matches; fail on timeout or EOF."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            i = start
+            while True:
+                while i < len(self.lines):
+                    line = self.lines[i]
+                    if line is None:
+                        raise AssertionError(f"daemon exited before logging {pattern!r}:\n"
+                                             + self.log())
+                    m = regex.search(line)
+                    if m:
+                        return m
+                    i += 1
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no log line matching {pattern!r} within "
+                                         f"{timeout:g} s:\n" + self.log())
+                self._cond.wait(left)
+
+    def count(self, pattern):
+        regex = re.compile(pattern)
+        with self._cond:
+            return sum(1 for line in self.lines if line is not None and regex.search(line))
+
+    def log(self):
+        with self._cond:
+            return "\n".join(line for line in self.lines if line is not None)
+
+    def serving(self, start=0):
+        return int(self.wait_line(r"child (\d+) ready", start).group(1))
+
+    def restart(self):
+        """SIGHUP and wait for the new child to serve; return its pid."""
+        mark = self.mark()
+        os.kill(self.pid, signal.SIGHUP)
+        return int(self.wait_line(r"child (\d+) ready; child \d+ retiring", mark).group(1))
+
+    def signal(self, sig):
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout=TIMEOUT):
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return code
+
+    def cleanup(self):
+        kill_session(self.pid)
+        try:
+            self.proc.wait(TIMEOUT)
+        finally:
+            self.proc.stderr.close()
+
+
+class ProtectorTestCase(unittest.TestCase):
+    def setUp(self):
+        faulthandler.dump_traceback_later(WATCHDOG, exit=True)
+        self.addCleanup(faulthandler.cancel_dump_traceback_later)
+        tmp = tempfile.TemporaryDirectory(prefix="sp-test-")
+        self.addCleanup(tmp.cleanup)
+        self.tmp = tmp.name
+        self.app = os.path.join(self.tmp, "app.py")
+        with open(self.app, "w") as f:
+            f.write(APP)
+        self.flags = {name: os.path.join(self.tmp, name.lower())
+                      for name in ("SP_TEST_FAIL", "SP_TEST_HANG", "SP_TEST_DELAY")}
+        self.env = dict(os.environ, SP_TEST_LIBDIR=HERE, PYTHONDONTWRITEBYTECODE="1",
+                        **self.flags)
+        self.env.pop(socketprotector.ENV_FD, None)
+
+    def set_flag(self, name, content=""):
+        with open(self.flags[name], "w") as f:
+            f.write(content)
+
+    def clear_flag(self, name):
+        os.unlink(self.flags[name])
+
+    def run_protector(self, *args, timeout=TIMEOUT * 2):
+        """Run socketprotector.py to completion; return (exit code, stderr lines)."""
+        proc = subprocess.run([sys.executable, DAEMON, *args], stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=timeout, cwd=self.tmp, env=self.env)
+        return proc.returncode, proc.stderr.decode().splitlines()
+
+    def assertOneLineError(self, lines, pattern):
+        self.assertTrue(lines, "no message")
+        self.assertNotIn("Traceback", "\n".join(lines))
+        self.assertRegex(lines[0], r"^socketprotector: " + pattern)
+
+    def assertNoZombies(self, daemon):
+        self.assertEqual(zombies_of(daemon.pid), [], "zombie children of the daemon")
+
+
+# ---------------------------------------------------------------------------
+# Forwarding
+# ---------------------------------------------------------------------------
+
+
+class ForwardingTest(ProtectorTestCase):
+    def test_quick_start_echoes_through_the_sample(self):
+        """The README quick start: the sample echoes what a client sends, then closes."""
+        daemon = Daemon(self, command=[sys.executable, SAMPLE, "4321"])
+        daemon.serving()
+        with connect(daemon.port) as s:
+            s.sendall(b"Hello, World\n")
+            s.shutdown(socket.SHUT_WR)
+            reply = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        self.assertEqual(reply, b"Hello, World\n")
+        daemon.wait_line(r"sample_client\[\d+\]: close 127\.0\.0\.1:\d+")
+
+    def test_server_close_reaches_the_client_at_once(self):
+        """The daemon drops its copy once the child has it: a server's close is seen."""
+        daemon = Daemon(self)
+        daemon.serving()
+        with connect(daemon.port) as s:
+            s.settimeout(3)
+            self.assertEqual(ask(s, b"close"), b"bye")
+            self.assertEqual(s.recv(10), b"", "connection still open after the server closed it")
+
+    def test_forwarded_connections_are_not_corked(self):
+        """TCP_CORK is off on every connection the child gets (the original's 200 ms stall)."""
+        daemon = Daemon(self)
+        daemon.serving()
+        with connect(daemon.port) as s:
+            self.assertEqual(ask(s, b"cork"), b"0")
+
+    def test_daemon_holds_no_descriptors_after_sessions(self):
+        """Hundreds of sessions leave the daemon's descriptor count where it was."""
+        daemon = Daemon(self)
+        daemon.serving()
+        Load(daemon.port, threads=1).session(b"warm-up\n")
+        before = fd_count(daemon.pid)
+        load = Load(daemon.port, threads=4)
+        self.addCleanup(load.stop)
+        load.wait_for(300)
+        load.stop()
+        self.assertEqual(load.failures, [])
+        wait_until(lambda: fd_count(daemon.pid) == before,
+                   f"daemon fd count back to {before} (now {fd_count(daemon.pid)})")
+
+    def test_children_inherit_only_their_channel_and_stdio(self):
+        """The child's descriptors: 0, 1, 2 and the channel, nothing of the daemon's."""
+        daemon = Daemon(self, command=[sys.executable, "-c",
+                                       "import os,sys,time; print(sorted(int(f) for f in "
+                                       "os.listdir('/proc/self/fd')), os.environ["
+                                       "'SOCKETPROTECTOR_FD'], file=sys.stderr, flush=True); "
+                                       "time.sleep(60)"])
+        m = daemon.wait_line(r"^\[([\d, ]+)\] (\d+)$")
+        fds = [int(x) for x in m.group(1).split(", ")]
+        channel = int(m.group(2))
+        # listdir itself opens one descriptor while it reads the directory
+        self.assertEqual(len(fds), 5, fds)
+        self.assertEqual(fds[:3], [0, 1, 2])
+        self.assertIn(channel, fds)
+
+
+# ---------------------------------------------------------------------------
+# Restarts
+# ---------------------------------------------------------------------------
+
+
+class RestartTest(ProtectorTestCase):
+    def test_sighup_old_child_finishes_open_connection(self):
+        """After SIGHUP the old child keeps its open connection and exits when it ends."""
+        daemon = Daemon(self)
+        first = daemon.serving()
+        held = connect(daemon.port)
+        self.addCleanup(held.close)
+        self.assertEqual(int(ask(held, b"pid")), first)
+        second = daemon.restart()
+        self.assertNotEqual(second, first)
+        self.assertEqual(served_by(daemon.port), second)
+        self.assertTrue(alive(first), "old child exited with a connection open")
+        self.assertEqual(ask(held, b"still there?"), b"still there?")
+        self.assertEqual(int(ask(held, b"pid")), first)
+        held.close()
+        daemon.wait_line(rf"child {first} exited with status 0 \(retiring\)")
+        self.assertNoZombies(daemon)
+
+    def test_no_failed_session_across_restarts(self):
+        """Sessions run without pause across several restarts; none fails."""
+        daemon = Daemon(self)
+        daemon.serving()
+        load = Load(daemon.port, threads=4)
+        self.addCleanup(load.stop)
+        load.wait_for(20)
+        for _ in range(5):
+            daemon.restart()
+            load.wait_for(20)
+        load.stop()
+        self.assertEqual(load.failures, [])
+        self.assertNoZombies(daemon)
+
+    def test_failed_upgrade_keeps_old_child(self):
+        """A new child that exits before it is ready is logged; the old one serves on."""
+        daemon = Daemon(self)
+        first = daemon.serving()
+        self.set_flag("SP_TEST_FAIL")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(rf"restart failed: child \d+ exited with status 3 before it was "
+                         rf"ready; child {first} keeps serving", mark)
+        self.assertEqual(served_by(daemon.port), first)
+        self.clear_flag("SP_TEST_FAIL")
+        second = daemon.restart()
+        self.assertEqual(served_by(daemon.port), second)
+
+    def test_new_child_not_ready_in_time_is_stopped(self):
+        """A new child not ready within --ready-timeout is stopped; the old one serves on."""
+        daemon = Daemon(self, "--ready-timeout", "0.5")
+        first = daemon.serving()
+        self.set_flag("SP_TEST_HANG")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        m = daemon.wait_line(rf"restart failed: child (\d+) was not ready within 0.5 s; "
+                             rf"stopped it; child {first} keeps serving", mark)
+        daemon.wait_line(rf"child {m.group(1)} killed by SIGTERM", mark)
+        self.assertEqual(served_by(daemon.port), first)
+        self.assertNoZombies(daemon)
+
+    def test_sighups_during_a_restart_make_exactly_one_more(self):
+        """SIGHUPs while a new child starts are kept, and fold into one more restart."""
+        daemon = Daemon(self)
+        daemon.serving()
+        self.set_flag("SP_TEST_DELAY", "0.5")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(r"restart: starting a new child", mark)
+        for _ in range(3):
+            daemon.signal(signal.SIGHUP)
+        daemon.wait_line(r"one more restart will follow", mark)
+        daemon.wait_line(r"child \d+ ready; child \d+ retiring", mark)
+        second_mark = daemon.mark()
+        daemon.wait_line(r"child \d+ ready; child \d+ retiring", second_mark)
+        daemon.signal(signal.SIGUSR1)
+        status = daemon.wait_line(r"status: .* (\d+) restarts", second_mark)
+        self.assertEqual(status.group(1), "2", daemon.log())
+
+    def test_drain_timeout_stops_a_lingering_old_child(self):
+        """A retired child still busy after --drain-timeout gets SIGTERM."""
+        daemon = Daemon(self, "--drain-timeout", "0.3")
+        first = daemon.serving()
+        held = connect(daemon.port)
+        self.addCleanup(held.close)
+        self.assertEqual(int(ask(held, b"pid")), first)
+        mark = daemon.mark()
+        daemon.restart()
+        daemon.wait_line(rf"child {first} still draining after 0.3 s; stopping it", mark)
+        daemon.wait_line(rf"child {first} killed by SIGTERM", mark)
+
+
+# ---------------------------------------------------------------------------
+# Crashes
+# ---------------------------------------------------------------------------
+
+
+class CrashTest(ProtectorTestCase):
+    def test_crashed_child_is_replaced(self):
+        """A serving child that dies is logged and replaced; new connections are served."""
+        daemon = Daemon(self)
+        first = daemon.serving()
+        mark = daemon.mark()
+        os.kill(first, signal.SIGKILL)
+        daemon.wait_line(rf"child {first} killed by SIGKILL unexpectedly; "
+                         rf"starting another in 0.1 s", mark)
+        second = daemon.serving(mark)
+        self.assertEqual(served_by(daemon.port), second)
+        self.assertNoZombies(daemon)
+
+    def test_connections_sent_to_a_hung_child_reach_its_successor(self):
+        """Connections a child never took are not lost when it is killed."""
+        daemon = Daemon(self)
+        first = daemon.serving()
+        os.kill(first, signal.SIGSTOP)
+        clients = [connect(daemon.port) for _ in range(5)]
+        for c in clients:
+            self.addCleanup(c.close)
+            c.sendall(b"pid\n")
+        # They are accepted and sent to the stopped child, which cannot take them.
+        wait_until(lambda: fd_count(daemon.pid) >= 5 + 5, "the daemon to hold 5 connections")
+        mark = daemon.mark()
+        os.kill(first, signal.SIGKILL)
+        daemon.wait_line(rf"child {first} had not taken 5 connections", mark)
+        second = daemon.serving(mark)
+        for c in clients:
+            self.assertEqual(int(read_line(c)), second)
+
+    def test_connections_wait_while_no_child_serves(self):
+        """A client that connects between a crash and the replacement is served."""
+        daemon = Daemon(self)
+        first = daemon.serving()
+        self.set_flag("SP_TEST_DELAY", "0.5")
+        mark = daemon.mark()
+        os.kill(first, signal.SIGKILL)
+        daemon.wait_line(rf"child {first} killed by SIGKILL", mark)
+        with connect(daemon.port) as s:
+            self.assertNotEqual(int(ask(s, b"pid")), first)
+
+
+# ---------------------------------------------------------------------------
+# Shutdown
+# ---------------------------------------------------------------------------
+
+
+class ShutdownTest(ProtectorTestCase):
+    def test_sigterm_serves_the_backlog_then_exits(self):
+        """Connections waiting in the listen backlog at SIGTERM are served, not reset."""
+        daemon = Daemon(self)
+        daemon.serving()
+        daemon.signal(signal.SIGSTOP)
+        self.addCleanup(lambda: daemon.signal(signal.SIGCONT) if alive(daemon.pid) else None)
+        clients = [connect(daemon.port) for _ in range(5)]
+        for c in clients:
+            self.addCleanup(c.close)
+            c.sendall(b"hello\n")
+        daemon.signal(signal.SIGTERM)
+        daemon.signal(signal.SIGCONT)
+        for c in clients:
+            self.assertEqual(read_line(c), b"hello\n")
+            c.close()
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+        self.assertIn("stopped", daemon.log())
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", daemon.port), timeout=TIMEOUT).close()
+
+    def test_stop_timeout_terminates_busy_children(self):
+        """Children still busy after --stop-timeout get SIGTERM; the daemon exits 0."""
+        daemon = Daemon(self, "--stop-timeout", "0.3")
+        first = daemon.serving()
+        held = connect(daemon.port)
+        self.addCleanup(held.close)
+        self.assertEqual(int(ask(held, b"pid")), first)
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_line(rf"stopping child {first} after --stop-timeout 0.3 s")
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+        self.assertFalse(alive(first))
+
+    def test_second_sigterm_stops_children_at_once(self):
+        """A second SIGTERM does not wait for --stop-timeout."""
+        daemon = Daemon(self)
+        first = daemon.serving()
+        held = connect(daemon.port)
+        self.addCleanup(held.close)
+        self.assertEqual(int(ask(held, b"pid")), first)
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_line(r"SIGTERM: shutting down")
+        daemon.signal(signal.SIGINT)
+        daemon.wait_line(r"SIGINT again: stopping children now")
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+
+    def test_first_child_failing_is_a_startup_error(self):
+        """If the first child dies before it is ready, the daemon exits 1 saying so."""
+        self.set_flag("SP_TEST_FAIL")
+        code, lines = self.run_protector("-f", "--bind", "127.0.0.1", "0", "--",
+                                         sys.executable, self.app)
+        self.assertEqual(code, 1)
+        self.assertRegex(lines[-1], r"^socketprotector: child \d+ exited with status 3 "
+                                    r"before it was ready$")
+
+
+# ---------------------------------------------------------------------------
+# Daemon mode and the pid file
+# ---------------------------------------------------------------------------
+
+
+class DaemonModeTest(ProtectorTestCase):
+    def start_detached(self, *extra):
+        self.pid_file = os.path.join(self.tmp, "sp.pid")
+        self.port = free_port()
+        code, lines = self.run_protector("--pid-file", self.pid_file, "--bind", "127.0.0.1",
+                                         *extra, str(self.port), "--", sys.executable,
+                                         "app.py")
+        if os.path.exists(self.pid_file):
+            pid = read_pid(self.pid_file)
+            sid = proc_stat(pid)[2] if proc_stat(pid) else None
+            if sid:
+                self.addCleanup(kill_session, sid)
+        return code, lines
+
+    def test_launcher_returns_once_ready_and_sigterm_removes_pid_file(self):
+        """The launcher exits 0 when the child is ready; the pid file names the daemon."""
+        code, lines = self.start_detached()
+        self.assertEqual((code, lines), (0, []))
+        pid = read_pid(self.pid_file)
+        self.assertTrue(alive(pid))
+        self.assertNotEqual(proc_stat(pid)[2], os.getsid(0), "daemon did not detach")
+        with connect(self.port) as s:       # the relative path app.py worked
+            self.assertEqual(ask(s, b"detached"), b"detached")
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not alive(pid), "the daemon to exit")
+        self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_second_instance_on_the_same_pid_file_is_refused(self):
+        """A second daemon with the same pid file exits 1 naming the running one."""
+        self.assertEqual(self.start_detached()[0], 0)
+        pid = read_pid(self.pid_file)
+        code, lines = self.run_protector("--pid-file", self.pid_file, str(free_port()), "--",
+                                         sys.executable, "app.py")
+        self.assertEqual(code, 1)
+        self.assertOneLineError(lines, rf"already running, pid {pid} ")
+        self.assertEqual(read_pid(self.pid_file), pid)
+
+    def test_stale_pid_file_is_replaced(self):
+        """A pid file left by a dead process does not stop a new daemon."""
+        pid_file = os.path.join(self.tmp, "sp.pid")
+        with open(pid_file, "w") as f:
+            f.write("999999\n")
+        code, _ = self.start_detached()
+        self.assertEqual(code, 0)
+        pid = read_pid(pid_file)
+        self.assertNotEqual(pid, 999999)
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not alive(pid), "the daemon to exit")
+
+    def test_child_failing_at_start_fails_the_launcher(self):
+        """The launcher reports a child that died before it was ready; nothing is left."""
+        self.set_flag("SP_TEST_FAIL")
+        code, lines = self.start_detached()
+        self.assertEqual(code, 1)
+        self.assertOneLineError(lines, r"child \d+ exited with status 3 before it was ready$")
+        self.assertFalse(os.path.exists(self.pid_file))
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+
+class CommandLineTest(ProtectorTestCase):
+    def assertUsageError(self, args, pattern):
+        code, lines = self.run_protector(*args)
+        self.assertEqual(code, 2, lines)
+        self.assertOneLineError(lines, pattern)
+        self.assertEqual(len(lines), 2, lines)
+        self.assertTrue(lines[1].startswith("usage: "), lines)
+
+    def test_bad_usage_exits_2_with_one_line(self):
+        """Each kind of bad usage: exit 2, a one-line reason and the usage line."""
+        cases = [
+            ([], r"the following arguments are required: PORT"),
+            (["4321"], r"missing '--' between PORT and the command"),
+            (["4321", "--"], r"missing the command to run"),
+            (["http", "--", "true"], r"PORT must be a number, not 'http'"),
+            (["70000", "--", "true"], r"PORT must be between 0 and 65535, not 70000"),
+            (["--bogus", "4321", "--", "true"], r"unrecognized arguments: --bogus"),
+            (["--ready-timeout", "0", "4321", "--", "true"], r"argument --ready-timeout: "
+                                                             r"must be a positive number"),
+            (["--backlog", "x", "4321", "--", "true"], r"argument --backlog: must be a positive"),
+        ]
+        for args, pattern in cases:
+            with self.subTest(args=args):
+                self.assertUsageError(args, pattern)
+
+    def test_port_in_use_exits_1_and_leaves_nothing(self):
+        """A port in use: exit 1 with the reason; no pid file, no child."""
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            pid_file = os.path.join(self.tmp, "sp.pid")
+            code, lines = self.run_protector("-f", "--pid-file", pid_file, "--bind", "127.0.0.1",
+                                             str(port), "--", sys.executable, "app.py")
+        self.assertEqual(code, 1)
+        self.assertOneLineError(lines, rf"cannot listen on 127\.0\.0\.1:{port}: "
+                                       r"Address already in use$")
+        self.assertFalse(os.path.exists(pid_file))
+
+    def test_missing_command_exits_1(self):
+        """A command that does not exist, is a directory or is not executable: exit 1."""
+        plain = os.path.join(self.tmp, "plain.txt")
+        open(plain, "w").close()
+        cases = [("no-such-command-xyz", r"command not found"),
+                 ("./missing", r"No such file or directory"),
+                 (self.tmp, r"is a directory"),
+                 (plain, r"not executable")]
+        for command, reason in cases:
+            with self.subTest(command=command):
+                pid_file = os.path.join(self.tmp, "sp.pid")
+                code, lines = self.run_protector("-f", "--pid-file", pid_file, "--bind",
+                                                 "127.0.0.1", "0", "--", command)
+                self.assertEqual(code, 1)
+                self.assertOneLineError(lines, rf"cannot run '{re.escape(command)}': {reason}$")
+                self.assertFalse(os.path.exists(pid_file))
+
+    def test_unwritable_pid_file_exits_1(self):
+        """A pid file in a missing directory: exit 1 naming the file."""
+        path = os.path.join(self.tmp, "missing", "sp.pid")
+        code, lines = self.run_protector("-f", "--pid-file", path, "0", "--", "true")
+        self.assertEqual(code, 1)
+        self.assertOneLineError(lines, rf"cannot open pid file {re.escape(path)}: "
+                                       r"No such file or directory$")
+
+    def test_version_and_help(self):
+        code, lines = self.run_protector("--version")
+        self.assertEqual((code, lines), (0, []))
+        proc = subprocess.run([sys.executable, DAEMON, "--help"], capture_output=True,
+                              timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 0)
+        self.assertIn(b"--ready-timeout", proc.stdout)
+
+
+# ---------------------------------------------------------------------------
+# The library on its own
+# ---------------------------------------------------------------------------
+
+
+class LibraryTest(ProtectorTestCase):
+    def test_receive_connections_listens_itself_without_the_daemon(self):
+        """Without the daemon, the same program listens on the port it is given."""
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, SAMPLE, str(port)], cwd=self.tmp, env=self.env,
+                                stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        self.addCleanup(proc.wait, TIMEOUT)
+        self.addCleanup(kill_session, proc.pid)
+
+        def echoed():
+            try:
+                with connect(port) as s:
+                    return ask(s, b"alone") == b"alone"
+            except ConnectionRefusedError:
+                return False
+        wait_until(echoed, "the sample to echo on its own port")
+
+    def test_no_daemon_and_no_port_is_an_error(self):
+        """Neither the daemon's channel nor a port: an error that names both."""
+        os.environ.pop(socketprotector.ENV_FD, None)
+        with self.assertRaisesRegex(socketprotector.SocketProtectorError,
+                                    r"SOCKETPROTECTOR_FD is not set .* no port"):
+            next(socketprotector.receive_connections())
+
+    def test_import_has_no_side_effects(self):
+        """Importing the module installs no handler and configures no logging."""
+        code = ("import logging, signal, socketprotector; "
+                "assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL; "
+                "assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL; "
+                "assert not logging.getLogger('socketprotector').handlers; "
+                "assert not logging.getLogger().handlers")
+        subprocess.run([sys.executable, "-c", code], cwd=HERE, check=True, timeout=TIMEOUT)
+
+
+if __name__ == "__main__":
+    unittest.main()
