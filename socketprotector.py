@@ -455,8 +455,11 @@ class _Supervisor:
         try:
             self._spawn()
             while self._children or not self._stopping:
-                timeout = self._timeout()
-                for key, mask in self._sel.select(timeout):
+                events = self._sel.select(self._timeout())
+                if len(events) > 1:
+                    # Signals first: after a SIGTERM nothing more is accepted.
+                    events.sort(key=lambda event: event[0].fileobj is not self._wakeup)
+                for key, mask in events:
                     key.data(mask)
                 self._check_deadlines()
         finally:
