@@ -170,6 +170,7 @@ class ConnectionReceiver:
             return []
         conns: List[socket.socket] = []
         taken = 0
+        eof = False
         try:
             while True:
                 try:
@@ -177,7 +178,7 @@ class ConnectionReceiver:
                 except BlockingIOError:
                     break
                 if not msg and not fds:
-                    self._end()
+                    eof = True
                     break
                 if truncated:
                     # Descriptors were dropped by the kernel (RLIMIT_NOFILE?):
@@ -196,9 +197,12 @@ class ConnectionReceiver:
                 conns.extend(_wrap_connection(fd) for fd in fds)
         finally:
             # Acknowledge before the application sees a connection, so the
-            # daemon closes its copy at once.
+            # daemon closes its copy at once, and before hanging up, or the
+            # daemon would give what we took to another child.
             if taken and self._channel is not None:
                 self._send(_MSG_ACK + taken.to_bytes(4, "big"))
+            if eof:
+                self._end()
         return conns
 
     def close(self) -> None:
@@ -570,34 +574,22 @@ class _Supervisor:
     def _spawn(self) -> _Child:
         """Fork and exec the command: a new child in STARTING."""
         executable = _resolve_command(self._command[0], self._cwd)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        err_r, err_w = os.pipe()
         try:
-            env = dict(self._child_env)
-            env[ENV_FD] = str(theirs.fileno())
-            try:
-                pid = os.fork()
-            except OSError as e:
-                raise _SpawnError(f"cannot start {self._command[0]!r}: fork: {e.strerror}") from None
-            if pid == 0:
-                _exec_child(executable, self._command, env, self._cwd, theirs.fileno(), err_w)
-            os.close(err_w)
-            err_w = -1
-            try:
-                os.setpgid(pid, pid)
-            except OSError:
-                pass            # the child did it first, or has already exec'd
-            report = _read_all(err_r)
-        finally:
-            theirs.close()
-            os.close(err_r)
-            if err_w >= 0:
-                os.close(err_w)
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as e:
+            raise _SpawnError(f"cannot start {self._command[0]!r}: {e.strerror}") from None
+        try:
+            with theirs:
+                pid, report = _fork_exec(executable, self._command, self._cwd,
+                                         dict(self._child_env), theirs.fileno())
+        except BaseException:
+            ours.close()
+            raise
         if report:
             ours.close()
             os.waitpid(pid, 0)
-            code, _, text = report.decode(errors="replace").partition(":")
-            raise _SpawnError(f"cannot run {self._command[0]!r}: {text or code}")
+            _, _, text = report.decode(errors="replace").partition(":")
+            raise _SpawnError(f"cannot run {self._command[0]!r}: {text}")
         ours.setblocking(False)
         child = _Child(pid, ours)
         child.deadline = child.started + self._ready_timeout
@@ -972,6 +964,33 @@ def _resolve_command(name: str, cwd: str) -> str:
     if found is None:
         raise _SpawnError(f"cannot run {name!r}: command not found")
     return os.path.join(cwd, found)
+
+
+def _fork_exec(executable: str, argv: List[str], cwd: str, env: dict, channel_fd: int):
+    """Start the command with channel_fd as its channel: (pid, exec error report or b"")."""
+    env[ENV_FD] = str(channel_fd)
+    try:
+        err_r, err_w = os.pipe()
+    except OSError as e:
+        raise _SpawnError(f"cannot start {argv[0]!r}: {e.strerror}") from None
+    try:
+        try:
+            pid = os.fork()
+        except OSError as e:
+            raise _SpawnError(f"cannot start {argv[0]!r}: fork: {e.strerror}") from None
+        if pid == 0:
+            _exec_child(executable, argv, env, cwd, channel_fd, err_w)
+        os.close(err_w)
+        err_w = -1
+        try:
+            os.setpgid(pid, pid)    # also here, so a signal cannot beat the child's own call
+        except OSError:
+            pass                    # it has exec'd already, having done it itself
+        return pid, _read_all(err_r)   # EOF once exec succeeds: err_w is close-on-exec
+    finally:
+        os.close(err_r)
+        if err_w >= 0:
+            os.close(err_w)
 
 
 def _exec_child(executable: str, argv: List[str], env: dict, cwd: str,

@@ -743,10 +743,15 @@ class CommandLineTest(ProtectorTestCase):
         """A command that does not exist, is a directory or is not executable: exit 1."""
         plain = os.path.join(self.tmp, "plain.txt")
         open(plain, "w").close()
+        bad_interpreter = os.path.join(self.tmp, "bad.sh")    # fails in exec itself
+        with open(bad_interpreter, "w") as f:
+            f.write("#!/no/such/interpreter\n")
+        os.chmod(bad_interpreter, 0o755)
         cases = [("no-such-command-xyz", r"command not found"),
                  ("./missing", r"No such file or directory"),
                  (self.tmp, r"is a directory"),
-                 (plain, r"not executable")]
+                 (plain, r"not executable"),
+                 ("./bad.sh", r"No such file or directory")]
         for command, reason in cases:
             with self.subTest(command=command):
                 pid_file = os.path.join(self.tmp, "sp.pid")
