@@ -351,10 +351,11 @@ class ProtectorTestCase(unittest.TestCase):
                               capture_output=True, timeout=timeout, cwd=self.tmp, env=self.env)
         return proc.returncode, proc.stderr.decode().splitlines()
 
-    def assertOneLineError(self, lines, pattern):
+    def assertOneLineError(self, lines, pattern, line=-1):
+        """No traceback, and the message line (by default the last) names the problem."""
         self.assertTrue(lines, "no message")
         self.assertNotIn("Traceback", "\n".join(lines))
-        self.assertRegex(lines[0], r"^socketprotector: " + pattern)
+        self.assertRegex(lines[line], r"^socketprotector: " + pattern)
 
     def assertNoZombies(self, daemon):
         self.assertEqual(zombies_of(daemon.pid), [], "zombie children of the daemon")
@@ -704,7 +705,7 @@ class CommandLineTest(ProtectorTestCase):
     def assertUsageError(self, args, pattern):
         code, lines = self.run_protector(*args)
         self.assertEqual(code, 2, lines)
-        self.assertOneLineError(lines, pattern)
+        self.assertOneLineError(lines, pattern, line=0)
         self.assertEqual(len(lines), 2, lines)
         self.assertTrue(lines[1].startswith("usage: "), lines)
 
