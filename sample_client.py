@@ -21,14 +21,18 @@ def log(message):
 
 
 def echo(conn):
-    peer = "%s:%d" % conn.getpeername()[:2]
-    log(f"open {peer}")
     with conn:
-        while True:
-            data = conn.recv(65536)
-            if not data:
-                break
-            conn.sendall(data)
+        try:
+            peer = "%s:%d" % conn.getpeername()[:2]
+            log(f"open {peer}")
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                conn.sendall(data)
+        except OSError as e:        # e.g. the client reset the connection
+            log(f"error {e.strerror or e}")
+            return
     log(f"close {peer}")
 
 

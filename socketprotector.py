@@ -139,6 +139,7 @@ class ConnectionReceiver:
         """Raise SocketProtectorError if neither the daemon's channel nor a
         port is available, or OSError if listening on the port fails."""
         self.ended = False
+        self._held: collections.deque = collections.deque()   # received, not yet handed out
         self._channel: Optional[socket.socket] = None
         self._listener: Optional[socket.socket] = None
         fd_text = os.environ.pop(ENV_FD, None)
@@ -158,55 +159,60 @@ class ConnectionReceiver:
         sock = self._channel or self._listener
         return sock.fileno() if sock is not None else -1
 
-    def receive(self) -> List[socket.socket]:
-        """Return the connections available now, as blocking sockets.
+    def receive(self, limit: Optional[int] = None) -> List[socket.socket]:
+        """Return up to ``limit`` (default: all) connections available now.
 
-        Never blocks; returns [] when there are none.  Sets ``ended`` when
-        the daemon has ended this child's stream.
+        Never blocks; returns [] when there are none.  The connections
+        returned are acknowledged to the daemon, which then closes its copies;
+        the rest stay the daemon's, so if this process dies they go to the
+        next child.  Sets ``ended`` once the daemon has ended the stream.
         """
         if self._listener is not None:
-            return _accept_ready(self._listener)
-        if self._channel is None:
-            return []
-        conns: List[socket.socket] = []
-        taken = 0
-        eof = False
+            return _accept_ready(self._listener, limit or _MAX_BATCH)
+        fds: List[int] = []
+        truncated = False
+        while self._channel is not None and (limit is None or len(fds) < limit):
+            if self._held:
+                fds.append(self._held.popleft())
+            elif not self._receive_message():
+                break
+            elif self._held is None:
+                truncated = True
+                break
+        if fds:
+            # Acknowledged before the application sees them, so the daemon
+            # closes its copies at once and never gives them to another child.
+            self._send(_MSG_ACK + len(fds).to_bytes(4, "big"))
+        if truncated:
+            # The kernel dropped descriptors that did not fit (RLIMIT_NOFILE?):
+            # after the acknowledgement above, hand that whole batch back.
+            self._held = collections.deque()
+            self._send(_MSG_NACK)
+        return [_wrap_connection(fd) for fd in fds]
+
+    def _receive_message(self) -> bool:
+        """Read one message into _held (None if it was truncated); False if none now."""
         try:
-            while True:
-                try:
-                    msg, fds, truncated = _recv_batch(self._channel)
-                except BlockingIOError:
-                    break
-                if not msg and not fds:
-                    eof = True
-                    break
-                if truncated:
-                    # Descriptors were dropped by the kernel (RLIMIT_NOFILE?):
-                    # give the whole batch back so another try, or another
-                    # child, serves it.
-                    for fd in fds:
-                        os.close(fd)
-                    if taken:
-                        self._send(_MSG_ACK + taken.to_bytes(4, "big"))
-                        taken = 0
-                    self._send(_MSG_NACK)
-                    break
-                if msg != _MSG_CONNS:
-                    raise ProtocolError(f"unexpected message from socketprotector: {msg!r}")
-                taken += 1
-                conns.extend(_wrap_connection(fd) for fd in fds)
-        finally:
-            # Acknowledge before the application sees a connection, so the
-            # daemon closes its copy at once, and before hanging up, or the
-            # daemon would give what we took to another child.
-            if taken and self._channel is not None:
-                self._send(_MSG_ACK + taken.to_bytes(4, "big"))
-            if eof:
-                self._end()
-        return conns
+            msg, fds, truncated = _recv_batch(self._channel)
+        except BlockingIOError:
+            return False
+        if not msg and not fds:
+            self._end()
+            return False
+        if truncated:
+            _close_fds(fds)
+            self._held = None       # tells receive() to send a NACK
+            return True
+        if msg != _MSG_CONNS:
+            _close_fds(fds)
+            raise ProtocolError(f"unexpected message from socketprotector: {msg!r}")
+        self._held.extend(fds)
+        return True
 
     def close(self) -> None:
-        """Stop receiving; connections not yet received go to another child."""
+        """Stop receiving; connections not yet handed out go to another child."""
+        _close_fds(self._held)      # before the channel: the daemon resends them on EOF
+        self._held.clear()
         for sock in (self._channel, self._listener):
             if sock is not None:
                 sock.close()
@@ -242,11 +248,14 @@ def receive_connections(port: Optional[int] = None, *, host: str = "") -> Iterat
         poller = select.poll()
         poller.register(receiver.fileno(), select.POLLIN)
         while True:
-            conns = receiver.receive()
-            yield from conns
-            if receiver.ended:
+            # One at a time: what this process has not handed to the
+            # application stays the daemon's, safe if this process dies.
+            conns = receiver.receive(limit=1)
+            if conns:
+                yield conns[0]
+            elif receiver.ended:
                 return
-            if not conns:
+            else:
                 poller.poll()
 
 
@@ -302,10 +311,10 @@ def _wrap_connection(fd: int) -> socket.socket:
     return sock
 
 
-def _accept_ready(listener: socket.socket) -> List[socket.socket]:
-    """Accept what the backlog holds now, without blocking."""
+def _accept_ready(listener: socket.socket, limit: int) -> List[socket.socket]:
+    """Accept up to limit connections the backlog holds now, without blocking."""
     conns = []
-    while len(conns) < _MAX_BATCH:
+    while len(conns) < limit:
         try:
             conn, _ = listener.accept()
         except (BlockingIOError, ConnectionAbortedError):
@@ -388,12 +397,14 @@ class _Child:
         self.kill_at: Optional[float] = None     # SIGKILL after SIGTERM
         self.paused_until = 0.0                  # after a NACK
         self.blocked = False                     # channel full: waiting for EVENT_WRITE
-        self.unacked: collections.deque = collections.deque()   # batches of fds
-        self.unacked_count = 0
+        # Copies of the connections sent and not yet acknowledged, oldest
+        # first, and how many of each message's are still unacknowledged.
+        self.unacked: collections.deque = collections.deque()
+        self.unacked_batches: collections.deque = collections.deque()
 
     def can_take(self, now: float) -> bool:
         return (self.channel is not None and not self.blocked
-                and self.unacked_count < _MAX_UNACKED and now >= self.paused_until)
+                and len(self.unacked) < _MAX_UNACKED and now >= self.paused_until)
 
     def signal(self, sig: int) -> None:
         # Children lead their own process group: signal the whole group so
@@ -444,6 +455,7 @@ class _Supervisor:
         self._stop_deadline: Optional[float] = None
         self._respawn_at: Optional[float] = None
         self._accept_paused_until: Optional[float] = None
+        self._accept_error: Optional[str] = None      # logged once until accept works again
         self._backoff = _BACKOFF_MIN
         self._error: Optional[str] = None
         self.forwarded = 0
@@ -521,8 +533,7 @@ class _Supervisor:
         self._waiting.clear()
         for child in self._children.values():
             self._close_channel(child)
-            for batch in child.unacked:
-                _close_fds(batch)
+            _close_fds(child.unacked)
         self._sel.close()
 
     # -- signals ------------------------------------------------------------
@@ -806,8 +817,12 @@ class _Supervisor:
                 break
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    if self._accept_paused_until is None:
-                        _log.warning("cannot accept: %s; pausing %g s", e.strerror, _ACCEPT_PAUSE)
+                    # The connection stays in the backlog; try again shortly
+                    # instead of spinning on a listener that stays readable.
+                    if self._accept_error != e.strerror:
+                        self._accept_error = e.strerror
+                        _log.warning("cannot accept: %s; retrying every %g s",
+                                     e.strerror, _ACCEPT_PAUSE)
                     self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
                     break
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
@@ -815,13 +830,17 @@ class _Supervisor:
                 raise
             waiting.append(fd)
             count += 1
+        if count and self._accept_error:
+            _log.info("accepting again")
+            self._accept_error = None
 
     def _pump(self) -> None:
         """Send waiting connections to the serving child; then decide whether to accept."""
         child = self._serving
         now = time.monotonic()
+        debug = _log.isEnabledFor(logging.DEBUG)
         while self._waiting and child is not None and child.can_take(now):
-            room = min(len(self._waiting), _MAX_BATCH, _MAX_UNACKED - child.unacked_count)
+            room = min(len(self._waiting), _MAX_BATCH, _MAX_UNACKED - len(child.unacked))
             batch = [self._waiting.popleft() for _ in range(room)]
             try:
                 _send_fds(child.channel, _MSG_CONNS, batch)
@@ -838,9 +857,11 @@ class _Supervisor:
                     break
                 self._channel_closed(child)     # EPIPE, ECONNRESET: it hung up
                 break
-            child.unacked.append(batch)
-            child.unacked_count += len(batch)
+            child.unacked.extend(batch)
+            child.unacked_batches.append(len(batch))
             self.forwarded += len(batch)
+            if debug:
+                _log.debug("sent child %d %d connections (fds %s)", child.pid, len(batch), batch)
         if self._stopping and self._serving is not None and not self._waiting:
             self._retire(self._serving)
         self._set_listening(
@@ -859,12 +880,12 @@ class _Supervisor:
 
     def _requeue(self, child: _Child) -> None:
         """Put a child's unacknowledged connections back at the front of the queue."""
-        if child.unacked_count:
+        if child.unacked:
             _log.info("child %d had not taken %d connections; they go to the next child",
-                      child.pid, child.unacked_count)
-        while child.unacked:
-            self._waiting.extendleft(reversed(child.unacked.pop()))
-        child.unacked_count = 0
+                      child.pid, len(child.unacked))
+        self._waiting.extendleft(reversed(child.unacked))
+        child.unacked.clear()
+        child.unacked_batches.clear()
 
     # -- the channel --------------------------------------------------------
 
@@ -891,25 +912,37 @@ class _Supervisor:
                 self._ready(child)
             elif msg[:1] == _MSG_ACK and len(msg) == 5:
                 self._acked(child, int.from_bytes(msg[1:], "big"))
-            elif msg == _MSG_NACK and child.unacked:
-                batch = child.unacked.popleft()
-                child.unacked_count -= len(batch)
-                self._waiting.extendleft(reversed(batch))
-                child.paused_until = time.monotonic() + _NACK_PAUSE
-                _log.warning("child %d could not receive %d connections; sending them again",
-                             child.pid, len(batch))
+            elif msg == _MSG_NACK and child.unacked_batches:
+                self._nacked(child)
             else:
                 self._lose_channel(child, f"sent an invalid message {msg[:16]!r}")
 
     def _acked(self, child: _Child, count: int) -> None:
+        """The child took the oldest `count` connections: close our copies."""
         if count > len(child.unacked):
-            self._lose_channel(child, f"acknowledged {count} batches, only "
+            self._lose_channel(child, f"acknowledged {count} connections, only "
                                       f"{len(child.unacked)} were sent")
             return
+        unacked, batches = child.unacked, child.unacked_batches
         for _ in range(count):
-            batch = child.unacked.popleft()
-            child.unacked_count -= len(batch)
-            _close_fds(batch)
+            os.close(unacked.popleft())
+        while count:
+            if batches[0] <= count:
+                count -= batches.popleft()
+            else:
+                batches[0] -= count
+                count = 0
+        _log.debug("child %d took connections; %d still unacknowledged",
+                   child.pid, len(unacked))
+
+    def _nacked(self, child: _Child) -> None:
+        """The child could not receive its oldest message: send that batch again."""
+        size = child.unacked_batches.popleft()
+        batch = [child.unacked.popleft() for _ in range(size)]
+        self._waiting.extendleft(reversed(batch))
+        child.paused_until = time.monotonic() + _NACK_PAUSE
+        _log.warning("child %d could not receive %d connections; sending them again",
+                     child.pid, size)
 
     def _channel_closed(self, child: _Child) -> None:
         # The kernel discarded what the child had not received, and it

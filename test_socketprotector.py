@@ -12,6 +12,8 @@ import errno
 import faulthandler
 import os
 import re
+import resource
+import selectors
 import signal
 import socket
 import subprocess
@@ -35,19 +37,29 @@ WATCHDOG = 120.0        # a hung test is dumped and the run fails
 #   "cork"  -> the connection's TCP_CORK option
 #   "close" -> "bye", then the server closes (as an HTTP/1.0 server does)
 # Files named by environment variables switch on failures: SP_TEST_FAIL
-# (exit 3 before ready), SP_TEST_HANG (never ready), SP_TEST_DELAY (sleep
-# the seconds it holds before ready).  SP_TEST_RECORD names a file that gets
-# the peer port of every connection the server takes.
+# (exit with the status it holds, default 3, before ready), SP_TEST_HANG
+# (never ready), SP_TEST_DELAY (sleep the seconds it holds before ready),
+# SP_TEST_SLOW (sleep the seconds it holds after taking each connection), and
+# hostile children that become ready and then SP_TEST_NOREAD (never read the
+# channel), SP_TEST_GARBAGE (write garbage to it), SP_TEST_HANGUP (close it
+# and keep running).  SP_TEST_RECORD names a file that gets the peer port of
+# every connection the server takes.
 APP = r'''
-import os, socket, sys, threading, time
+import os, resource, socket, sys, threading, time
 sys.path.insert(0, os.environ["SP_TEST_LIBDIR"])
-from socketprotector import receive_connections
+from socketprotector import ConnectionReceiver, receive_connections
 
 def flag(name):
     path = os.environ.get(name)
     return path if path and os.path.exists(path) else None
 
 def serve(conn):
+    try:
+        converse(conn)
+    except OSError:
+        pass        # the client reset the connection
+
+def converse(conn):
     with conn, conn.makefile("rb") as lines:
         for line in lines:
             command = line.strip()
@@ -62,20 +74,40 @@ def serve(conn):
                 conn.sendall(line)
 
 def main():
-    if flag("SP_TEST_FAIL"):
-        sys.exit(3)
+    # The daemon may run with a low descriptor limit; this server should not.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    failure = flag("SP_TEST_FAIL")
+    if failure:
+        sys.exit(int(open(failure).read() or 3))
     if flag("SP_TEST_HANG"):
+        time.sleep(3600)
+    # Read every flag before ready: the test may clear them once it sees ready.
+    noread, garbage, hangup = map(flag, ("SP_TEST_NOREAD", "SP_TEST_GARBAGE", "SP_TEST_HANGUP"))
+    if noread or garbage or hangup:
+        channel = int(os.environ["SOCKETPROTECTOR_FD"])
+        receiver = ConnectionReceiver()     # tells the daemon it is ready
+        if garbage:
+            os.write(channel, b"garbage")
+        if hangup:
+            receiver.close()
         time.sleep(3600)
     delay = flag("SP_TEST_DELAY")
     if delay:
         time.sleep(float(open(delay).read()))
+    slow = flag("SP_TEST_SLOW")
+    pause = float(open(slow).read()) if slow else 0
     record = os.environ.get("SP_TEST_RECORD")
     record_fd = os.open(record, os.O_WRONLY | os.O_APPEND | os.O_CREAT) if record else -1
     port = int(sys.argv[1]) if len(sys.argv) > 1 else None
     for conn in receive_connections(port, host="127.0.0.1"):
         if record_fd >= 0:
-            os.write(record_fd, b"%d\n" % conn.getpeername()[1])
+            try:
+                os.write(record_fd, b"%d\n" % conn.getpeername()[1])
+            except OSError:
+                pass    # reset by the client already
         threading.Thread(target=serve, args=(conn,)).start()
+        time.sleep(pause)
 
 main()
 '''
@@ -136,6 +168,22 @@ def zombies_of(pid):
     return [p for p in children_of(pid) if (proc_stat(p) or ("",))[0] == "Z"]
 
 
+def signal_when_idle(pid, sig):
+    """Signal a test server while its main thread waits for connections.
+
+    Then every connection it has acknowledged it has also recorded, so the
+    record is exactly what it took.
+    """
+    def idle():
+        try:
+            with open(f"/proc/{pid}/task/{pid}/wchan") as f:
+                return "poll" in f.read()
+        except OSError:
+            return True     # already gone
+    wait_until(idle, f"process {pid} to wait in poll()", interval=0.0005)
+    os.kill(pid, sig)
+
+
 def fd_count(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -187,6 +235,7 @@ class Load:
         self.port = port
         self.ok = 0
         self.failures = []
+        self.max_latency = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
@@ -202,6 +251,7 @@ class Load:
 
     def session(self, payload):
         local = None
+        start = time.monotonic()
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as s:
                 local = s.getsockname()[1]
@@ -220,6 +270,7 @@ class Load:
             return False
         with self._lock:
             self.ok += 1
+            self.max_latency = max(self.max_latency, time.monotonic() - start)
         return True
 
     def wait_for(self, sessions, what="sessions"):
@@ -232,10 +283,95 @@ class Load:
             t.join(TIMEOUT * 2)
 
 
+class OpenLoad(threading.Thread):
+    """Echo sessions started at a fixed rate, however the earlier ones fare.
+
+    One selectors loop drives every session: non-blocking connect, send a
+    unique line, read it back, close.  Each session is kept as
+    [start, end, local port, error or None].
+    """
+
+    def __init__(self, port, rate):
+        super().__init__(daemon=True)
+        self.port = port
+        self.interval = 1.0 / rate
+        self.sessions = []
+        self._stopping = threading.Event()
+        self.start()
+
+    def run(self):
+        sel = selectors.DefaultSelector()
+        next_start = time.monotonic()
+        n = 0
+        while not self._stopping.is_set() or sel.get_map():
+            now = time.monotonic()
+            while not self._stopping.is_set() and now >= next_start:
+                n += 1
+                self._begin(sel, b"open-%d-%s\n" % (n, b"y" * 24))
+                next_start += self.interval
+            timeout = max(0.0, next_start - now) if not self._stopping.is_set() else 0.05
+            for key, mask in sel.select(timeout):
+                self._advance(sel, key.fileobj, key.data)
+            for key in list(sel.get_map().values()):
+                if time.monotonic() - key.data["record"][0] > TIMEOUT:
+                    self._finish(sel, key.fileobj, key.data, "timed out")
+        sel.close()
+
+    def _begin(self, sel, payload):
+        record = [time.monotonic(), None, None, None]
+        self.sessions.append(record)
+        sock = socket.socket()
+        sock.setblocking(False)
+        state = {"record": record, "payload": payload, "got": b"", "sent": False}
+        err = sock.connect_ex(("127.0.0.1", self.port))
+        record[2] = sock.getsockname()[1]
+        if err not in (0, errno.EINPROGRESS):
+            record[1], record[3] = time.monotonic(), os.strerror(err)
+            sock.close()
+            return
+        sel.register(sock, selectors.EVENT_WRITE, state)
+
+    def _advance(self, sel, sock, state):
+        try:
+            if not state["sent"]:
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    return self._finish(sel, sock, state, os.strerror(err))
+                sock.send(state["payload"])
+                state["sent"] = True
+                sel.modify(sock, selectors.EVENT_READ, state)
+                return
+            chunk = sock.recv(4096)
+        except OSError as e:
+            return self._finish(sel, sock, state, repr(e))
+        if not chunk:
+            return self._finish(sel, sock, state, f"early EOF after {state['got']!r}")
+        state["got"] += chunk
+        if len(state["got"]) >= len(state["payload"]):
+            ok = state["got"] == state["payload"]
+            self._finish(sel, sock, state, None if ok else f"wrong bytes {state['got']!r}")
+
+    def _finish(self, sel, sock, state, error):
+        state["record"][1] = time.monotonic()
+        state["record"][3] = error
+        sel.unregister(sock)
+        sock.close()
+
+    def stop(self):
+        self._stopping.set()
+        self.join(TIMEOUT * 2)
+
+    def failures(self):
+        return [r for r in self.sessions if r[3] is not None]
+
+    def started_between(self, start, end):
+        return [r for r in self.sessions if start <= r[0] < end]
+
+
 class Daemon:
     """socketprotector in the foreground, in its own session, on 127.0.0.1:0."""
 
-    def __init__(self, test, *options, command=None, env=None):
+    def __init__(self, test, *options, command=None, env=None, preexec_fn=None):
         self.test = test
         command = command or [sys.executable, test.app]
         argv = [sys.executable, DAEMON, "-f", "--bind", "127.0.0.1", *options, "0", "--",
@@ -243,7 +379,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, start_new_session=True, cwd=test.tmp,
-            env=dict(test.env, **(env or {})))
+            env=dict(test.env, **(env or {})), preexec_fn=preexec_fn)
         test.addCleanup(self.cleanup)
         self.pid = self.proc.pid
         self.lines = []
@@ -293,6 +429,11 @@ class Daemon:
         with self._cond:
             return sum(1 for line in self.lines if line is not None and regex.search(line))
 
+    def child_pids(self):
+        with self._cond:
+            return [int(m.group(1)) for m in map(re.compile(r"child (\d+) started").search,
+                                                 filter(None, self.lines)) if m]
+
     def log(self):
         with self._cond:
             return "\n".join(line for line in self.lines if line is not None)
@@ -333,9 +474,12 @@ class ProtectorTestCase(unittest.TestCase):
         with open(self.app, "w") as f:
             f.write(APP)
         self.flags = {name: os.path.join(self.tmp, name.lower())
-                      for name in ("SP_TEST_FAIL", "SP_TEST_HANG", "SP_TEST_DELAY")}
+                      for name in ("SP_TEST_FAIL", "SP_TEST_HANG", "SP_TEST_DELAY",
+                                   "SP_TEST_NOREAD", "SP_TEST_GARBAGE", "SP_TEST_HANGUP",
+                                   "SP_TEST_SLOW")}
+        self.record = os.path.join(self.tmp, "taken")
         self.env = dict(os.environ, SP_TEST_LIBDIR=HERE, PYTHONDONTWRITEBYTECODE="1",
-                        **self.flags)
+                        SP_TEST_RECORD=self.record, **self.flags)
         self.env.pop(socketprotector.ENV_FD, None)
 
     def set_flag(self, name, content=""):
@@ -817,6 +961,438 @@ class LibraryTest(ProtectorTestCase):
                 "assert not logging.getLogger('socketprotector').handlers; "
                 "assert not logging.getLogger().handlers")
         subprocess.run([sys.executable, "-c", code], cwd=HERE, check=True, timeout=TIMEOUT)
+
+
+# ---------------------------------------------------------------------------
+# Under load and under fire
+# ---------------------------------------------------------------------------
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class ChaosTest(ProtectorTestCase):
+    """Nothing is lost while the server restarts, crashes or hangs."""
+
+    def taken(self):
+        """Peer ports of every connection a child took."""
+        try:
+            with open(self.record) as f:
+                return {int(line) for line in f if line.strip()}
+        except FileNotFoundError:
+            return set()
+
+    def assertNoOrphans(self, daemon):
+        """Every child the daemon started is gone once it has exited."""
+        for pid in daemon.child_pids():
+            wait_until(lambda: not alive(pid) or proc_stat(pid)[1] != daemon.pid and
+                       not alive(pid), f"child {pid} to exit")
+
+    def test_sighup_storm_under_load(self):
+        """SIGHUP every ~100 ms for seconds under load: not one failed session."""
+        daemon = Daemon(self)
+        daemon.serving()
+        load = Load(daemon.port, threads=4)
+        self.addCleanup(load.stop)
+        load.wait_for(20)
+        deadline = time.monotonic() + 3.0
+        hups = 0
+        while time.monotonic() < deadline:
+            daemon.signal(signal.SIGHUP)
+            hups += 1
+            time.sleep(0.1)     # the storm's pace, not a wait for anything
+        load.wait_for(20)
+        mark = daemon.mark()
+        daemon.signal(signal.SIGUSR1)
+        status = daemon.wait_line(r"status: .* (\d+) restarts, (\d+) failed", mark)
+        load.stop()
+        self.assertEqual(load.failures, [])
+        self.assertGreaterEqual(int(status.group(1)), 5, daemon.log())
+        self.assertEqual(status.group(2), "0")
+        self.assertNoZombies(daemon)
+
+    def test_killed_children_lose_only_what_they_had_taken(self):
+        """SIGKILL the serving child repeatedly under open-loop load.
+
+        A session may fail only if the killed child had taken its connection;
+        every connection accepted but not yet taken reaches the next child.
+        """
+        daemon = Daemon(self)
+        serving = daemon.serving()
+        load = OpenLoad(daemon.port, rate=200)
+        self.addCleanup(load.stop)
+        for _ in range(4):
+            done = len([r for r in load.sessions if r[3] is None and r[1]])
+            wait_until(lambda: len([r for r in load.sessions if r[3] is None and r[1]])
+                       >= done + 30, "30 more sessions")
+            mark = daemon.mark()
+            signal_when_idle(serving, signal.SIGKILL)
+            serving = daemon.serving(mark)
+        wait_until(lambda: len(load.sessions) >= 100 + len(load.sessions) // 2, "more sessions")
+        load.stop()
+        taken = self.taken()
+        lost = [r for r in load.failures() if r[2] not in taken]
+        self.assertEqual(lost, [], f"sessions failed that no child had taken; log:\n"
+                                   + daemon.log())
+        self.assertGreater(len(load.sessions), 300)
+        self.assertNoZombies(daemon)
+
+    def test_connections_a_busy_child_has_not_asked_for_survive_it(self):
+        """A child holds only the connection it asked for: when it dies, the
+        ones queued for it (sent in the same batch) reach its successor."""
+        self.set_flag("SP_TEST_SLOW", "5")
+        daemon = Daemon(self)
+        first = daemon.serving()
+        self.clear_flag("SP_TEST_SLOW")
+        daemon.signal(signal.SIGSTOP)      # so the connections pile up and go in one batch
+        self.addCleanup(lambda: daemon.signal(signal.SIGCONT) if alive(daemon.pid) else None)
+        clients = [connect(daemon.port) for _ in range(20)]
+        for c in clients:
+            self.addCleanup(c.close)
+            c.sendall(b"pid\n")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGCONT)
+        wait_until(lambda: self.taken(), "the child to take a connection")
+        os.kill(first, signal.SIGKILL)     # it is asleep after taking exactly one
+        taken = self.taken()                # before its successor adds to the record
+        self.assertEqual(len(taken), 1)
+        daemon.wait_line(rf"child {first} had not taken 19 connections", mark)
+        second = daemon.serving(mark)
+        for c in clients:
+            reply = read_line(c)
+            if c.getsockname()[1] in taken:     # served before the kill, or cut by it
+                self.assertIn(reply, (b"%d\n" % first, b""))
+            else:
+                self.assertEqual(int(reply), second)
+
+    def test_hung_child_connections_reach_its_successor(self):
+        """SIGSTOP the serving child under load, SIGKILL it ~300 ms later:
+        every session started while it hung succeeds, served by its successor."""
+        daemon = Daemon(self)
+        first = daemon.serving()
+        load = OpenLoad(daemon.port, rate=200)
+        self.addCleanup(load.stop)
+        wait_until(lambda: len(load.sessions) >= 40, "load to start")
+        signal_when_idle(first, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        wait_until(lambda: len(load.started_between(stopped_at, float("inf"))) >= 60,
+                   "60 sessions to start while the child is stopped")
+        mark = daemon.mark()
+        os.kill(first, signal.SIGKILL)
+        killed_at = time.monotonic()
+        daemon.wait_line(rf"child {first} had not taken \d+ connections", mark)
+        daemon.serving(mark)
+        wait_until(lambda: len(load.started_between(killed_at, float("inf"))) >= 40,
+                   "sessions after the kill")
+        load.stop()
+        during = load.started_between(stopped_at, killed_at)
+        self.assertGreaterEqual(len(during), 60)
+        self.assertEqual([r for r in during if r[3] is not None], [])
+        taken = self.taken()
+        self.assertEqual([r for r in load.failures() if r[2] not in taken], [])
+
+    def test_broken_upgrades_under_load(self):
+        """A new child that exits at once, then one never ready: zero failed sessions."""
+        daemon = Daemon(self, "--ready-timeout", "0.5")
+        first = daemon.serving()
+        load = Load(daemon.port, threads=4)
+        self.addCleanup(load.stop)
+        load.wait_for(20)
+        for name, failure in (("SP_TEST_FAIL", r"exited with status 3 before it was ready"),
+                              ("SP_TEST_HANG", r"was not ready within 0.5 s")):
+            self.set_flag(name)
+            mark = daemon.mark()
+            daemon.signal(signal.SIGHUP)
+            daemon.wait_line(rf"restart failed: child \d+ {failure}.*; child {first} keeps "
+                             rf"serving", mark)
+            load.wait_for(20)
+            self.clear_flag(name)
+        load.stop()
+        self.assertEqual(load.failures, [])
+        self.assertEqual(served_by(daemon.port), first)
+
+    def test_slow_upgrade_old_child_serves_meanwhile(self):
+        """A new child that needs ~1 s to be ready: the old one serves all along."""
+        daemon = Daemon(self)
+        daemon.serving()
+        load = Load(daemon.port, threads=4)
+        self.addCleanup(load.stop)
+        load.wait_for(20)
+        self.set_flag("SP_TEST_DELAY", "1.0")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(r"restart: starting a new child", mark)
+        before = load.ok
+        daemon.wait_line(r"child \d+ ready; child \d+ retiring", mark)
+        during = load.ok - before
+        load.wait_for(20)
+        load.stop()
+        self.assertEqual(load.failures, [])
+        # Sessions kept completing through the second the new child took.
+        self.assertGreater(during, 50, f"max latency {load.max_latency:.3f} s")
+
+    def test_crash_loop_is_throttled_and_sigterm_ends_it(self):
+        """A server that keeps exiting 1 is restarted with a doubling back-off."""
+        daemon = Daemon(self)
+        first = daemon.serving()
+        self.set_flag("SP_TEST_FAIL", "1")
+        started = time.monotonic()
+        mark = daemon.mark()
+        os.kill(first, signal.SIGKILL)
+        daemon.wait_line(r"exited with status 1 before it was ready; starting another "
+                         r"in 1.6 s", mark)
+        elapsed = time.monotonic() - started
+        attempts = daemon.count(r"exited with status 1 before it was ready")
+        self.assertEqual(attempts, 4, daemon.log())
+        self.assertGreaterEqual(elapsed, 0.1 + 0.2 + 0.4 + 0.8)
+        mark = daemon.mark()
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+        self.assertEqual(daemon.count(r"child \d+ started"), 1 + attempts)
+        self.assertNoOrphans(daemon)
+
+    def test_sighup_during_startup(self):
+        """A SIGHUP before the first child is ready restarts once it is."""
+        self.set_flag("SP_TEST_DELAY", "0.3")
+        daemon = Daemon(self)
+        daemon.wait_line(r"child \d+ started")
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(r"child \d+ ready, serving")
+        second = int(daemon.wait_line(r"child (\d+) ready; child \d+ retiring").group(1))
+        self.assertEqual(served_by(daemon.port), second)
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+        self.assertNoOrphans(daemon)
+
+    def test_sighup_during_shutdown_is_ignored(self):
+        """A SIGHUP while shutting down starts nothing; the shutdown completes."""
+        daemon = Daemon(self)
+        first = daemon.serving()
+        held = connect(daemon.port)
+        self.addCleanup(held.close)
+        self.assertEqual(int(ask(held, b"pid")), first)
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_line(r"SIGTERM: shutting down")
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(r"SIGHUP ignored: shutting down")
+        self.assertEqual(ask(held, b"last words"), b"last words")
+        held.close()
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+        self.assertEqual(daemon.child_pids(), [first])
+
+    def test_sigterm_while_a_restart_is_pending(self):
+        """SIGTERM while a new child starts: both children end, the daemon exits 0."""
+        daemon = Daemon(self)
+        daemon.serving()
+        self.set_flag("SP_TEST_DELAY", "0.5")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(r"child \d+ started", mark)
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+        self.assertEqual(len(daemon.child_pids()), 2)
+        self.assertNoOrphans(daemon)
+
+    def test_many_sighups_at_once(self):
+        """Fifty SIGHUPs in a burst under load: no failure, one child left serving."""
+        daemon = Daemon(self)
+        daemon.serving()
+        load = Load(daemon.port, threads=2)
+        self.addCleanup(load.stop)
+        load.wait_for(10)
+        for _ in range(50):
+            daemon.signal(signal.SIGHUP)
+        daemon.wait_line(r"child \d+ ready; child \d+ retiring")
+        load.wait_for(20)
+        load.stop()
+        self.assertEqual(load.failures, [])
+
+        def settled():
+            mark = daemon.mark()
+            daemon.signal(signal.SIGUSR1)
+            line = daemon.wait_line(r"status: ", mark).string
+            return "draining none" in line and "starting" not in line
+        wait_until(settled, "old children to finish", interval=0.1)
+        self.assertEqual([p for p in daemon.child_pids() if alive(p)], [served_by(daemon.port)])
+        self.assertNoZombies(daemon)
+
+
+class HostileTest(ProtectorTestCase):
+    """Bad input, misbehaving children and starved resources."""
+
+    def test_privileged_port_without_the_capability(self):
+        """Port 80 without CAP_NET_BIND_SERVICE: exit 1, one line, nothing left."""
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            if int(f.read()) <= 80:
+                self.skipTest("port 80 is not privileged here")
+        if os.geteuid() == 0:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+
+            def drop():     # PR_CAPBSET_DROP, CAP_NET_BIND_SERVICE: root without it
+                if libc.prctl(24, 10, 0, 0, 0) != 0:
+                    raise OSError(ctypes.get_errno(), "prctl")
+        else:
+            drop = None
+        pid_file = os.path.join(self.tmp, "sp.pid")
+        proc = subprocess.run([sys.executable, DAEMON, "-f", "--pid-file", pid_file, "--bind",
+                               "127.0.0.1", "80", "--", sys.executable, "app.py"],
+                              capture_output=True, timeout=TIMEOUT, cwd=self.tmp, env=self.env,
+                              preexec_fn=drop)
+        lines = proc.stderr.decode().splitlines()
+        self.assertEqual(proc.returncode, 1, lines)
+        self.assertOneLineError(lines, r"cannot listen on 127\.0\.0\.1:80: Permission denied$")
+        self.assertFalse(os.path.exists(pid_file))
+
+    def test_pid_file_under_a_file_exits_1(self):
+        """A pid file whose directory is a regular file: exit 1 naming it."""
+        parent = os.path.join(self.tmp, "plain")
+        open(parent, "w").close()
+        path = os.path.join(parent, "sp.pid")
+        code, lines = self.run_protector("-f", "--pid-file", path, "0", "--", "true")
+        self.assertEqual(code, 1)
+        self.assertOneLineError(lines, rf"cannot open pid file {re.escape(path)}: "
+                                       r"Not a directory$")
+
+    def test_garbage_on_the_channel(self):
+        """A child that writes garbage loses its channel; a healthy one takes over."""
+        self.set_flag("SP_TEST_DELAY", "0")
+        daemon = Daemon(self, "--drain-timeout", "0.5")
+        first = daemon.serving()
+        self.set_flag("SP_TEST_GARBAGE")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        bad = int(daemon.wait_line(r"child (\d+) sent an invalid message b'garbage'; it gets "
+                                   r"no more connections", mark).group(1))
+        self.clear_flag("SP_TEST_GARBAGE")
+        healthy = daemon.serving(daemon.mark()) if bad != first else None
+        # Whether the garbage came before or after its READY, the service goes on.
+        load = Load(daemon.port, threads=2)
+        self.addCleanup(load.stop)
+        load.wait_for(50)
+        load.stop()
+        self.assertEqual(load.failures, [])
+        self.assertTrue(alive(daemon.pid))
+        self.assertIn(served_by(daemon.port), (first, healthy))
+
+    def test_child_that_closes_its_channel_and_keeps_running(self):
+        """A serving child that hangs up is replaced; nothing it had not taken is lost."""
+        daemon = Daemon(self)
+        daemon.serving()
+        self.set_flag("SP_TEST_HANGUP")
+        bad = daemon.restart()
+        self.clear_flag("SP_TEST_HANGUP")
+        mark = daemon.mark()
+        load = Load(daemon.port, threads=2)
+        self.addCleanup(load.stop)
+        daemon.wait_line(rf"child {bad} closed its channel but is still running", mark)
+        healthy = daemon.serving(mark)
+        load.wait_for(50)
+        load.stop()
+        self.assertEqual(load.failures, [])
+        self.assertEqual(served_by(daemon.port), healthy)
+        self.assertTrue(alive(bad))
+
+    def test_child_that_never_reads_bounds_the_daemon(self):
+        """A ready child that never reads: the daemon stops accepting at a bound,
+        the kernel backlog holds the rest, and all are served once a healthy
+        child takes over."""
+        daemon = Daemon(self, "--drain-timeout", "0.3")
+        daemon.serving()
+        self.set_flag("SP_TEST_NOREAD")
+        daemon.restart()
+        self.clear_flag("SP_TEST_NOREAD")
+        base = fd_count(daemon.pid)
+        clients = []
+        self.addCleanup(lambda: [c.close() for c in clients])
+        for i in range(900):
+            c = socket.socket()
+            c.settimeout(TIMEOUT)
+            c.connect(("127.0.0.1", daemon.port))
+            c.sendall(b"flood %d\n" % i)
+            clients.append(c)
+        bound = socketprotector._MAX_UNACKED + socketprotector._MAX_WAITING
+        wait_until(lambda: fd_count(daemon.pid) >= base + 100, "the daemon to take some")
+        self.assertLessEqual(fd_count(daemon.pid), base + bound)
+        daemon.restart()        # the never-reader retires; after 0.3 s it is stopped
+        for i, c in enumerate(clients):
+            self.assertEqual(read_line(c), b"flood %d\n" % i)
+        for c in clients:
+            c.close()
+        wait_until(lambda: fd_count(daemon.pid) <= base, "the daemon's fds to come back down")
+
+    def test_descriptor_exhaustion_pauses_accepting(self):
+        """Out of descriptors: no busy loop, no crash, and it serves again afterwards."""
+        def low_limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (40, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        daemon = Daemon(self, preexec_fn=low_limit)
+        child = daemon.serving()
+        os.kill(child, signal.SIGSTOP)       # it takes nothing: the daemon keeps every copy
+        self.addCleanup(lambda: os.kill(child, signal.SIGCONT) if alive(child) else None)
+        clients = []
+        self.addCleanup(lambda: [c.close() for c in clients])
+        mark = daemon.mark()
+        for i in range(100):
+            c = connect(daemon.port)
+            c.sendall(b"starved %d\n" % i)
+            clients.append(c)
+        daemon.wait_line(r"cannot accept: Too many open files; retrying every", mark)
+        cpu = cpu_seconds(daemon.pid)
+        time.sleep(1.0)         # a measurement window, not a wait for anything
+        self.assertLess(cpu_seconds(daemon.pid) - cpu, 0.3, "the daemon spins when it "
+                                                           "cannot accept")
+        os.kill(child, signal.SIGCONT)
+        for i, c in enumerate(clients):
+            self.assertEqual(read_line(c), b"starved %d\n" % i)
+        daemon.wait_line(r"accepting again", mark)
+        load = Load(daemon.port, threads=2)
+        self.addCleanup(load.stop)
+        load.wait_for(50)
+        load.stop()
+        self.assertEqual(load.failures, [])
+
+    def test_idle_and_resetting_clients_do_not_disturb_others(self):
+        """Clients that send nothing, or reset at once, do not affect anyone else."""
+        daemon = Daemon(self)
+        daemon.serving()
+        before = fd_count(daemon.pid)
+        idle = [connect(daemon.port) for _ in range(50)]
+        self.addCleanup(lambda: [c.close() for c in idle])
+        load = Load(daemon.port, threads=2)
+        self.addCleanup(load.stop)
+        for _ in range(50):
+            c = socket.socket()
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            c.connect(("127.0.0.1", daemon.port))
+            c.close()           # RST
+        load.wait_for(100)
+        load.stop()
+        self.assertEqual(load.failures, [])
+        for c in idle:
+            c.close()
+        wait_until(lambda: fd_count(daemon.pid) == before, "the daemon's fds back to the start")
+
+    def test_descriptors_after_thousands_of_sessions_and_dozens_of_restarts(self):
+        """The daemon's descriptor count comes back to where it started."""
+        daemon = Daemon(self)
+        daemon.serving()
+        Load(daemon.port, threads=1).session(b"warm-up\n")
+        before = fd_count(daemon.pid)
+        load = Load(daemon.port, threads=4)
+        self.addCleanup(load.stop)
+        for _ in range(24):
+            daemon.restart()
+            load.wait_for(80)
+        load.stop()
+        self.assertGreaterEqual(load.ok, 2000)
+        self.assertEqual(load.failures, [])
+        wait_until(lambda: fd_count(daemon.pid) == before,
+                   f"daemon fd count back to {before} (now {fd_count(daemon.pid)})")
+        self.assertNoZombies(daemon)
 
 
 if __name__ == "__main__":
