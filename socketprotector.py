@@ -572,11 +572,13 @@ class _Supervisor:
     def _log_status(self) -> None:
         now = time.monotonic()
         serving = self._serving
-        draining = [c.pid for c in self._children.values() if c.state is _State.RETIRING]
-        _log.info("status: listening on %s; serving child %s; draining %s; "
-                  "%d connections forwarded; %d restarts, %d failed; %d crashes",
+        draining = [c.pid for c in self._children.values()
+                    if c.state in (_State.RETIRING, _State.STOPPING)]
+        _log.info("status: listening on %s; serving child %s; starting child %s; "
+                  "draining %s; %d connections forwarded; %d restarts, %d failed; %d crashes",
                   _format_address(self._listener) if self._listener else "nothing",
                   f"{serving.pid} up {now - serving.ready_at:.0f} s" if serving else "none",
+                  self._starting.pid if self._starting else "none",
                   ",".join(map(str, draining)) or "none",
                   self.forwarded, self.restarts, self.failed_restarts, self.crashes)
 
