@@ -75,6 +75,7 @@ _MSG_READY = b"R"
 _MSG_ACK = b"A"
 _MSG_NACK = b"N"
 _MSG_CONNS = b"C"
+_MSG_LISTENER = b"L"
 
 _MAX_BATCH = 64            # descriptors per message; the receiver makes room for this many
 _MAX_UNACKED = 512         # connections a child may hold unacknowledged
@@ -131,7 +132,9 @@ class ConnectionReceiver:
 
     Register fileno() for reading; when it is readable call receive().
     Once ``ended`` is true the daemon sends nothing more: finish the open
-    connections, close the receiver and exit.
+    connections, close the receiver and exit.  In either hand-off mode the
+    same calls work: with ``--handoff listener`` the daemon hands over the
+    listening socket and receive() accepts from it directly.
     """
 
     def __init__(self, port: Optional[int] = None, *, host: str = "",
@@ -139,12 +142,16 @@ class ConnectionReceiver:
         """Raise SocketProtectorError if neither the daemon's channel nor a
         port is available, or OSError if listening on the port fails."""
         self.ended = False
-        self._held: collections.deque = collections.deque()   # received, not yet handed out
+        self._held: collections.deque = collections.deque()      # fds sent, not handed out
+        self._accepted: collections.deque = collections.deque()  # accepted at the end
         self._channel: Optional[socket.socket] = None
-        self._listener: Optional[socket.socket] = None
+        self._listener: Optional[socket.socket] = None   # ours, or handed over by the daemon
+        self._poller = None     # under the daemon: epoll over the channel and listener
         fd_text = os.environ.pop(ENV_FD, None)
         if fd_text is not None:
             self._channel = _adopt_channel(fd_text)
+            self._poller = select.epoll()
+            self._poller.register(self._channel.fileno(), select.EPOLLIN)
             self._send(_MSG_READY)
         elif port is not None:
             self._listener = _listen(host or None, port, backlog)
@@ -156,29 +163,37 @@ class ConnectionReceiver:
 
     def fileno(self) -> int:
         """The descriptor to wait on for readability (-1 once closed)."""
-        sock = self._channel or self._listener
-        return sock.fileno() if sock is not None else -1
+        if self._poller is not None:
+            return self._poller.fileno()
+        return self._listener.fileno() if self._listener is not None else -1
 
     def receive(self, limit: Optional[int] = None) -> List[socket.socket]:
         """Return up to ``limit`` (default: all) connections available now.
 
-        Never blocks; returns [] when there are none.  The connections
-        returned are acknowledged to the daemon, which then closes its copies;
-        the rest stay the daemon's, so if this process dies they go to the
-        next child.  Sets ``ended`` once the daemon has ended the stream.
+        Never blocks; returns [] when there are none.  Connections the daemon
+        forwarded are acknowledged as they are returned, and the daemon then
+        closes its copies; the rest stay the daemon's, so if this process
+        dies they go to the next child.  Sets ``ended`` once the daemon has
+        ended the stream; keep calling until it returns [].
         """
-        if self._listener is not None:
+        if self._poller is None:       # on our own
+            if self._listener is None:
+                return []
             return _accept_ready(self._listener, limit or _MAX_BATCH)
+        room = limit if limit is not None else sys.maxsize
         fds: List[int] = []
         truncated = False
-        while self._channel is not None and (limit is None or len(fds) < limit):
+        # The channel first: a retired child stops accepting at once.
+        while self._channel is not None and len(fds) < room:
             if self._held:
                 fds.append(self._held.popleft())
-            elif not self._receive_message():
-                break
-            elif self._held is None:
-                truncated = True
-                break
+            else:
+                kind = self._receive_message()
+                if kind is None:
+                    break
+                if kind is _MSG_NACK:
+                    truncated = True
+                    break
         if fds:
             # Acknowledged before the application sees them, so the daemon
             # closes its copies at once and never gives them to another child.
@@ -186,37 +201,49 @@ class ConnectionReceiver:
         if truncated:
             # The kernel dropped descriptors that did not fit (RLIMIT_NOFILE?):
             # after the acknowledgement above, hand that whole batch back.
-            self._held = collections.deque()
             self._send(_MSG_NACK)
-        return [_wrap_connection(fd) for fd in fds]
+        conns = [_wrap_connection(fd) for fd in fds]
+        while self._accepted and len(conns) < room:
+            conns.append(self._accepted.popleft())
+        if self._listener is not None and len(conns) < room:
+            conns += _accept_ready(self._listener, min(room - len(conns), _MAX_BATCH))
+        return conns
 
-    def _receive_message(self) -> bool:
-        """Read one message into _held (None if it was truncated); False if none now."""
+    def _receive_message(self) -> Optional[bytes]:
+        """Take one message from the daemon; its kind, or None if none now."""
         try:
             msg, fds, truncated = _recv_batch(self._channel)
         except BlockingIOError:
-            return False
+            return None
         if not msg and not fds:
             self._end()
-            return False
-        if truncated:
-            _close_fds(fds)
-            self._held = None       # tells receive() to send a NACK
-            return True
-        if msg != _MSG_CONNS:
-            _close_fds(fds)
-            raise ProtocolError(f"unexpected message from socketprotector: {msg!r}")
-        self._held.extend(fds)
-        return True
+            return None
+        if msg == _MSG_CONNS:
+            if truncated:
+                _close_fds(fds)
+                return _MSG_NACK
+            self._held.extend(fds)
+            return msg
+        if msg == _MSG_LISTENER and len(fds) == 1 and not truncated:
+            listener = socket.socket(fileno=fds[0])
+            listener.setblocking(False)
+            self._poller.register(listener.fileno(), select.EPOLLIN)
+            self._listener = listener
+            return msg
+        _close_fds(fds)
+        raise ProtocolError(f"unexpected message from socketprotector: {msg!r} "
+                            f"with {len(fds)} descriptors")
 
     def close(self) -> None:
         """Stop receiving; connections not yet handed out go to another child."""
         _close_fds(self._held)      # before the channel: the daemon resends them on EOF
         self._held.clear()
-        for sock in (self._channel, self._listener):
-            if sock is not None:
-                sock.close()
-        self._channel = self._listener = None
+        while self._accepted:
+            self._accepted.popleft().close()
+        for resource in (self._listener, self._channel, self._poller):
+            if resource is not None:
+                resource.close()
+        self._listener = self._channel = self._poller = None
 
     def __enter__(self) -> "ConnectionReceiver":
         return self
@@ -231,7 +258,12 @@ class ConnectionReceiver:
             self._end()
 
     def _end(self) -> None:
+        """The stream ended: serve what waits in a handed-over backlog, then let go."""
         self.ended = True
+        if self._listener is not None and self._poller is not None:
+            self._accepted.extend(_accept_ready(self._listener, sys.maxsize))
+            self._listener.close()
+            self._listener = None
         if self._channel is not None:
             self._channel.close()
             self._channel = None
@@ -432,9 +464,10 @@ class _Supervisor:
 
     def __init__(self, listener: socket.socket, command: List[str], *, cwd: str,
                  ready_timeout: float, drain_timeout: Optional[float],
-                 stop_timeout: float, wakeup: socket.socket,
+                 stop_timeout: float, wakeup: socket.socket, handoff: str = "forward",
                  on_event: Callable[[str, str], None] = lambda event, detail: None) -> None:
         self._listener: Optional[socket.socket] = listener
+        self._forwarding = handoff == "forward"     # else children accept from our listener
         self._command = command
         self._cwd = cwd
         self._ready_timeout = ready_timeout
@@ -622,6 +655,8 @@ class _Supervisor:
         child.ready_at = time.monotonic()
         child.deadline = None
         self._serving = child
+        if not self._forwarding and self._listener is not None:
+            self._hand_listener(child)
         if old is not None:
             self.restarts += 1
             _log.info("child %d ready; child %d retiring", child.pid, old.pid)
@@ -637,6 +672,16 @@ class _Supervisor:
         elif self._restart_again:
             self._restart_again = False
             self._request_restart()
+
+    def _hand_listener(self, child: _Child) -> None:
+        """Listener mode: the new serving child accepts from our listening socket."""
+        try:
+            _send_fds(child.channel, _MSG_LISTENER, [self._listener.fileno()])
+        except OSError as e:
+            # A fresh channel has room, so this is a hang-up: the grace
+            # period will tell whether it exits.
+            _log.warning("cannot hand the listener to child %d: %s", child.pid, e.strerror)
+            self._channel_closed(child)
 
     def _retire(self, child: _Child) -> None:
         """SERVING/STARTING -> RETIRING: end its stream; it finishes and exits."""
@@ -782,8 +827,10 @@ class _Supervisor:
             _log.info("%s: shutting down", signame)
         self._on_event("stopping", "shutting down")
         if self._listener is not None:
-            if self._serving is not None:
-                self._accept(limit=None)   # what waits in the backlog is served, not reset
+            if self._serving is not None and self._forwarding:
+                # What waits in the backlog is served, not reset.  (In
+                # listener mode each child accepts its backlog at its end.)
+                self._accept(limit=None)
             self._set_listening(False)
             self._listener.close()
             self._listener = None
@@ -867,7 +914,7 @@ class _Supervisor:
         if self._stopping and self._serving is not None and not self._waiting:
             self._retire(self._serving)
         self._set_listening(
-            not self._stopping and self._serving is not None
+            self._forwarding and not self._stopping and self._serving is not None
             and self._serving.can_take(now) and len(self._waiting) < _MAX_WAITING
             and self._accept_paused_until is None)
 
@@ -1208,6 +1255,10 @@ def _build_parser() -> _Parser:
                         help="address to listen on (default: every interface, IPv6 and IPv4)")
     parser.add_argument("--backlog", metavar="N", type=_positive_int, default=_DEFAULT_BACKLOG,
                         help=f"listen backlog (default {_DEFAULT_BACKLOG})")
+    parser.add_argument("--handoff", choices=("forward", "listener"), default="forward",
+                        help="forward: the daemon accepts and passes each connection to the "
+                             "child (default); listener: the serving child is handed the "
+                             "listening socket and accepts directly")
     parser.add_argument("--ready-timeout", metavar="S", type=_seconds,
                         default=_DEFAULT_READY_TIMEOUT,
                         help="a new child not ready after S seconds is stopped and the old "
@@ -1298,7 +1349,7 @@ def _serve(opts: argparse.Namespace) -> None:
                 supervisor = _Supervisor(
                     listener, opts.command, cwd=cwd, ready_timeout=opts.ready_timeout,
                     drain_timeout=opts.drain_timeout, stop_timeout=opts.stop_timeout,
-                    wakeup=wake_r,
+                    wakeup=wake_r, handoff=opts.handoff,
                     on_event=launcher.on_event if launcher else lambda event, detail: None)
                 try:
                     supervisor.run()

@@ -374,8 +374,8 @@ class Daemon:
     def __init__(self, test, *options, command=None, env=None, preexec_fn=None):
         self.test = test
         command = command or [sys.executable, test.app]
-        argv = [sys.executable, DAEMON, "-f", "--bind", "127.0.0.1", *options, "0", "--",
-                *command]
+        argv = [sys.executable, DAEMON, "-f", "--bind", "127.0.0.1", *test.OPTIONS, *options,
+                "0", "--", *command]
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, start_new_session=True, cwd=test.tmp,
@@ -464,6 +464,12 @@ class Daemon:
 
 
 class ProtectorTestCase(unittest.TestCase):
+    OPTIONS = ()        # given to every daemon the test starts: the hand-off mode
+
+    @property
+    def forwarding(self):
+        return "listener" not in self.OPTIONS
+
     def setUp(self):
         faulthandler.dump_traceback_later(WATCHDOG, exit=True)
         self.addCleanup(faulthandler.cancel_dump_traceback_later)
@@ -1061,7 +1067,8 @@ class ChaosTest(ProtectorTestCase):
         os.kill(first, signal.SIGKILL)     # it is asleep after taking exactly one
         taken = self.taken()                # before its successor adds to the record
         self.assertEqual(len(taken), 1)
-        daemon.wait_line(rf"child {first} had not taken 19 connections", mark)
+        if self.forwarding:     # else they wait in the listen backlog
+            daemon.wait_line(rf"child {first} had not taken 19 connections", mark)
         second = daemon.serving(mark)
         for c in clients:
             reply = read_line(c)
@@ -1085,7 +1092,8 @@ class ChaosTest(ProtectorTestCase):
         mark = daemon.mark()
         os.kill(first, signal.SIGKILL)
         killed_at = time.monotonic()
-        daemon.wait_line(rf"child {first} had not taken \d+ connections", mark)
+        if self.forwarding:     # else they waited in the backlog
+            daemon.wait_line(rf"child {first} had not taken \d+ connections", mark)
         daemon.serving(mark)
         wait_until(lambda: len(load.started_between(killed_at, float("inf"))) >= 40,
                    "sessions after the kill")
@@ -1220,6 +1228,71 @@ class ChaosTest(ProtectorTestCase):
         wait_until(settled, "old children to finish", interval=0.1)
         self.assertEqual([p for p in daemon.child_pids() if alive(p)], [served_by(daemon.port)])
         self.assertNoZombies(daemon)
+
+
+class ListenerChaosTest(ChaosTest):
+    """The same, with --handoff listener."""
+    OPTIONS = ("--handoff", "listener")
+
+
+class ListenerModeTest(ProtectorTestCase):
+    """--handoff listener: the serving child accepts from the daemon's socket."""
+    OPTIONS = ("--handoff", "listener")
+
+    def test_quick_start_and_restart(self):
+        """The sample echoes; after SIGHUP only the new child accepts, and the old
+        one finishes its open connection."""
+        daemon = Daemon(self)
+        first = daemon.serving()
+        held = connect(daemon.port)
+        self.addCleanup(held.close)
+        self.assertEqual(int(ask(held, b"pid")), first)
+        second = daemon.restart()
+        for _ in range(20):
+            self.assertEqual(served_by(daemon.port), second)
+        self.assertEqual(ask(held, b"still here"), b"still here")
+        held.close()
+        daemon.wait_line(rf"child {first} exited with status 0 \(retiring\)")
+        self.assertEqual(daemon.count(r"sent child"), 0)
+
+    def test_failed_upgrade_keeps_old_child(self):
+        """A new child that fails never gets the listener; the old one serves on."""
+        daemon = Daemon(self)
+        first = daemon.serving()
+        self.set_flag("SP_TEST_FAIL")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(rf"restart failed: .*; child {first} keeps serving", mark)
+        self.assertEqual(served_by(daemon.port), first)
+
+    def test_child_serves_its_backlog_at_shutdown(self):
+        """At SIGTERM the child accepts what waits in the backlog before it lets go."""
+        daemon = Daemon(self)
+        child = daemon.serving()
+        os.kill(child, signal.SIGSTOP)
+        self.addCleanup(lambda: os.kill(child, signal.SIGCONT) if alive(child) else None)
+        clients = [connect(daemon.port) for _ in range(5)]
+        for c in clients:
+            self.addCleanup(c.close)
+            c.sendall(b"waiting\n")
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_line(r"SIGTERM: shutting down")
+        os.kill(child, signal.SIGCONT)
+        for c in clients:
+            self.assertEqual(read_line(c), b"waiting\n")
+            c.close()
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+
+    def test_daemon_uses_no_descriptor_per_connection(self):
+        """Connections never pass through the daemon."""
+        daemon = Daemon(self)
+        daemon.serving()
+        before = fd_count(daemon.pid)
+        clients = [connect(daemon.port) for _ in range(20)]
+        for c in clients:
+            self.addCleanup(c.close)
+            self.assertEqual(ask(c, b"open"), b"open")
+        self.assertEqual(fd_count(daemon.pid), before)
 
 
 class HostileTest(ProtectorTestCase):
