@@ -76,6 +76,7 @@ _MSG_ACK = b"A"
 _MSG_NACK = b"N"
 _MSG_CONNS = b"C"
 _MSG_LISTENER = b"L"
+_END = b""                 # what recv returns at the end of the daemon's stream
 
 _MAX_BATCH = 64            # descriptors per message; the receiver makes room for this many
 _MAX_UNACKED = 512         # connections a child may hold unacknowledged
@@ -182,26 +183,26 @@ class ConnectionReceiver:
             return _accept_ready(self._listener, limit or _MAX_BATCH)
         room = limit if limit is not None else sys.maxsize
         fds: List[int] = []
-        truncated = False
+        kind = None
         # The channel first: a retired child stops accepting at once.
         while self._channel is not None and len(fds) < room:
             if self._held:
                 fds.append(self._held.popleft())
-            else:
-                kind = self._receive_message()
-                if kind is None:
-                    break
-                if kind is _MSG_NACK:
-                    truncated = True
-                    break
+                continue
+            kind = self._receive_message()
+            if kind in (None, _MSG_NACK, _END):
+                break
         if fds:
             # Acknowledged before the application sees them, so the daemon
-            # closes its copies at once and never gives them to another child.
+            # closes its copies at once and never gives them to another child;
+            # and before hanging up, or the daemon would resend them.
             self._send(_MSG_ACK + len(fds).to_bytes(4, "big"))
-        if truncated:
+        if kind is _MSG_NACK:
             # The kernel dropped descriptors that did not fit (RLIMIT_NOFILE?):
             # after the acknowledgement above, hand that whole batch back.
             self._send(_MSG_NACK)
+        elif kind is _END:
+            self._end()
         conns = [_wrap_connection(fd) for fd in fds]
         while self._accepted and len(conns) < room:
             conns.append(self._accepted.popleft())
@@ -210,14 +211,13 @@ class ConnectionReceiver:
         return conns
 
     def _receive_message(self) -> Optional[bytes]:
-        """Take one message from the daemon; its kind, or None if none now."""
+        """Take one message from the daemon: its kind, _END, or None if none now."""
         try:
             msg, fds, truncated = _recv_batch(self._channel)
         except BlockingIOError:
             return None
         if not msg and not fds:
-            self._end()
-            return None
+            return _END
         if msg == _MSG_CONNS:
             if truncated:
                 _close_fds(fds)
@@ -252,6 +252,8 @@ class ConnectionReceiver:
         self.close()
 
     def _send(self, msg: bytes) -> None:
+        if self._channel is None:
+            return
         try:
             self._channel.sendmsg([msg], [], socket.MSG_NOSIGNAL)
         except (BrokenPipeError, ConnectionResetError):
@@ -732,7 +734,8 @@ class _Supervisor:
         if was is _State.STARTING:
             self._start_failed(child, f"{how} before it was ready")
         else:
-            _log.info("child %d %s (%s)", child.pid, how, was.value)
+            _log.log(logging.INFO if status == 0 else logging.WARNING,
+                     "child %d %s (%s)", child.pid, how, was.value)
 
     def _crashed(self, child: _Child, how: str) -> None:
         self.crashes += 1

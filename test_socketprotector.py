@@ -26,6 +26,7 @@ import unittest
 HERE = os.path.dirname(os.path.abspath(__file__))
 DAEMON = os.path.join(HERE, "socketprotector.py")
 SAMPLE = os.path.join(HERE, "sample_client.py")
+EVENT_LOOP_SERVER = os.path.join(HERE, "bench", "echo_server.py")
 sys.path.insert(0, HERE)
 import socketprotector  # noqa: E402
 
@@ -1020,6 +1021,21 @@ class ChaosTest(ProtectorTestCase):
         self.assertGreaterEqual(int(status.group(1)), 5, daemon.log())
         self.assertEqual(status.group(2), "0")
         self.assertNoZombies(daemon)
+
+    def test_sighup_storm_with_an_event_loop_server(self):
+        """The storm again, against the bench's selectors server on ConnectionReceiver."""
+        daemon = Daemon(self, command=[sys.executable, EVENT_LOOP_SERVER, "0"])
+        daemon.serving()
+        load = Load(daemon.port, threads=8)
+        self.addCleanup(load.stop)
+        load.wait_for(20)
+        for _ in range(20):
+            daemon.signal(signal.SIGHUP)
+            time.sleep(0.1)     # the storm's pace, not a wait for anything
+        load.wait_for(20)
+        load.stop()
+        self.assertEqual(load.failures, [], daemon.log())
+        self.assertEqual(daemon.count(r"unexpectedly"), 0, daemon.log())
 
     def test_killed_children_lose_only_what_they_had_taken(self):
         """SIGKILL the serving child repeatedly under open-loop load.
