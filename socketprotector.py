@@ -70,6 +70,7 @@ from typing import Callable, Iterator, List, Optional
 # ---------------------------------------------------------------------------
 
 ENV_FD = "SOCKETPROTECTOR_FD"
+ENV_HANDOFF = "SOCKETPROTECTOR_HANDOFF"     # "forward" or "listener"
 
 _MSG_READY = b"R"
 _MSG_ACK = b"A"
@@ -147,12 +148,20 @@ class ConnectionReceiver:
         self._accepted: collections.deque = collections.deque()  # accepted at the end
         self._channel: Optional[socket.socket] = None
         self._listener: Optional[socket.socket] = None   # ours, or handed over by the daemon
-        self._poller = None     # under the daemon: epoll over the channel and listener
+        self._poller = None     # listener mode: epoll over the channel and the listener
+        self._family = socket.AF_INET                    # of the connections the daemon sends
         fd_text = os.environ.pop(ENV_FD, None)
-        if fd_text is not None:
+        handoff = os.environ.pop(ENV_HANDOFF, "forward")
+        self._daemon = fd_text is not None
+        if self._daemon:
             self._channel = _adopt_channel(fd_text)
-            self._poller = select.epoll()
-            self._poller.register(self._channel.fileno(), select.EPOLLIN)
+            self._pending = select.poll()   # cheaper than a recvmsg() that finds nothing
+            self._pending.register(self._channel, select.POLLIN)
+            if handoff == "listener":
+                # One stable descriptor for the caller's event loop, covering
+                # the listener the daemon hands over later.
+                self._poller = select.epoll()
+                self._poller.register(self._channel.fileno(), select.EPOLLIN)
             self._send(_MSG_READY)
         elif port is not None:
             self._listener = _listen(host or None, port, backlog)
@@ -166,7 +175,8 @@ class ConnectionReceiver:
         """The descriptor to wait on for readability (-1 once closed)."""
         if self._poller is not None:
             return self._poller.fileno()
-        return self._listener.fileno() if self._listener is not None else -1
+        sock = self._channel if self._daemon else self._listener
+        return sock.fileno() if sock is not None else -1
 
     def receive(self, limit: Optional[int] = None) -> List[socket.socket]:
         """Return up to ``limit`` (default: all) connections available now.
@@ -177,7 +187,7 @@ class ConnectionReceiver:
         dies they go to the next child.  Sets ``ended`` once the daemon has
         ended the stream; keep calling until it returns [].
         """
-        if self._poller is None:       # on our own
+        if not self._daemon:
             if self._listener is None:
                 return []
             return _accept_ready(self._listener, limit or _MAX_BATCH)
@@ -189,6 +199,8 @@ class ConnectionReceiver:
             if self._held:
                 fds.append(self._held.popleft())
                 continue
+            if not self._pending.poll(0):
+                break
             kind = self._receive_message()
             if kind in (None, _MSG_NACK, _END):
                 break
@@ -203,7 +215,10 @@ class ConnectionReceiver:
             self._send(_MSG_NACK)
         elif kind is _END:
             self._end()
-        conns = [_wrap_connection(fd) for fd in fds]
+        # Family and type given, so socket() needs no getsockopt() calls;
+        # accepted descriptors are blocking already.
+        family = self._family
+        conns = [socket.socket(family, socket.SOCK_STREAM, 0, fd) for fd in fds]
         while self._accepted and len(conns) < room:
             conns.append(self._accepted.popleft())
         if self._listener is not None and len(conns) < room:
@@ -218,13 +233,16 @@ class ConnectionReceiver:
             return None
         if not msg and not fds:
             return _END
-        if msg == _MSG_CONNS:
+        kind = msg[:1]
+        if kind == _MSG_CONNS:
             if truncated:
                 _close_fds(fds)
                 return _MSG_NACK
+            if len(msg) > 1:
+                self._family = msg[1]
             self._held.extend(fds)
-            return msg
-        if msg == _MSG_LISTENER and len(fds) == 1 and not truncated:
+            return kind
+        if msg == _MSG_LISTENER and len(fds) == 1 and not truncated and self._poller:
             listener = socket.socket(fileno=fds[0])
             listener.setblocking(False)
             self._poller.register(listener.fileno(), select.EPOLLIN)
@@ -316,10 +334,15 @@ def _adopt_channel(fd_text: str) -> socket.socket:
 
 def _send_fds(sock: socket.socket, msg: bytes, fds: List[int]) -> None:
     # socket.send_fds() ignores its flags argument, so call sendmsg directly.
-    sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
-                 socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+    sock.sendmsg([msg], [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))], _SEND_FLAGS)
 
 
+# Plain ints: on 3.11+ `|` on socket.MSG_* flags is an IntFlag call, slow in a hot path.
+_SEND_FLAGS = int(socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+_RECV_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+_TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
 _CMSG_ROOM = socket.CMSG_SPACE(_MAX_BATCH * array.array("i").itemsize)
 
 
@@ -328,32 +351,32 @@ def _recv_batch(sock: socket.socket):
     # socket.recv_fds() ignores its flags (python/cpython#128881), so call
     # recvmsg directly: MSG_CMSG_CLOEXEC makes every received fd close-on-exec.
     try:
-        msg, ancdata, flags, _ = sock.recvmsg(
-            16, _CMSG_ROOM, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+        msg, ancdata, flags, _ = sock.recvmsg(16, _CMSG_ROOM, _RECV_FLAGS)
     except ConnectionResetError:
         return b"", [], False
     fds = array.array("i")
     for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
             fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-    return msg, list(fds), bool(flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC))
-
-
-def _wrap_connection(fd: int) -> socket.socket:
-    sock = socket.socket(fileno=fd)
-    sock.setblocking(True)
-    return sock
+    return msg, list(fds), bool(flags & _TRUNCATED)
 
 
 def _accept_ready(listener: socket.socket, limit: int) -> List[socket.socket]:
-    """Accept up to limit connections the backlog holds now, without blocking."""
-    conns = []
+    """Accept up to limit connections the backlog holds now, without blocking.
+
+    They are blocking sockets: accept() gives a blocking descriptor, and the
+    socket object follows the default timeout (None unless the caller set one).
+    """
+    conns: List[socket.socket] = []
+    more = select.poll()        # a failed accept() costs more than a poll()
+    more.register(listener, select.POLLIN)
     while len(conns) < limit:
+        if conns and not more.poll(0):
+            break
         try:
             conn, _ = listener.accept()
         except (BlockingIOError, ConnectionAbortedError):
             break
-        conn.setblocking(True)
         conns.append(conn)
     return conns
 
@@ -478,6 +501,8 @@ class _Supervisor:
         self._on_event = on_event
         self._sel = selectors.DefaultSelector()
         self._sel.register(wakeup, selectors.EVENT_READ, self._on_wakeup)
+        self._backlog_poll = select.poll()      # is anything left in the backlog?
+        self._backlog_poll.register(listener, select.POLLIN)
         self._wakeup = wakeup
         self._listening = False
         self._children: dict = {}                 # pid -> _Child, until reaped
@@ -491,6 +516,8 @@ class _Supervisor:
         self._respawn_at: Optional[float] = None
         self._accept_paused_until: Optional[float] = None
         self._accept_error: Optional[str] = None      # logged once until accept works again
+        self._next_deadline: Optional[float] = None   # the soonest, as of the last _timeout()
+        self._debug = _log.isEnabledFor(logging.DEBUG)
         self._backoff = _BACKOFF_MIN
         self._error: Optional[str] = None
         self.forwarded = 0
@@ -498,6 +525,8 @@ class _Supervisor:
         self.failed_restarts = 0
         self.crashes = 0
         self._child_env = {k: v for k, v in os.environ.items() if k != ENV_FD}
+        self._child_env[ENV_HANDOFF] = handoff
+        self._conns_message = _MSG_CONNS + bytes([listener.family])
 
     # -- the loop -----------------------------------------------------------
 
@@ -505,29 +534,39 @@ class _Supervisor:
         """Serve until shut down; raise SocketProtectorError if start-up failed."""
         try:
             self._spawn()
+            select = self._sel.select
             while self._children or not self._stopping:
-                events = self._sel.select(self._timeout())
+                events = select(self._timeout())
                 if len(events) > 1:
                     # Signals first: after a SIGTERM nothing more is accepted.
                     events.sort(key=lambda event: event[0].fileobj is not self._wakeup)
                 for key, mask in events:
                     key.data(mask)
-                self._check_deadlines()
+                if self._next_deadline is not None and time.monotonic() >= self._next_deadline:
+                    self._check_deadlines()
+                self._pump()
         finally:
             self._close_everything()
         if self._error:
             raise SocketProtectorError(self._error)
 
     def _timeout(self) -> Optional[float]:
-        deadlines = [self._stop_deadline, self._respawn_at, self._accept_paused_until]
+        """Seconds until the soonest deadline (None: none), noted in _next_deadline."""
+        pending = [d for d in (self._stop_deadline, self._respawn_at, self._accept_paused_until)
+                   if d is not None]
         for child in self._children.values():
-            deadlines += (child.deadline, child.kill_at)
-            if child is self._serving and child.paused_until and self._waiting:
-                deadlines.append(child.paused_until)
-        pending = [d for d in deadlines if d is not None]
+            if child.deadline is not None:
+                pending.append(child.deadline)
+            if child.kill_at is not None:
+                pending.append(child.kill_at)
+        serving = self._serving
+        if serving is not None and serving.paused_until and self._waiting:
+            pending.append(serving.paused_until)
         if not pending:
+            self._next_deadline = None
             return None
-        return max(0.0, min(pending) - time.monotonic())
+        self._next_deadline = min(pending)
+        return max(0.0, self._next_deadline - time.monotonic())
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
@@ -555,7 +594,6 @@ class _Supervisor:
             self._terminate_all(f"after --stop-timeout {self._stop_timeout:g} s")
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
             self._accept_paused_until = None
-        self._pump()
 
     def _close_everything(self) -> None:
         self._set_listening(False)
@@ -856,13 +894,17 @@ class _Supervisor:
         if not self._listening:
             return      # unregistered by an earlier event of the same select()
         self._accept(limit=_MAX_WAITING - len(self._waiting))
-        self._pump()
 
     def _accept(self, limit: Optional[int]) -> None:
         accept = self._listener._accept   # raw fds: no socket object per connection
+        # A failed accept() costs far more than a poll() (5 us against 0.3
+        # measured here), so ask before each accept after the first.
+        more = self._backlog_poll.poll
         waiting = self._waiting
         count = 0
         while limit is None or count < limit:
+            if count and not more(0):
+                break
             try:
                 fd, _ = accept()
             except BlockingIOError:
@@ -890,12 +932,12 @@ class _Supervisor:
         """Send waiting connections to the serving child; then decide whether to accept."""
         child = self._serving
         now = time.monotonic()
-        debug = _log.isEnabledFor(logging.DEBUG)
+        debug = self._debug
         while self._waiting and child is not None and child.can_take(now):
             room = min(len(self._waiting), _MAX_BATCH, _MAX_UNACKED - len(child.unacked))
             batch = [self._waiting.popleft() for _ in range(room)]
             try:
-                _send_fds(child.channel, _MSG_CONNS, batch)
+                _send_fds(child.channel, self._conns_message, batch)
             except (BlockingIOError, InterruptedError):
                 self._waiting.extendleft(reversed(batch))
                 child.blocked = True
@@ -948,7 +990,6 @@ class _Supervisor:
                              functools.partial(self._on_channel, child))
         if mask & selectors.EVENT_READ:
             self._read_channel(child)
-        self._pump()
 
     def _read_channel(self, child: _Child) -> None:
         while child.channel is not None:
@@ -984,8 +1025,9 @@ class _Supervisor:
             else:
                 batches[0] -= count
                 count = 0
-        _log.debug("child %d took connections; %d still unacknowledged",
-                   child.pid, len(unacked))
+        if self._debug:
+            _log.debug("child %d took connections; %d still unacknowledged",
+                       child.pid, len(unacked))
 
     def _nacked(self, child: _Child) -> None:
         """The child could not receive its oldest message: send that batch again."""

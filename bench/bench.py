@@ -288,7 +288,7 @@ def run_all(args):
                "bare_python_rss_kib": bare_interpreter_rss_kib(), "steady": {}, "restarts": {}}
     servers = {mode: Server(mode, delay_file) for mode in MODES}
     try:
-        for concurrency in (1, 32):
+        for concurrency in args.concurrency:
             runs = {mode: [] for mode in MODES}
             for _ in range(args.repeat):
                 for mode, server in servers.items():
@@ -297,7 +297,7 @@ def run_all(args):
             results["steady"][concurrency] = {mode: median_run(r) for mode, r in runs.items()}
         for mode in ("forward", "listener"):
             results[f"{mode}_daemon_peak_rss_kib"] = servers[mode].peak_rss_kib()
-        for mode in ("forward", "listener"):
+        for mode in ("forward", "listener") if args.restarts else ():
             server = servers[mode]
             storm = measure(server, 32, args.duration, sighup_storm(args.duration))
             progress(f"SIGHUP storm {mode}: {storm['per_second']:.0f}/s")
@@ -364,7 +364,14 @@ def main():
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--duration", type=float, default=2.0, help="seconds per run (2)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per configuration (3)")
+    parser.add_argument("--concurrency", type=lambda text: [int(c) for c in text.split(",")],
+                        default=[1, 32], help="comma-separated concurrencies (1,32)")
+    parser.add_argument("--no-restarts", dest="restarts", action="store_false",
+                        help="skip the SIGHUP storm and slow-restart runs")
     args = parser.parse_args()
+    if args.restarts and 32 not in args.concurrency:
+        parser.error("the restart runs are compared with concurrency 32: include it, "
+                     "or pass --no-restarts")
     results = run_all(args)
     print(json.dumps(results, indent=2) if args.json else report(results))
 
