@@ -98,6 +98,9 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
+_DAEMON_ONLY_ENV = (ENV_FD, "NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+_PR_SET_CHILD_SUBREAPER = 36
+
 _USAGE = "socketprotector.py [options] PORT -- COMMAND [ARG...]"
 
 _log = logging.getLogger("socketprotector")
@@ -524,7 +527,8 @@ class _Supervisor:
         self.restarts = 0
         self.failed_restarts = 0
         self.crashes = 0
-        self._child_env = {k: v for k, v in os.environ.items() if k != ENV_FD}
+        # What systemd meant for the daemon is not for the children.
+        self._child_env = {k: v for k, v in os.environ.items() if k not in _DAEMON_ONLY_ENV}
         self._child_env[ENV_HANDOFF] = handoff
         self._conns_message = _MSG_CONNS + bytes([listener.family])
 
@@ -704,7 +708,7 @@ class _Supervisor:
             self._on_event("reloaded", f"child {child.pid} serving")
         else:
             _log.info("child %d ready, serving", child.pid)
-            self._on_event("ready" if not self._ever_ready else "reloaded",
+            self._on_event("ready" if not self._ever_ready else "recovered",
                            f"child {child.pid} serving")
         self._ever_ready = True
         if self._stopping:
@@ -1252,6 +1256,72 @@ class _Launcher:
             self._report = -1
 
 
+class _SystemdNotifier:
+    """sd_notify(3) over $NOTIFY_SOCKET: READY, RELOADING, STOPPING and STATUS."""
+
+    def __init__(self, address: str) -> None:
+        self._address = "\0" + address[1:] if address.startswith("@") else address
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def on_event(self, event: str, detail: str) -> None:
+        status = f"STATUS={detail}"
+        if event in ("ready", "reloaded"):
+            self._send(f"READY=1\n{status}")
+        elif event == "reloading":
+            usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            self._send(f"RELOADING=1\nMONOTONIC_USEC={usec}\n{status}")
+        elif event == "stopping":
+            self._send(f"STOPPING=1\n{status}")
+        else:
+            self._send(status)
+
+    def _send(self, message: str) -> None:
+        try:
+            self._sock.sendto(message.encode(), self._address)
+        except OSError as e:
+            _log.warning("cannot notify systemd at %s: %s", self._address.lstrip("\0"),
+                         e.strerror)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _activated_listener() -> Optional[socket.socket]:
+    """The listening socket systemd passed (socket activation), or None."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = os.environ.get("LISTEN_FDS", "0")
+    for name in _DAEMON_ONLY_ENV[2:]:
+        os.environ.pop(name, None)
+    if count != "1":
+        raise SocketProtectorError(f"socket activation passed {count} sockets; expected one")
+    try:
+        sock = socket.socket(fileno=3)
+    except OSError as e:
+        raise SocketProtectorError(f"socket activation: fd 3: {e.strerror}") from None
+    listening = (sock.type == socket.SOCK_STREAM
+                 and sock.family in (socket.AF_INET, socket.AF_INET6)
+                 and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    if not listening:
+        sock.detach()
+        raise SocketProtectorError("socket activation: fd 3 is not a listening TCP socket")
+    os.set_inheritable(3, False)
+    return sock
+
+
+def _become_subreaper() -> None:
+    """Linux: descendants our children orphan are reparented to us and reaped here."""
+    if os.getpid() == 1:
+        return          # init already reaps every orphan
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as e:
+        _log.debug("cannot become a child subreaper: %s", e)
+
+
 # ---------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------
@@ -1375,9 +1445,12 @@ def _serve(opts: argparse.Namespace) -> None:
     cwd = os.getcwd()
     _resolve_command(opts.command[0], cwd)      # fail before detaching
     pid_file = _PidFile(opts.pid_file) if opts.pid_file else None
-    launcher = None
+    launcher = notifier = None
     try:
-        listener = _listen(opts.bind, opts.port, opts.backlog)
+        listener = _activated_listener()
+        activated = listener is not None
+        if listener is None:
+            listener = _listen(opts.bind, opts.port, opts.backlog)
         with listener:
             listener.setblocking(False)
             if not opts.foreground:
@@ -1385,7 +1458,12 @@ def _serve(opts: argparse.Namespace) -> None:
                 launcher.detach()
             if pid_file is not None:
                 pid_file.write(os.getpid())
-            _log.info("listening on %s", _format_address(listener))
+            _become_subreaper()
+            if os.environ.get("NOTIFY_SOCKET"):
+                notifier = _SystemdNotifier(os.environ["NOTIFY_SOCKET"])
+            sinks = [sink.on_event for sink in (launcher, notifier) if sink is not None]
+            _log.info("listening on %s%s", _format_address(listener),
+                      " (socket activation)" if activated else "")
             wake_r, wake_w = socket.socketpair()
             with wake_r, wake_w:
                 wake_r.setblocking(False)
@@ -1395,17 +1473,20 @@ def _serve(opts: argparse.Namespace) -> None:
                     listener, opts.command, cwd=cwd, ready_timeout=opts.ready_timeout,
                     drain_timeout=opts.drain_timeout, stop_timeout=opts.stop_timeout,
                     wakeup=wake_r, handoff=opts.handoff,
-                    on_event=launcher.on_event if launcher else lambda event, detail: None)
+                    on_event=lambda event, detail: [sink(event, detail) for sink in sinks])
                 try:
                     supervisor.run()
                 finally:
                     signal.set_wakeup_fd(-1)
             _log.info("stopped")
     except SocketProtectorError as e:
-        if launcher is not None:
-            launcher.on_event("failed", str(e))
+        for sink in (launcher, notifier):
+            if sink is not None:
+                sink.on_event("failed", str(e))
         raise
     finally:
+        if notifier is not None:
+            notifier.close()
         if pid_file is not None:
             pid_file.release()
 

@@ -96,6 +96,10 @@ def main():
     delay = flag("SP_TEST_DELAY")
     if delay:
         time.sleep(float(open(delay).read()))
+    if flag("SP_TEST_ORPHAN"):        # a grandchild that outlives this process
+        import subprocess
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+        print("grandchild %d" % grandchild.pid, file=sys.stderr, flush=True)
     slow = flag("SP_TEST_SLOW")
     pause = float(open(slow).read()) if slow else 0
     record = os.environ.get("SP_TEST_RECORD")
@@ -483,7 +487,7 @@ class ProtectorTestCase(unittest.TestCase):
         self.flags = {name: os.path.join(self.tmp, name.lower())
                       for name in ("SP_TEST_FAIL", "SP_TEST_HANG", "SP_TEST_DELAY",
                                    "SP_TEST_NOREAD", "SP_TEST_GARBAGE", "SP_TEST_HANGUP",
-                                   "SP_TEST_SLOW")}
+                                   "SP_TEST_SLOW", "SP_TEST_ORPHAN")}
         self.record = os.path.join(self.tmp, "taken")
         self.env = dict(os.environ, SP_TEST_LIBDIR=HERE, PYTHONDONTWRITEBYTECODE="1",
                         SP_TEST_RECORD=self.record, **self.flags)
@@ -1485,6 +1489,133 @@ class HostileTest(ProtectorTestCase):
         wait_until(lambda: fd_count(daemon.pid) == before,
                    f"daemon fd count back to {before} (now {fd_count(daemon.pid)})")
         self.assertNoZombies(daemon)
+
+
+# ---------------------------------------------------------------------------
+# Running under init systems and containers
+# ---------------------------------------------------------------------------
+
+
+class OperationsTest(ProtectorTestCase):
+    def test_orphaned_grandchild_is_reaped(self):
+        """A grandchild that outlives its parent is reaped by the daemon (child
+        subreaper), and the daemon still tracks its own children."""
+        self.set_flag("SP_TEST_ORPHAN")
+        daemon = Daemon(self)
+        first = daemon.serving()
+        grandchild = int(daemon.wait_line(r"^grandchild (\d+)$").group(1))
+        self.clear_flag("SP_TEST_ORPHAN")
+        mark = daemon.mark()
+        os.kill(first, signal.SIGKILL)
+        daemon.wait_line(rf"child {first} killed by SIGKILL unexpectedly", mark)
+        wait_until(lambda: (proc_stat(grandchild) or (None, daemon.pid))[1] == daemon.pid,
+                   "the grandchild to be reparented to the daemon")
+        second = daemon.serving(mark)
+        wait_until(lambda: proc_stat(grandchild) is None, "the grandchild to be reaped")
+        self.assertEqual(served_by(daemon.port), second)
+        self.assertNotIn(str(grandchild), daemon.log().replace(f"grandchild {grandchild}", ""))
+        self.assertNoZombies(daemon)
+
+    def notify_socket(self, abstract):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        if abstract:
+            name = f"@sp-test-notify-{os.getpid()}-{id(self)}"
+            sock.bind("\0" + name[1:])
+        else:
+            name = os.path.join(self.tmp, "notify")
+            sock.bind(name)
+        sock.settimeout(TIMEOUT)
+        return sock, name
+
+    def check_notifications(self, abstract):
+        sock, name = self.notify_socket(abstract)
+        daemon = Daemon(self, env={"NOTIFY_SOCKET": name})
+        first = daemon.serving()
+        self.assertEqual(sock.recv(4096).decode(), f"READY=1\nSTATUS=child {first} serving")
+        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        daemon.signal(signal.SIGHUP)
+        reloading = sock.recv(4096).decode().split("\n")
+        self.assertEqual(reloading[0], "RELOADING=1")
+        usec = int(reloading[1].partition("MONOTONIC_USEC=")[2])
+        self.assertTrue(before <= usec <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
+        ready = sock.recv(4096).decode()
+        self.assertRegex(ready, r"^READY=1\nSTATUS=child (\d+) serving$")
+        self.assertNotIn(str(first), ready)
+        self.set_flag("SP_TEST_FAIL")
+        daemon.signal(signal.SIGHUP)
+        self.assertTrue(sock.recv(4096).startswith(b"RELOADING=1\n"))
+        self.assertRegex(sock.recv(4096).decode(),
+                         r"^READY=1\nSTATUS=restart failed; child \d+ serving$")
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(sock.recv(4096), b"STOPPING=1\nSTATUS=shutting down")
+        self.assertEqual(daemon.wait(), 0)
+
+    def test_systemd_notifications_on_a_path_socket(self):
+        """READY, RELOADING with MONOTONIC_USEC, READY again, STOPPING, in order."""
+        self.check_notifications(abstract=False)
+
+    def test_systemd_notifications_on_an_abstract_socket(self):
+        """The same through an abstract NOTIFY_SOCKET (@name)."""
+        self.check_notifications(abstract=True)
+
+    def test_children_do_not_see_systemd_variables(self):
+        """NOTIFY_SOCKET and LISTEN_* are the daemon's, not the children's."""
+        sock, name = self.notify_socket(False)
+        daemon = Daemon(self, env={"NOTIFY_SOCKET": name, "LISTEN_FDNAMES": "x"}, command=[
+            sys.executable, "-c", "import os, sys, time; print('env', sorted(k for k in "
+            "os.environ if k.startswith(('NOTIFY', 'LISTEN'))), file=sys.stderr, flush=True);"
+            "time.sleep(60)"])
+        self.assertEqual(daemon.wait_line(r"^env (.*)$").group(1), "[]")
+
+    def activated(self, listener, *extra, check=True):
+        """socketprotector started as systemd would with `listener` as fd 3."""
+        fd = listener.fileno()
+        shim = ("import os, sys; fd = int(sys.argv[1])\n"
+                "if fd != 3: os.dup2(fd, 3); os.close(fd)\n"
+                "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
+                "os.execv(sys.executable, [sys.executable] + sys.argv[2:])")
+        argv = [sys.executable, "-c", shim, str(fd), DAEMON, "-f", *extra, "0", "--",
+                sys.executable, self.app]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                pass_fds=(fd,), start_new_session=True, cwd=self.tmp,
+                                env=self.env)
+        self.addCleanup(proc.wait, TIMEOUT)
+        self.addCleanup(kill_session, proc.pid)
+        self.addCleanup(proc.stderr.close)
+        return proc
+
+    def test_socket_activation_survives_a_daemon_restart(self):
+        """With the listening socket held by systemd, clients that connect while
+        the daemon itself restarts are served by the next daemon."""
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        port = listener.getsockname()[1]
+        first = self.activated(listener)
+        line = first.stderr.readline().decode()
+        self.assertRegex(line, rf"listening on 127\.0\.0\.1:{port} \(socket activation\)")
+        wait_until(lambda: served_by(port), "the first daemon to serve")
+        first.send_signal(signal.SIGTERM)
+        self.assertEqual(first.wait(TIMEOUT), 0)
+        waiting = [connect(port) for _ in range(5)]      # nobody accepts: the backlog holds
+        for c in waiting:
+            self.addCleanup(c.close)
+            c.sendall(b"meanwhile\n")
+        self.activated(listener)
+        for c in waiting:
+            self.assertEqual(read_line(c), b"meanwhile\n")
+
+    def test_socket_activation_refuses_a_socket_that_does_not_listen(self):
+        """A passed descriptor that is not a listening TCP socket: exit 1, one line."""
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(udp.close)
+        proc = self.activated(udp)
+        _, err = proc.communicate(timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 1)
+        self.assertOneLineError(err.decode().splitlines(),
+                                r"socket activation: fd 3 is not a listening TCP socket$")
 
 
 if __name__ == "__main__":
