@@ -98,7 +98,7 @@ def main():
         time.sleep(float(open(delay).read()))
     if flag("SP_TEST_ORPHAN"):        # a grandchild that outlives this process
         import subprocess
-        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
         print("grandchild %d" % grandchild.pid, file=sys.stderr, flush=True)
     slow = flag("SP_TEST_SLOW")
     pause = float(open(slow).read()) if slow else 0
@@ -1508,8 +1508,8 @@ class OperationsTest(ProtectorTestCase):
         mark = daemon.mark()
         os.kill(first, signal.SIGKILL)
         daemon.wait_line(rf"child {first} killed by SIGKILL unexpectedly", mark)
-        wait_until(lambda: (proc_stat(grandchild) or (None, daemon.pid))[1] == daemon.pid,
-                   "the grandchild to be reparented to the daemon")
+        wait_until(lambda: (proc_stat(grandchild) or ("", 0))[1] == daemon.pid,
+                   "the (living) grandchild to be reparented to the daemon")
         second = daemon.serving(mark)
         wait_until(lambda: proc_stat(grandchild) is None, "the grandchild to be reaped")
         self.assertEqual(served_by(daemon.port), second)
