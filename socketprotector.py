@@ -101,7 +101,8 @@ EXIT_USAGE = 2
 _DAEMON_ONLY_ENV = (ENV_FD, "NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 _PR_SET_CHILD_SUBREAPER = 36
 
-_USAGE = "socketprotector.py [options] PORT -- COMMAND [ARG...]"
+_USAGE = ("socketprotector.py [options] PORT -- COMMAND [ARG...]\n"
+          "       socketprotector.py --reload|--stop --pid-file PATH")
 
 _log = logging.getLogger("socketprotector")
 
@@ -800,9 +801,9 @@ class _Supervisor:
             return
         if self._serving is not None:
             self.failed_restarts += 1
-            _log.error("restart failed: %s %s; child %d keeps serving",
-                       name, why, self._serving.pid)
-            self._on_event("reloaded", f"restart failed; child {self._serving.pid} serving")
+            failure = f"restart failed: {name} {why}; child {self._serving.pid} keeps serving"
+            _log.error("%s", failure)
+            self._on_event("reloaded", failure)
             if self._restart_again:
                 self._restart_again = False
                 self._request_restart()
@@ -1286,6 +1287,103 @@ class _SystemdNotifier:
         self._sock.close()
 
 
+class _StateFile:
+    """PIDFILE.state: how many restarts have finished, and how the last one ended.
+
+    --reload reads it to wait for the restart it asked for.  Replaced
+    atomically at each change; removed on exit.
+    """
+
+    def __init__(self, pid_file: str) -> None:
+        self.path = pid_file + ".state"
+        self._finished = 0
+        self._write("starting")
+
+    def on_event(self, event: str, detail: str) -> None:
+        if event == "reloaded":
+            self._finished += 1
+        self._write(detail)
+
+    def _write(self, last: str) -> None:
+        temporary = f"{self.path}.{os.getpid()}"
+        try:
+            with open(temporary, "w") as f:
+                f.write(f"restarts-finished {self._finished}\nlast {last}\n")
+            os.replace(temporary, self.path)
+        except OSError as e:
+            _log.warning("cannot write %s: %s", self.path, e.strerror)
+
+    def remove(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _read_state(path: str) -> tuple:
+    """(restarts finished, last outcome) from a state file."""
+    try:
+        with open(path) as f:
+            fields = dict(line.rstrip("\n").partition(" ")[::2] for line in f)
+        return int(fields["restarts-finished"]), fields.get("last", "")
+    except (OSError, KeyError, ValueError):
+        raise SocketProtectorError(f"cannot read daemon state {path}") from None
+
+
+def _running_pid(pid_file: str) -> Optional[int]:
+    """The pid of the daemon holding pid_file's lock, or None if none does."""
+    try:
+        fd = os.open(pid_file, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise SocketProtectorError(f"cannot open pid file {pid_file}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode(errors="replace").strip()
+            if text.isdigit():
+                return int(text)
+            raise SocketProtectorError(f"pid file {pid_file} is locked but holds {text!r}")
+        return None     # nobody holds the lock: a stale file
+    finally:
+        os.close(fd)
+
+
+def _control(opts: argparse.Namespace) -> int:
+    """--reload / --stop: signal the daemon named by the pid file and wait for the outcome."""
+    pid = _running_pid(opts.pid_file)
+    if pid is None:
+        if opts.stop:
+            print("socketprotector: not running", file=sys.stderr)
+            return EXIT_OK
+        raise SocketProtectorError(f"not running (no daemon holds {opts.pid_file})")
+    if opts.stop:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + opts.stop_timeout + 2 * _KILL_GRACE
+        while _running_pid(opts.pid_file) == pid:
+            if time.monotonic() > deadline:
+                raise SocketProtectorError(f"daemon {pid} still running after SIGTERM")
+            time.sleep(0.05)
+        return EXIT_OK
+    state = opts.pid_file + ".state"
+    finished, _ = _read_state(state)
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + opts.ready_timeout + 2 * _KILL_GRACE
+    while True:
+        now_finished, last = _read_state(state)
+        if now_finished > finished:
+            break
+        if time.monotonic() > deadline:
+            raise SocketProtectorError(f"daemon {pid}: restart not finished after "
+                                       f"{opts.ready_timeout:g} s")
+        time.sleep(0.05)
+    if last.startswith("restart failed"):
+        raise SocketProtectorError(last)
+    return EXIT_OK
+
+
 def _activated_listener() -> Optional[socket.socket]:
     """The listening socket systemd passed (socket activation), or None."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
@@ -1360,7 +1458,12 @@ def _build_parser() -> _Parser:
         epilog="Signals: HUP restarts the child (start-first), TERM/INT shut down "
                "(twice: at once), USR1 logs a status line.  Exit codes: 0 clean "
                "shutdown, 1 runtime failure, 2 bad usage.")
-    parser.add_argument("port", metavar="PORT",
+    parser.add_argument("--reload", action="store_true",
+                        help="with --pid-file: restart the running daemon's child and wait; "
+                             "exit 1 if the new child failed (the old one still serves)")
+    parser.add_argument("--stop", action="store_true",
+                        help="with --pid-file: stop the running daemon and wait until it is gone")
+    parser.add_argument("port", metavar="PORT", nargs="?",
                         help="TCP port to listen on (0 picks a free one and logs it)")
     parser.add_argument("-f", "--foreground", action="store_true",
                         help="stay attached and log to stderr (default: detach)")
@@ -1399,6 +1502,19 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
     else:
         own, command = argv, None
     opts = parser.parse_args(own)     # -h and --version exit here
+    opts.command = command
+    if opts.pid_file:
+        opts.pid_file = os.path.abspath(opts.pid_file)
+    if opts.reload or opts.stop:
+        if opts.reload and opts.stop:
+            raise UsageError("--reload and --stop cannot be combined")
+        if not opts.pid_file:
+            raise UsageError(f"{'--reload' if opts.reload else '--stop'} needs --pid-file")
+        if opts.port is not None or command is not None:
+            raise UsageError("--reload and --stop take no PORT or command")
+        return opts
+    if opts.port is None:
+        raise UsageError("the following arguments are required: PORT")
     try:
         opts.port = int(opts.port, 10)
     except ValueError:
@@ -1409,9 +1525,6 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
         raise UsageError("missing '--' between PORT and the command to run")
     if not command:
         raise UsageError("missing the command to run after '--'")
-    opts.command = command
-    if opts.pid_file:
-        opts.pid_file = os.path.abspath(opts.pid_file)
     return opts
 
 
@@ -1445,7 +1558,7 @@ def _serve(opts: argparse.Namespace) -> None:
     cwd = os.getcwd()
     _resolve_command(opts.command[0], cwd)      # fail before detaching
     pid_file = _PidFile(opts.pid_file) if opts.pid_file else None
-    launcher = notifier = None
+    launcher = notifier = state_file = None
     try:
         listener = _activated_listener()
         activated = listener is not None
@@ -1458,10 +1571,12 @@ def _serve(opts: argparse.Namespace) -> None:
                 launcher.detach()
             if pid_file is not None:
                 pid_file.write(os.getpid())
+                state_file = _StateFile(pid_file.path)
             _become_subreaper()
             if os.environ.get("NOTIFY_SOCKET"):
                 notifier = _SystemdNotifier(os.environ["NOTIFY_SOCKET"])
-            sinks = [sink.on_event for sink in (launcher, notifier) if sink is not None]
+            sinks = [sink.on_event for sink in (launcher, notifier, state_file)
+                     if sink is not None]
             _log.info("listening on %s%s", _format_address(listener),
                       " (socket activation)" if activated else "")
             wake_r, wake_w = socket.socketpair()
@@ -1487,6 +1602,8 @@ def _serve(opts: argparse.Namespace) -> None:
     finally:
         if notifier is not None:
             notifier.close()
+        if state_file is not None:
+            state_file.remove()
         if pid_file is not None:
             pid_file.release()
 
@@ -1499,8 +1616,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as e:
         print(f"socketprotector: {e}\nusage: {_USAGE} (see --help)", file=sys.stderr)
         return EXIT_USAGE
-    _configure_logging(opts)
     try:
+        if opts.reload or opts.stop:
+            return _control(opts)
+        _configure_logging(opts)
         _serve(opts)
     except SocketProtectorError as e:
         print(f"socketprotector: {e}", file=sys.stderr)

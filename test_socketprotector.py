@@ -843,6 +843,33 @@ class DaemonModeTest(ProtectorTestCase):
         os.kill(pid, signal.SIGTERM)
         wait_until(lambda: not alive(pid), "the daemon to exit")
 
+    def test_reload_waits_for_the_new_child_and_reports_a_failure(self):
+        """--reload returns 0 once the new child serves, 1 with the reason if it
+        failed (the old child serving on); --stop returns once the daemon is gone."""
+        self.assertEqual(self.start_detached()[0], 0)
+        pid = read_pid(self.pid_file)
+        first = served_by(self.port)
+        code, lines = self.run_protector("--reload", "--pid-file", self.pid_file)
+        self.assertEqual((code, lines), (0, []))
+        second = served_by(self.port)       # no wait: it serves already
+        self.assertNotEqual(second, first)
+        self.set_flag("SP_TEST_FAIL")
+        code, lines = self.run_protector("--reload", "--pid-file", self.pid_file)
+        self.assertEqual(code, 1)
+        self.assertOneLineError(lines, rf"restart failed: child \d+ exited with status 3 "
+                                       rf"before it was ready; child {second} keeps serving$")
+        self.assertEqual(served_by(self.port), second)
+        code, lines = self.run_protector("--stop", "--pid-file", self.pid_file)
+        self.assertEqual((code, lines), (0, []))
+        self.assertFalse(alive(pid))
+        self.assertEqual(os.listdir(self.tmp).count("sp.pid.state"), 0)
+        self.assertFalse(os.path.exists(self.pid_file))
+        code, lines = self.run_protector("--stop", "--pid-file", self.pid_file)
+        self.assertEqual((code, lines), (0, ["socketprotector: not running"]))
+        code, lines = self.run_protector("--reload", "--pid-file", self.pid_file)
+        self.assertEqual(code, 1)
+        self.assertOneLineError(lines, r"not running \(no daemon holds .*sp\.pid\)$")
+
     def test_child_failing_at_start_fails_the_launcher(self):
         """The launcher reports a child that died before it was ready; nothing is left."""
         self.set_flag("SP_TEST_FAIL")
@@ -862,8 +889,8 @@ class CommandLineTest(ProtectorTestCase):
         code, lines = self.run_protector(*args)
         self.assertEqual(code, 2, lines)
         self.assertOneLineError(lines, pattern, line=0)
-        self.assertEqual(len(lines), 2, lines)
         self.assertTrue(lines[1].startswith("usage: "), lines)
+        self.assertEqual(len(lines), 3, lines)      # the reason, then the two usage forms
 
     def test_bad_usage_exits_2_with_one_line(self):
         """Each kind of bad usage: exit 2, a one-line reason and the usage line."""
@@ -877,6 +904,9 @@ class CommandLineTest(ProtectorTestCase):
             (["--ready-timeout", "0", "4321", "--", "true"], r"argument --ready-timeout: "
                                                              r"must be a positive number"),
             (["--backlog", "x", "4321", "--", "true"], r"argument --backlog: must be a positive"),
+            (["--reload"], r"--reload needs --pid-file"),
+            (["--stop", "--pid-file", "p", "4321"], r"--reload and --stop take no PORT"),
+            (["--reload", "--stop", "--pid-file", "p"], r"--reload and --stop cannot be combined"),
         ]
         for args, pattern in cases:
             with self.subTest(args=args):
@@ -1546,7 +1576,8 @@ class OperationsTest(ProtectorTestCase):
         daemon.signal(signal.SIGHUP)
         self.assertTrue(sock.recv(4096).startswith(b"RELOADING=1\n"))
         self.assertRegex(sock.recv(4096).decode(),
-                         r"^READY=1\nSTATUS=restart failed; child \d+ serving$")
+                         r"^READY=1\nSTATUS=restart failed: child \d+ exited with status 3 "
+                         r"before it was ready; child \d+ keeps serving$")
         daemon.signal(signal.SIGTERM)
         self.assertEqual(sock.recv(4096), b"STOPPING=1\nSTATUS=shutting down")
         self.assertEqual(daemon.wait(), 0)
