@@ -77,6 +77,7 @@ _MSG_ACK = b"A"
 _MSG_NACK = b"N"
 _MSG_CONNS = b"C"
 _MSG_LISTENER = b"L"
+_MSG_DRAIN = b"D"          # listener mode, at shutdown: accept the backlog before letting go
 _END = b""                 # what recv returns at the end of the daemon's stream
 
 _MAX_BATCH = 64            # descriptors per message; the receiver makes room for this many
@@ -154,6 +155,7 @@ class ConnectionReceiver:
         self._listener: Optional[socket.socket] = None   # ours, or handed over by the daemon
         self._poller = None     # listener mode: epoll over the channel and the listener
         self._family = socket.AF_INET                    # of the connections the daemon sends
+        self._drain_at_end = False                       # the daemon is shutting down
         fd_text = os.environ.pop(ENV_FD, None)
         handoff = os.environ.pop(ENV_HANDOFF, "forward")
         self._daemon = fd_text is not None
@@ -246,6 +248,9 @@ class ConnectionReceiver:
                 self._family = msg[1]
             self._held.extend(fds)
             return kind
+        if msg == _MSG_DRAIN and not fds:
+            self._drain_at_end = True
+            return msg
         if msg == _MSG_LISTENER and len(fds) == 1 and not truncated and self._poller:
             listener = socket.socket(fileno=fds[0])
             listener.setblocking(False)
@@ -282,10 +287,12 @@ class ConnectionReceiver:
             self._end()
 
     def _end(self) -> None:
-        """The stream ended: serve what waits in a handed-over backlog, then let go."""
+        """The stream ended: let go of a handed-over listener, first accepting
+        its backlog if the daemon is shutting down (else a successor has it)."""
         self.ended = True
         if self._listener is not None and self._poller is not None:
-            self._accepted.extend(_accept_ready(self._listener, sys.maxsize))
+            if self._drain_at_end:
+                self._accepted.extend(_accept_ready(self._listener, sys.maxsize))
             self._listener.close()
             self._listener = None
         if self._channel is not None:
@@ -704,8 +711,8 @@ class _Supervisor:
             self._hand_listener(child)
         if old is not None:
             self.restarts += 1
+            self._retire(old)       # before saying so: whoever reads the log may act at once
             _log.info("child %d ready; child %d retiring", child.pid, old.pid)
-            self._retire(old)
             self._on_event("reloaded", f"child {child.pid} serving")
         else:
             _log.info("child %d ready, serving", child.pid)
@@ -739,6 +746,9 @@ class _Supervisor:
                           if self._drain_timeout is not None else None)
         if child.channel is not None:
             try:
+                if self._stopping and not self._forwarding:
+                    # Nobody takes over the backlog: the child accepts it first.
+                    child.channel.send(_MSG_DRAIN)
                 child.channel.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
@@ -1211,6 +1221,7 @@ class _Launcher:
 
     def __init__(self) -> None:
         self._report = -1
+        self._reported = False
 
     def detach(self) -> None:
         """Return in the detached daemon; the launcher exits from here."""
@@ -1244,17 +1255,20 @@ class _Launcher:
     def on_event(self, event: str, detail: str) -> None:
         if event == "ready":
             self._send("ready")
+            os.close(self._report)      # the launcher returns now
+            self._report = -1
         elif event == "failed":
+            # The pipe stays open until this process exits, so the launcher
+            # returns only after the clean-up (pid file, children) is done.
             self._send(f"error {detail}")
 
     def _send(self, line: str) -> None:
-        if self._report >= 0:
+        if self._report >= 0 and not self._reported:
+            self._reported = True       # the first verdict is the one
             try:
                 os.write(self._report, f"{line}\n".encode())
             except OSError:
                 pass
-            os.close(self._report)
-            self._report = -1
 
 
 class _SystemdNotifier:
