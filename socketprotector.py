@@ -53,9 +53,11 @@ import enum
 import errno
 import fcntl
 import functools
+import grp
 import logging
 import logging.handlers
 import os
+import pwd
 import select
 import selectors
 import shutil
@@ -501,7 +503,9 @@ class _Supervisor:
     def __init__(self, listener: socket.socket, command: List[str], *, cwd: str,
                  ready_timeout: float, drain_timeout: Optional[float],
                  stop_timeout: float, wakeup: socket.socket, handoff: str = "forward",
-                 on_event: Callable[[str, str], None] = lambda event, detail: None) -> None:
+                 on_event: Callable[[str, str], None] = lambda event, detail: None,
+                 on_sigusr2: Callable[[], None] = lambda: None) -> None:
+        self._on_sigusr2 = on_sigusr2
         self._listener: Optional[socket.socket] = listener
         self._forwarding = handoff == "forward"     # else children accept from our listener
         self._command = command
@@ -641,6 +645,8 @@ class _Supervisor:
                 self._request_stop(signal.Signals(signum).name)
             elif signum == signal.SIGUSR1:
                 self._log_status()
+            elif signum == signal.SIGUSR2:
+                self._on_sigusr2()
 
     def _reap(self) -> None:
         while True:
@@ -1208,10 +1214,7 @@ class _PidFile:
     def release(self) -> None:
         if self._fd < 0:
             return
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        _remove_owned_file(self.path, self._fd)
         os.close(self._fd)
         self._fd = -1
 
@@ -1304,13 +1307,19 @@ class _SystemdNotifier:
 class _StateFile:
     """PIDFILE.state: how many restarts have finished, and how the last one ended.
 
-    --reload reads it to wait for the restart it asked for.  Replaced
-    atomically at each change; removed on exit.
+    --reload reads it to wait for the restart it asked for.  Rewritten in
+    place through a descriptor opened at start, so it still works after
+    --user has dropped the right to create files there; "end" closes a
+    complete record.  Removed on exit.
     """
 
     def __init__(self, pid_file: str) -> None:
         self.path = pid_file + ".state"
         self._finished = 0
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise SocketProtectorError(f"cannot create {self.path}: {e.strerror}") from None
         self._write("starting")
 
     def on_event(self, event: str, detail: str) -> None:
@@ -1319,29 +1328,42 @@ class _StateFile:
         self._write(detail)
 
     def _write(self, last: str) -> None:
-        temporary = f"{self.path}.{os.getpid()}"
+        record = f"restarts-finished {self._finished}\nlast {last}\nend\n".encode()
         try:
-            with open(temporary, "w") as f:
-                f.write(f"restarts-finished {self._finished}\nlast {last}\n")
-            os.replace(temporary, self.path)
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, record, 0)
         except OSError as e:
             _log.warning("cannot write %s: %s", self.path, e.strerror)
 
     def remove(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        _remove_owned_file(self.path, self._fd)
+        os.close(self._fd)
 
 
-def _read_state(path: str) -> tuple:
-    """(restarts finished, last outcome) from a state file."""
+def _remove_owned_file(path: str, fd: int) -> None:
+    """Unlink a file we own; if the directory forbids it (after --user), empty it."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        _log.warning("cannot remove %s: %s; emptied it instead", path, e.strerror)
+        os.ftruncate(fd, 0)
+
+
+def _read_state(path: str) -> Optional[tuple]:
+    """(restarts finished, last outcome) from a state file; None if not complete."""
     try:
         with open(path) as f:
-            fields = dict(line.rstrip("\n").partition(" ")[::2] for line in f)
+            lines = f.read().split("\n")
+        fields = dict(line.partition(" ")[::2] for line in lines)
+        if "end" not in fields:
+            return None
         return int(fields["restarts-finished"]), fields.get("last", "")
+    except FileNotFoundError:
+        raise SocketProtectorError(f"no daemon state in {path}") from None
     except (OSError, KeyError, ValueError):
-        raise SocketProtectorError(f"cannot read daemon state {path}") from None
+        return None
 
 
 def _running_pid(pid_file: str) -> Optional[int]:
@@ -1382,12 +1404,19 @@ def _control(opts: argparse.Namespace) -> int:
             time.sleep(0.05)
         return EXIT_OK
     state = opts.pid_file + ".state"
-    finished, _ = _read_state(state)
-    os.kill(pid, signal.SIGHUP)
     deadline = time.monotonic() + opts.ready_timeout + 2 * _KILL_GRACE
+    before = None
+    while before is None:       # a record being rewritten reads as incomplete
+        before = _read_state(state)
+        if before is None:
+            if time.monotonic() > deadline:
+                raise SocketProtectorError(f"cannot read daemon state {state}")
+            time.sleep(0.01)
+    os.kill(pid, signal.SIGHUP)
     while True:
-        now_finished, last = _read_state(state)
-        if now_finished > finished:
+        now = _read_state(state)
+        if now is not None and now[0] > before[0]:
+            last = now[1]
             break
         if time.monotonic() > deadline:
             raise SocketProtectorError(f"daemon {pid}: restart not finished after "
@@ -1502,6 +1531,12 @@ def _build_parser() -> _Parser:
                         default=_DEFAULT_STOP_TIMEOUT,
                         help="on shutdown, children still running after S seconds get "
                              f"SIGTERM, then SIGKILL (default {_DEFAULT_STOP_TIMEOUT:g})")
+    parser.add_argument("--log-file", metavar="PATH",
+                        help="log here (detached: the children's output too); SIGUSR2 "
+                             "reopens it (default: stderr with -f, else syslog)")
+    parser.add_argument("--user", metavar="USER[:GROUP]",
+                        help="started as root: bind the port and write the pid file, then "
+                             "run the daemon and its children as USER")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     parser.add_argument("--version", action="version", version=f"socketprotector {__version__}")
     return parser
@@ -1519,6 +1554,8 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
     opts.command = command
     if opts.pid_file:
         opts.pid_file = os.path.abspath(opts.pid_file)
+    if opts.log_file:
+        opts.log_file = os.path.abspath(opts.log_file)
     if opts.reload or opts.stop:
         if opts.reload and opts.stop:
             raise UsageError("--reload and --stop cannot be combined")
@@ -1542,24 +1579,72 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
     return opts
 
 
-def _configure_logging(opts: argparse.Namespace) -> None:
+class _LogFile:
+    """--log-file: the daemon's log, and when detached its children's output."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.stream = self._open()
+        self.handler = logging.StreamHandler(self.stream)
+        self.handler.setFormatter(logging.Formatter(
+            "%(asctime)s socketprotector[%(process)d]: %(message)s"))
+        self._stdio = False
+
+    def _open(self):
+        try:
+            return open(self.path, "a", buffering=1, encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise SocketProtectorError(f"cannot open log file {self.path}: "
+                                       f"{e.strerror}") from None
+
+    def take_stdio(self) -> None:
+        """Detached: stdout and stderr, which children inherit, go to the log."""
+        self._stdio = True
+        self.stream.flush()
+        for fd in (1, 2):
+            os.dup2(self.stream.fileno(), fd)
+
+    def reopen(self) -> None:
+        """SIGUSR2, after logrotate moved the file: continue in a new one."""
+        try:
+            new = self._open()
+        except SocketProtectorError as e:
+            _log.warning("%s; still writing to the old one", e)
+            return
+        old = self.handler.setStream(new)
+        self.stream = new
+        if self._stdio:
+            self.take_stdio()   # children started from now on write to the new file
+        if old is not None:
+            old.close()
+        _log.info("reopened log file %s", self.path)
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _configure_logging(opts: argparse.Namespace, log_file: Optional[_LogFile]) -> None:
     _log.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
     _log.propagate = False
-    if opts.foreground:
-        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    if log_file is not None:
+        handler: logging.Handler = log_file.handler
+    elif opts.foreground:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("socketprotector[%(process)d]: %(message)s"))
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log", facility="daemon")
         handler.setFormatter(logging.Formatter("socketprotector[%(process)d]: %(message)s"))
     else:
-        try:
-            handler = logging.handlers.SysLogHandler("/dev/log", facility="daemon")
-            handler.setFormatter(logging.Formatter("socketprotector[%(process)d]: %(message)s"))
-        except OSError:
-            handler = logging.NullHandler()
+        print("socketprotector: warning: no --log-file and no syslog (/dev/log): the "
+              "detached daemon's log goes nowhere", file=sys.stderr)
+        handler = logging.NullHandler()
     _log.handlers[:] = [handler]
 
 
 def _install_signals(wakeup: socket.socket) -> None:
     signal.set_wakeup_fd(wakeup.fileno(), warn_on_full_buffer=False)
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1):
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1,
+                signal.SIGUSR2):
         signal.signal(sig, _ignore_signal)
 
 
@@ -1568,9 +1653,13 @@ def _ignore_signal(signum, frame) -> None:
 
 
 def _serve(opts: argparse.Namespace) -> None:
-    """Everything after parsing: pid file, listener, detach, supervise."""
+    """Everything after parsing, in order: what needs root (pid file, port, log
+    file), then detach, then drop privileges, then supervise."""
     cwd = os.getcwd()
     _resolve_command(opts.command[0], cwd)      # fail before detaching
+    user = _resolve_user(opts.user) if opts.user else None
+    log_file = _LogFile(opts.log_file) if opts.log_file else None
+    _configure_logging(opts, log_file)
     pid_file = _PidFile(opts.pid_file) if opts.pid_file else None
     launcher = notifier = state_file = None
     try:
@@ -1583,10 +1672,14 @@ def _serve(opts: argparse.Namespace) -> None:
             if not opts.foreground:
                 launcher = _Launcher()
                 launcher.detach()
+                if log_file is not None:
+                    log_file.take_stdio()
             if pid_file is not None:
                 pid_file.write(os.getpid())
                 state_file = _StateFile(pid_file.path)
-            _become_subreaper()
+            _become_subreaper()     # imports ctypes: before --user may lose access to it
+            if user is not None:
+                _drop_privileges(*user)
             if os.environ.get("NOTIFY_SOCKET"):
                 notifier = _SystemdNotifier(os.environ["NOTIFY_SOCKET"])
             sinks = [sink.on_event for sink in (launcher, notifier, state_file)
@@ -1602,7 +1695,8 @@ def _serve(opts: argparse.Namespace) -> None:
                     listener, opts.command, cwd=cwd, ready_timeout=opts.ready_timeout,
                     drain_timeout=opts.drain_timeout, stop_timeout=opts.stop_timeout,
                     wakeup=wake_r, handoff=opts.handoff,
-                    on_event=lambda event, detail: [sink(event, detail) for sink in sinks])
+                    on_event=lambda event, detail: [sink(event, detail) for sink in sinks],
+                    on_sigusr2=log_file.reopen if log_file else lambda: None)
                 try:
                     supervisor.run()
                 finally:
@@ -1620,6 +1714,39 @@ def _serve(opts: argparse.Namespace) -> None:
             state_file.remove()
         if pid_file is not None:
             pid_file.release()
+        if log_file is not None:
+            log_file.close()
+
+
+def _resolve_user(spec: str) -> tuple:
+    """USER[:GROUP] (names or numbers) as (name, uid, gid); the user's group by default."""
+    name, _, group = spec.partition(":")
+    try:
+        entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+    except KeyError:
+        raise SocketProtectorError(f"--user: unknown user {name!r}") from None
+    gid = entry.pw_gid
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise SocketProtectorError(f"--user: unknown group {group!r}") from None
+    if os.geteuid() != 0 and os.geteuid() != entry.pw_uid:
+        raise SocketProtectorError(f"--user {spec}: only root can switch users")
+    return entry, gid
+
+
+def _drop_privileges(entry, gid: int) -> None:
+    """Become the user (with its supplementary groups); children inherit it."""
+    try:
+        if os.geteuid() == 0:
+            os.initgroups(entry.pw_name, gid)
+            os.setgid(gid)
+            os.setuid(entry.pw_uid)
+    except OSError as e:
+        raise SocketProtectorError(f"--user {entry.pw_name}: {e.strerror}") from None
+    os.environ.update(USER=entry.pw_name, LOGNAME=entry.pw_name, HOME=entry.pw_dir)
+    _log.info("running as user %s (uid %d, gid %d)", entry.pw_name, entry.pw_uid, gid)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -1633,7 +1760,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if opts.reload or opts.stop:
             return _control(opts)
-        _configure_logging(opts)
         _serve(opts)
     except SocketProtectorError as e:
         print(f"socketprotector: {e}", file=sys.stderr)

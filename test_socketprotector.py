@@ -795,10 +795,12 @@ class ShutdownTest(ProtectorTestCase):
 
 
 class DaemonModeTest(ProtectorTestCase):
-    def start_detached(self, *extra):
+    def start_detached(self, *extra, log=True):
         self.pid_file = os.path.join(self.tmp, "sp.pid")
+        self.log_file = os.path.join(self.tmp, "sp.log")
         self.port = free_port()
         code, lines = self.run_protector("--pid-file", self.pid_file, "--bind", "127.0.0.1",
+                                         *(["--log-file", "sp.log"] if log else []),
                                          *extra, str(self.port), "--", sys.executable,
                                          "app.py")
         if os.path.exists(self.pid_file):
@@ -825,8 +827,8 @@ class DaemonModeTest(ProtectorTestCase):
         """A second daemon with the same pid file exits 1 naming the running one."""
         self.assertEqual(self.start_detached()[0], 0)
         pid = read_pid(self.pid_file)
-        code, lines = self.run_protector("--pid-file", self.pid_file, str(free_port()), "--",
-                                         sys.executable, "app.py")
+        code, lines = self.run_protector("-f", "--pid-file", self.pid_file, str(free_port()),
+                                         "--", sys.executable, "app.py")
         self.assertEqual(code, 1)
         self.assertOneLineError(lines, rf"already running, pid {pid} ")
         self.assertEqual(read_pid(self.pid_file), pid)
@@ -842,6 +844,38 @@ class DaemonModeTest(ProtectorTestCase):
         self.assertNotEqual(pid, 999999)
         os.kill(pid, signal.SIGTERM)
         wait_until(lambda: not alive(pid), "the daemon to exit")
+
+    def read_log(self):
+        with open(self.log_file) as f:
+            return f.read()
+
+    def test_log_file_gets_the_daemon_log_and_the_childrens_output(self):
+        """Detached with --log-file: the daemon's lines and its children's stderr go
+        there; after logrotate moves it, SIGUSR2 starts a new one."""
+        self.set_flag("SP_TEST_ORPHAN")     # makes the child print a line to stderr
+        self.assertEqual(self.start_detached(), (0, []))
+        pid = read_pid(self.pid_file)
+        log = self.read_log()
+        self.assertRegex(log, r"\d\d:\d\d:\d\d,\d+ socketprotector\[\d+\]: listening on ")
+        self.assertRegex(log, r"(?m)^grandchild \d+$")
+        os.rename(self.log_file, self.log_file + ".1")
+        os.kill(pid, signal.SIGUSR2)
+        wait_until(lambda: os.path.exists(self.log_file) and "reopened log file" in
+                   self.read_log(), "the daemon to reopen its log file")
+        self.assertEqual(self.run_protector("--reload", "--pid-file", self.pid_file)[0], 0)
+        wait_until(lambda: re.search(r"(?m)^grandchild \d+$", self.read_log()),
+                   "the new child's output in the new log file")
+        self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file)[0], 0)
+
+    def test_warns_when_a_detached_daemon_would_log_nowhere(self):
+        """Detached, with no --log-file and no syslog, it says so before detaching."""
+        if os.path.exists("/dev/log"):
+            self.skipTest("syslog is available here")
+        code, lines = self.start_detached(log=False)
+        self.assertEqual(code, 0)
+        self.assertEqual(lines, ["socketprotector: warning: no --log-file and no syslog "
+                                 "(/dev/log): the detached daemon's log goes nowhere"])
+        self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file)[0], 0)
 
     def test_reload_waits_for_the_new_child_and_reports_a_failure(self):
         """--reload returns 0 once the new child serves, 1 with the reason if it
@@ -1647,6 +1681,78 @@ class OperationsTest(ProtectorTestCase):
         self.assertEqual(proc.returncode, 1)
         self.assertOneLineError(err.decode().splitlines(),
                                 r"socket activation: fd 3 is not a listening TCP socket$")
+
+
+class PrivilegeTest(ProtectorTestCase):
+    SYSTEM_PYTHON = "/usr/bin/python3"      # outside /root, so "nobody" can run it
+
+    def test_unknown_user_or_group_exits_1(self):
+        """--user with a user or group that does not exist: exit 1 naming it."""
+        for spec, what in (("no-such-user-xyz", "user 'no-such-user-xyz'"),
+                           ("nobody:no-such-group-xyz", "group 'no-such-group-xyz'")):
+            with self.subTest(spec=spec):
+                code, lines = self.run_protector("-f", "--user", spec, "0", "--", "true")
+                self.assertEqual(code, 1)
+                self.assertOneLineError(lines, rf"--user: unknown {what}$")
+
+    def test_user_runs_daemon_and_children_unprivileged(self):
+        """As root with --user nobody: the port (a privileged one) and the pid file
+        are taken first, then the daemon and its children run as nobody."""
+        if os.geteuid() != 0:
+            self.skipTest("needs root")
+        os.chmod(self.tmp, 0o755)
+        os.chmod(self.app, 0o644)
+        paths = [HERE, self.tmp]
+        if not os.path.exists(self.SYSTEM_PYTHON) or not all(
+                os.stat(d).st_mode & 0o001 for p in paths for d in _ancestors(p)):
+            self.skipTest("no python and test files that user nobody can reach")
+        del self.env["SP_TEST_RECORD"]        # nobody cannot create it here
+        port = next(p for p in range(900, 1000) if _port_free(p))
+        pid_file = os.path.join(self.tmp, "sp.pid")
+        proc = subprocess.Popen(
+            [sys.executable, DAEMON, "-f", "--user", "nobody", "--pid-file", pid_file,
+             "--bind", "127.0.0.1", str(port), "--", self.SYSTEM_PYTHON, "app.py"],
+            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            cwd=self.tmp, env=self.env)
+        self.addCleanup(proc.wait, TIMEOUT)
+        self.addCleanup(kill_session, proc.pid)
+        self.addCleanup(proc.stderr.close)
+        child = wait_until(lambda: served_by_or_none(port), f"a child to serve on port {port}")
+        nobody = 65534
+        for pid in (proc.pid, child):
+            with open(f"/proc/{pid}/status") as f:
+                uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+            self.assertEqual(set(map(int, uids)), {nobody}, f"process {pid}")
+        self.assertEqual(read_pid(pid_file), proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        # nobody may not unlink in a root-owned directory: the file is emptied instead
+        self.assertEqual(os.path.getsize(pid_file) if os.path.exists(pid_file) else 0, 0)
+
+
+def _ancestors(path):
+    while True:
+        yield path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+
+
+def _port_free(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def served_by_or_none(port):
+    try:
+        return served_by(port)
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":
