@@ -20,15 +20,18 @@ The child needs one call::
         handle(conn)                          # a connected, blocking socket
 
 Channel protocol: each child inherits one end of a private AF_UNIX
-SOCK_SEQPACKET socketpair, its descriptor number in $SOCKETPROTECTOR_FD.
-The child sends b"R" once (ready).  The daemon sends b"C" with up to
-_MAX_BATCH connections as SCM_RIGHTS descriptors per message.  The child
-answers b"A" + uint32 (big-endian) for every n messages it received, or b"N"
-for a message whose descriptors it could not all receive (the daemon then
-sends that batch again).  The daemon keeps its own copy of every connection
-until it is acknowledged, so a connection sent to a child that dies first
-goes to the next child.  End of stream (EOF) from the daemon means "take no
-more": the child finishes its connections and exits.
+SOCK_SEQPACKET socketpair, its descriptor number in $SOCKETPROTECTOR_FD and
+the hand-off mode in $SOCKETPROTECTOR_HANDOFF.  The child sends b"R" once
+(ready).  Forwarding, the daemon sends b"C" + the address family (one byte)
+with up to _MAX_BATCH connections as SCM_RIGHTS descriptors, and keeps its
+own copies; the child answers b"A" + uint32 (big-endian) for every n
+connections it hands to the application, just before it does, and the
+daemon closes those copies.  If the child dies or hangs up, the copies not
+yet acknowledged go to the next child.  b"N" asks for the oldest message
+again (its descriptors did not fit: RLIMIT_NOFILE).  In listener mode the
+daemon sends b"L" with its listening socket once the child is ready, and
+b"D" at shutdown ("accept the backlog before you let go").  End of stream
+from the daemon means "take no more": the child finishes and exits.
 
 Exit codes: 0 after a clean shutdown, 1 for a runtime failure (port in use,
 command not found, first child failed to start), 2 for bad usage.
