@@ -512,6 +512,24 @@ class ProtectorTestCase(unittest.TestCase):
         self.assertNotIn("Traceback", "\n".join(lines))
         self.assertRegex(lines[line], r"^socketprotector: " + pattern)
 
+    def under_load(self, *options, threads=4, sessions=20):
+        """A daemon whose child serves closed-loop load: (daemon, load) once
+        `sessions` sessions have completed."""
+        daemon = Daemon(self, *options)
+        daemon.serving()
+        load = Load(daemon.port, threads=threads)
+        self.addCleanup(load.stop)
+        load.wait_for(sessions)
+        return daemon, load
+
+    def hold_connection(self, daemon):
+        """A connection the serving child has taken, left open: (socket, child pid)."""
+        first = daemon.serving()
+        held = connect(daemon.port)
+        self.addCleanup(held.close)
+        self.assertEqual(int(ask(held, b"pid")), first)
+        return held, first
+
     def assertNoZombies(self, daemon):
         """Every exited child is reaped (at once; the deadline only covers the
         instant between a child's exit and the daemon's waitpid)."""
@@ -594,10 +612,7 @@ class RestartTest(ProtectorTestCase):
     def test_sighup_old_child_finishes_open_connection(self):
         """After SIGHUP the old child keeps its open connection and exits when it ends."""
         daemon = Daemon(self)
-        first = daemon.serving()
-        held = connect(daemon.port)
-        self.addCleanup(held.close)
-        self.assertEqual(int(ask(held, b"pid")), first)
+        held, first = self.hold_connection(daemon)
         second = daemon.restart()
         self.assertNotEqual(second, first)
         self.assertEqual(served_by(daemon.port), second)
@@ -610,11 +625,7 @@ class RestartTest(ProtectorTestCase):
 
     def test_no_failed_session_across_restarts(self):
         """Sessions run without pause across several restarts; none fails."""
-        daemon = Daemon(self)
-        daemon.serving()
-        load = Load(daemon.port, threads=4)
-        self.addCleanup(load.stop)
-        load.wait_for(20)
+        daemon, load = self.under_load(threads=4, sessions=20)
         for _ in range(5):
             daemon.restart()
             load.wait_for(20)
@@ -670,10 +681,7 @@ class RestartTest(ProtectorTestCase):
     def test_drain_timeout_stops_a_lingering_old_child(self):
         """A retired child still busy after --drain-timeout gets SIGTERM."""
         daemon = Daemon(self, "--drain-timeout", "0.3")
-        first = daemon.serving()
-        held = connect(daemon.port)
-        self.addCleanup(held.close)
-        self.assertEqual(int(ask(held, b"pid")), first)
+        held, first = self.hold_connection(daemon)
         mark = daemon.mark()
         daemon.restart()
         daemon.wait_line(rf"child {first} still draining after 0.3 s; stopping it", mark)
@@ -757,10 +765,7 @@ class ShutdownTest(ProtectorTestCase):
     def test_stop_timeout_terminates_busy_children(self):
         """Children still busy after --stop-timeout get SIGTERM; the daemon exits 0."""
         daemon = Daemon(self, "--stop-timeout", "0.3")
-        first = daemon.serving()
-        held = connect(daemon.port)
-        self.addCleanup(held.close)
-        self.assertEqual(int(ask(held, b"pid")), first)
+        held, first = self.hold_connection(daemon)
         daemon.signal(signal.SIGTERM)
         daemon.wait_line(rf"stopping child {first} after --stop-timeout 0.3 s")
         self.assertEqual(daemon.wait(), 0, daemon.log())
@@ -769,10 +774,7 @@ class ShutdownTest(ProtectorTestCase):
     def test_second_sigterm_stops_children_at_once(self):
         """A second SIGTERM does not wait for --stop-timeout."""
         daemon = Daemon(self)
-        first = daemon.serving()
-        held = connect(daemon.port)
-        self.addCleanup(held.close)
-        self.assertEqual(int(ask(held, b"pid")), first)
+        held, first = self.hold_connection(daemon)
         daemon.signal(signal.SIGTERM)
         daemon.wait_line(r"SIGTERM: shutting down")
         daemon.signal(signal.SIGINT)
@@ -1069,11 +1071,7 @@ class ChaosTest(ProtectorTestCase):
 
     def test_sighup_storm_under_load(self):
         """SIGHUP every ~100 ms for seconds under load: not one failed session."""
-        daemon = Daemon(self)
-        daemon.serving()
-        load = Load(daemon.port, threads=4)
-        self.addCleanup(load.stop)
-        load.wait_for(20)
+        daemon, load = self.under_load(threads=4, sessions=20)
         deadline = time.monotonic() + 3.0
         hups = 0
         while time.monotonic() < deadline:
@@ -1212,11 +1210,7 @@ class ChaosTest(ProtectorTestCase):
 
     def test_slow_upgrade_old_child_serves_meanwhile(self):
         """A new child that needs ~1 s to be ready: the old one serves all along."""
-        daemon = Daemon(self)
-        daemon.serving()
-        load = Load(daemon.port, threads=4)
-        self.addCleanup(load.stop)
-        load.wait_for(20)
+        daemon, load = self.under_load(threads=4, sessions=20)
         self.set_flag("SP_TEST_DELAY", "1.0")
         mark = daemon.mark()
         daemon.signal(signal.SIGHUP)
@@ -1266,10 +1260,7 @@ class ChaosTest(ProtectorTestCase):
     def test_sighup_during_shutdown_is_ignored(self):
         """A SIGHUP while shutting down starts nothing; the shutdown completes."""
         daemon = Daemon(self)
-        first = daemon.serving()
-        held = connect(daemon.port)
-        self.addCleanup(held.close)
-        self.assertEqual(int(ask(held, b"pid")), first)
+        held, first = self.hold_connection(daemon)
         daemon.signal(signal.SIGTERM)
         daemon.wait_line(r"SIGTERM: shutting down")
         daemon.signal(signal.SIGHUP)
@@ -1294,11 +1285,7 @@ class ChaosTest(ProtectorTestCase):
 
     def test_many_sighups_at_once(self):
         """Fifty SIGHUPs in a burst under load: no failure, one child left serving."""
-        daemon = Daemon(self)
-        daemon.serving()
-        load = Load(daemon.port, threads=2)
-        self.addCleanup(load.stop)
-        load.wait_for(10)
+        daemon, load = self.under_load(threads=2, sessions=10)
         for _ in range(50):
             daemon.signal(signal.SIGHUP)
         daemon.wait_line(r"child \d+ ready; child \d+ retiring")
@@ -1329,10 +1316,7 @@ class ListenerModeTest(ProtectorTestCase):
         """The sample echoes; after SIGHUP only the new child accepts, and the old
         one finishes its open connection."""
         daemon = Daemon(self)
-        first = daemon.serving()
-        held = connect(daemon.port)
-        self.addCleanup(held.close)
-        self.assertEqual(int(ask(held, b"pid")), first)
+        held, first = self.hold_connection(daemon)
         second = daemon.restart()
         for _ in range(20):
             self.assertEqual(served_by(daemon.port), second)
