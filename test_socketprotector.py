@@ -14,6 +14,7 @@ import os
 import re
 import resource
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -376,11 +377,11 @@ class OpenLoad(threading.Thread):
 class Daemon:
     """socketprotector in the foreground, in its own session, on 127.0.0.1:0."""
 
-    def __init__(self, test, *options, command=None, env=None, preexec_fn=None):
+    def __init__(self, test, *options, command=None, env=None, preexec_fn=None, prefix=()):
         self.test = test
         command = command or [sys.executable, test.app]
-        argv = [sys.executable, DAEMON, "-f", "--bind", "127.0.0.1", *test.OPTIONS, *options,
-                "0", "--", *command]
+        argv = [*prefix, sys.executable, DAEMON, "-f", "--bind", "127.0.0.1", *test.OPTIONS,
+                *options, "0", "--", *command]
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, start_new_session=True, cwd=test.tmp,
@@ -461,7 +462,7 @@ class Daemon:
         return code
 
     def cleanup(self):
-        kill_session(self.pid)
+        kill_session(self.proc.pid)
         try:
             self.proc.wait(TIMEOUT)
         finally:
@@ -1563,6 +1564,29 @@ class OperationsTest(ProtectorTestCase):
         self.assertEqual(served_by(daemon.port), second)
         self.assertNotIn(str(grandchild), daemon.log().replace(f"grandchild {grandchild}", ""))
         self.assertNoZombies(daemon)
+
+    def test_as_pid_1_it_stops_on_sigterm_and_reaps_orphans(self):
+        """As PID 1 of a pid namespace (a container), where SIGTERM has no default
+        action, it still shuts down cleanly, and it reaps orphans."""
+        if os.geteuid() != 0 or not shutil.which("unshare"):
+            self.skipTest("needs root and unshare(1)")
+        self.set_flag("SP_TEST_ORPHAN")
+        daemon = Daemon(self, prefix=["unshare", "--pid", "--fork", "--kill-child"])
+        daemon.pid = wait_until(lambda: children_of(daemon.proc.pid)[:1],
+                                "the daemon inside the namespace")[0]
+        self.assertRegex(daemon.log(), r"socketprotector\[1\]: listening")
+        daemon.serving()
+        child = wait_until(lambda: children_of(daemon.pid)[:1], "the child")[0]
+        grandchild = wait_until(lambda: children_of(child)[:1], "the grandchild")[0]
+        self.clear_flag("SP_TEST_ORPHAN")
+        mark = daemon.mark()
+        os.kill(child, signal.SIGKILL)
+        wait_until(lambda: (proc_stat(grandchild) or ("", 0))[1] == daemon.pid,
+                   "the (living) grandchild to be reparented to PID 1")
+        daemon.serving(mark)
+        wait_until(lambda: proc_stat(grandchild) is None, "PID 1 to reap the grandchild")
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(), 0, daemon.log())
 
     def notify_socket(self, abstract):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
