@@ -466,7 +466,7 @@ class _Child:
         self.state = _State.STARTING
         self.started = time.monotonic()
         self.ready_at = 0.0
-        self.deadline: Optional[float] = None    # ready or drain timeout, by state
+        self.deadline: Optional[float] = None    # ready, hang or drain timeout, by state
         self.kill_at: Optional[float] = None     # SIGKILL after SIGTERM
         self.paused_until = 0.0                  # after a NACK
         self.blocked = False                     # channel full: waiting for EVENT_WRITE
@@ -506,6 +506,7 @@ class _Supervisor:
     def __init__(self, listener: socket.socket, command: List[str], *, cwd: str,
                  ready_timeout: float, drain_timeout: Optional[float],
                  stop_timeout: float, wakeup: socket.socket, handoff: str = "forward",
+                 hang_timeout: Optional[float] = None,
                  on_event: Callable[[str, str], None] = lambda event, detail: None,
                  on_sigusr2: Callable[[], None] = lambda: None) -> None:
         self._on_sigusr2 = on_sigusr2
@@ -516,6 +517,7 @@ class _Supervisor:
         self._ready_timeout = ready_timeout
         self._drain_timeout = drain_timeout
         self._stop_timeout = stop_timeout
+        self._hang_timeout = hang_timeout
         self._on_event = on_event
         self._sel = selectors.DefaultSelector()
         self._sel.register(wakeup, selectors.EVENT_READ, self._on_wakeup)
@@ -601,6 +603,8 @@ class _Supervisor:
                     self._hung_up(child)
                 elif child.state is _State.STARTING:
                     self._not_ready_in_time(child)
+                elif child.state is _State.SERVING:
+                    self._hung(child)
                 elif child.state is _State.RETIRING:
                     _log.warning("child %d still draining after %g s; stopping it",
                                  child.pid, self._drain_timeout)
@@ -831,6 +835,13 @@ class _Supervisor:
         else:
             _log.error("%s %s; %s", name, why, self._schedule_respawn())
 
+    def _hung(self, child: _Child) -> None:
+        """--hang-timeout: the serving child stopped taking the connections sent to it."""
+        _log.warning("child %d took no connection for %g s while %d waited for it; stopping it",
+                     child.pid, self._hang_timeout, len(child.unacked))
+        self._terminate(child)          # what it holds goes to the next child when it exits
+        self._crashed(child, "hung")
+
     def _not_ready_in_time(self, child: _Child) -> None:
         self._terminate(child)
         self._start_failed(child, f"was not ready within {self._ready_timeout:g} s; stopped it")
@@ -975,6 +986,8 @@ class _Supervisor:
                     break
                 self._channel_closed(child)     # EPIPE, ECONNRESET: it hung up
                 break
+            if self._hang_timeout is not None and not child.unacked:
+                child.deadline = now + self._hang_timeout
             child.unacked.extend(batch)
             child.unacked_batches.append(len(batch))
             self.forwarded += len(batch)
@@ -1049,6 +1062,9 @@ class _Supervisor:
             else:
                 batches[0] -= count
                 count = 0
+        if self._hang_timeout is not None and child.state is _State.SERVING:
+            # It is taking connections: the hang clock starts again, or stops.
+            child.deadline = time.monotonic() + self._hang_timeout if unacked else None
         if self._debug:
             _log.debug("child %d took connections; %d still unacknowledged",
                        child.pid, len(unacked))
@@ -1530,6 +1546,10 @@ def _build_parser() -> _Parser:
     parser.add_argument("--drain-timeout", metavar="S", type=_seconds, default=None,
                         help="a retired child still running after S seconds gets SIGTERM, "
                              "then SIGKILL (default: no limit)")
+    parser.add_argument("--hang-timeout", metavar="S", type=_seconds, default=None,
+                        help="a serving child that takes no connection for S seconds while "
+                             "some wait for it is stopped and replaced; what it had not "
+                             "taken goes to the replacement (default: off)")
     parser.add_argument("--stop-timeout", metavar="S", type=_seconds,
                         default=_DEFAULT_STOP_TIMEOUT,
                         help="on shutdown, children still running after S seconds get "
@@ -1697,7 +1717,7 @@ def _serve(opts: argparse.Namespace) -> None:
                 supervisor = _Supervisor(
                     listener, opts.command, cwd=cwd, ready_timeout=opts.ready_timeout,
                     drain_timeout=opts.drain_timeout, stop_timeout=opts.stop_timeout,
-                    wakeup=wake_r, handoff=opts.handoff,
+                    wakeup=wake_r, handoff=opts.handoff, hang_timeout=opts.hang_timeout,
                     on_event=lambda event, detail: [sink(event, detail) for sink in sinks],
                     on_sigusr2=log_file.reopen if log_file else lambda: None)
                 try:

@@ -1470,6 +1470,26 @@ class HostileTest(ProtectorTestCase):
             c.close()
         wait_until(lambda: fd_count(daemon.pid) <= base, "the daemon's fds to come back down")
 
+    def test_hang_timeout_replaces_a_child_that_stops_taking_connections(self):
+        """--hang-timeout: a serving child that takes none of the connections sent
+        to it is stopped and replaced, and those connections are served."""
+        daemon = Daemon(self, "--hang-timeout", "0.5")
+        daemon.serving()
+        self.set_flag("SP_TEST_NOREAD")
+        hung = daemon.restart()
+        self.clear_flag("SP_TEST_NOREAD")
+        mark = daemon.mark()
+        clients = [connect(daemon.port) for _ in range(10)]
+        for i, c in enumerate(clients):
+            self.addCleanup(c.close)
+            c.sendall(b"stuck %d\n" % i)
+        daemon.wait_line(rf"child {hung} took no connection for 0.5 s while \d+ waited for "
+                         r"it; stopping it", mark)
+        daemon.wait_line(rf"child {hung} had not taken \d+ connections", mark)
+        daemon.serving(mark)
+        for i, c in enumerate(clients):
+            self.assertEqual(read_line(c), b"stuck %d\n" % i)
+
     def test_descriptor_exhaustion_pauses_accepting(self):
         """Out of descriptors: no busy loop, no crash, and it serves again afterwards."""
         def low_limit():
