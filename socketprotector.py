@@ -469,6 +469,7 @@ class _Child:
         self.deadline: Optional[float] = None    # ready, hang or drain timeout, by state
         self.kill_at: Optional[float] = None     # SIGKILL after SIGTERM
         self.paused_until = 0.0                  # after a NACK
+        self.batch_limit = _MAX_BATCH            # halved by each NACK, regrown by acks
         self.blocked = False                     # channel full: waiting for EVENT_WRITE
         # Copies of the connections sent and not yet acknowledged, oldest
         # first, and how many of each message's are still unacknowledged.
@@ -580,14 +581,15 @@ class _Supervisor:
                 pending.append(child.deadline)
             if child.kill_at is not None:
                 pending.append(child.kill_at)
+        now = time.monotonic()
         serving = self._serving
-        if serving is not None and serving.paused_until and self._waiting:
-            pending.append(serving.paused_until)
+        if serving is not None and serving.paused_until > now and self._waiting:
+            pending.append(serving.paused_until)     # a past pause is no deadline: no spin
         if not pending:
             self._next_deadline = None
             return None
         self._next_deadline = min(pending)
-        return max(0.0, self._next_deadline - time.monotonic())
+        return max(0.0, self._next_deadline - now)
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
@@ -969,7 +971,7 @@ class _Supervisor:
         now = time.monotonic()
         debug = self._debug
         while self._waiting and child is not None and child.can_take(now):
-            room = min(len(self._waiting), _MAX_BATCH, _MAX_UNACKED - len(child.unacked))
+            room = min(len(self._waiting), child.batch_limit, _MAX_UNACKED - len(child.unacked))
             batch = [self._waiting.popleft() for _ in range(room)]
             try:
                 _send_fds(child.channel, self._conns_message, batch)
@@ -1062,6 +1064,8 @@ class _Supervisor:
             else:
                 batches[0] -= count
                 count = 0
+        if child.batch_limit < _MAX_BATCH:
+            child.batch_limit = min(_MAX_BATCH, child.batch_limit * 2)
         if self._hang_timeout is not None and child.state is _State.SERVING:
             # It is taking connections: the hang clock starts again, or stops.
             child.deadline = time.monotonic() + self._hang_timeout if unacked else None
@@ -1075,6 +1079,8 @@ class _Supervisor:
         batch = [child.unacked.popleft() for _ in range(size)]
         self._waiting.extendleft(reversed(batch))
         child.paused_until = time.monotonic() + _NACK_PAUSE
+        # Smaller batches, or one that never fits would be refused forever.
+        child.batch_limit = max(1, size // 2)
         _log.warning("child %d could not receive %d connections; sending them again",
                      child.pid, size)
 

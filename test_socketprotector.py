@@ -78,7 +78,8 @@ def converse(conn):
 def main():
     # The daemon may run with a low descriptor limit; this server should not.
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    nofile = flag("SP_TEST_NOFILE")     # unless told to run short of descriptors
+    resource.setrlimit(resource.RLIMIT_NOFILE, (int(open(nofile).read()) if nofile else hard, hard))
     failure = flag("SP_TEST_FAIL")
     if failure:
         sys.exit(int(open(failure).read() or 3))
@@ -488,7 +489,7 @@ class ProtectorTestCase(unittest.TestCase):
         self.flags = {name: os.path.join(self.tmp, name.lower())
                       for name in ("SP_TEST_FAIL", "SP_TEST_HANG", "SP_TEST_DELAY",
                                    "SP_TEST_NOREAD", "SP_TEST_GARBAGE", "SP_TEST_HANGUP",
-                                   "SP_TEST_SLOW", "SP_TEST_ORPHAN")}
+                                   "SP_TEST_SLOW", "SP_TEST_ORPHAN", "SP_TEST_NOFILE")}
         self.record = os.path.join(self.tmp, "taken")
         self.env = dict(os.environ, SP_TEST_LIBDIR=HERE, PYTHONDONTWRITEBYTECODE="1",
                         SP_TEST_RECORD=self.record, **self.flags)
@@ -1489,6 +1490,24 @@ class HostileTest(ProtectorTestCase):
         daemon.serving(mark)
         for i, c in enumerate(clients):
             self.assertEqual(read_line(c), b"stuck %d\n" % i)
+
+    def test_child_short_of_descriptors_gets_its_connections_later(self):
+        """A child at its descriptor limit cannot receive a batch: the daemon
+        keeps it, sends it again in smaller pieces, and nothing is lost."""
+        self.set_flag("SP_TEST_NOFILE", "24")
+        daemon = Daemon(self)
+        daemon.serving()
+        daemon.signal(signal.SIGSTOP)       # so all 30 go to the child in one batch
+        self.addCleanup(lambda: daemon.signal(signal.SIGCONT) if alive(daemon.pid) else None)
+        clients = [connect(daemon.port) for _ in range(30)]
+        for c in clients:
+            self.addCleanup(c.close)
+            c.sendall(b"close\n")           # the server answers and closes: room again
+        mark = daemon.mark()
+        daemon.signal(signal.SIGCONT)
+        daemon.wait_line(r"could not receive 30 connections; sending them again", mark)
+        for c in clients:
+            self.assertEqual(read_line(c), b"bye\n")
 
     def test_descriptor_exhaustion_pauses_accepting(self):
         """Out of descriptors: no busy loop, no crash, and it serves again afterwards."""
