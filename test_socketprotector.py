@@ -378,11 +378,12 @@ class OpenLoad(threading.Thread):
 class Daemon:
     """socketprotector in the foreground, in its own session, on 127.0.0.1:0."""
 
-    def __init__(self, test, *options, command=None, env=None, preexec_fn=None, prefix=()):
+    def __init__(self, test, *options, command=None, env=None, preexec_fn=None, prefix=(),
+                 bind="127.0.0.1"):
         self.test = test
         command = command or [sys.executable, test.app]
-        argv = [*prefix, sys.executable, DAEMON, "-f", "--bind", "127.0.0.1", *test.OPTIONS,
-                *options, "0", "--", *command]
+        argv = [*prefix, sys.executable, DAEMON, "-f", *(["--bind", bind] if bind else []),
+                *test.OPTIONS, *options, "0", "--", *command]
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, start_new_session=True, cwd=test.tmp,
@@ -393,7 +394,8 @@ class Daemon:
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.port = int(self.wait_line(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        self.address = self.wait_line(r"listening on (\S+):(\d+)")
+        self.port = int(self.address.group(2))
 
     def _read(self):
         for raw in self.proc.stderr:
@@ -559,6 +561,23 @@ class ForwardingTest(ProtectorTestCase):
                 reply += chunk
         self.assertEqual(reply, b"Hello, World\n")
         daemon.wait_line(r"sample_client\[\d+\]: close 127\.0\.0\.1:\d+")
+
+    def test_default_bind_takes_ipv6_and_ipv4(self):
+        """Without --bind it listens on every interface, IPv6 and IPv4 alike."""
+        if not socket.has_dualstack_ipv6():
+            self.skipTest("no dual-stack IPv6 here")
+        daemon = Daemon(self, bind=None)
+        daemon.serving()
+        self.assertEqual(daemon.address.group(1), "[::]")
+        for host in ("127.0.0.1", "::1"):
+            try:
+                conn = socket.create_connection((host, daemon.port), timeout=TIMEOUT)
+            except OSError as e:
+                if host == "::1" and e.errno in (errno.EADDRNOTAVAIL, errno.ENETUNREACH):
+                    continue        # IPv6 loopback not configured
+                raise
+            with conn:
+                self.assertEqual(ask(conn, b"via " + host.encode()), b"via " + host.encode())
 
     def test_server_close_reaches_the_client_at_once(self):
         """The daemon drops its copy once the child has it: a server's close is seen."""
