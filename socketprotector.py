@@ -750,37 +750,34 @@ class _Supervisor:
             _log.warning("cannot hand the listener to child %d: %s", child.pid, e.strerror)
             self._channel_closed(child)
 
-    def _retire(self, child: _Child) -> None:
-        """SERVING/STARTING -> RETIRING: end its stream; it finishes and exits."""
+    def _let_go(self, child: _Child, drain: bool = False) -> None:
+        """No more connections for this child: drop its role and end its stream."""
         if child is self._serving:
             self._serving = None
         if child is self._starting:
             self._starting = None
+        if child.channel is not None:
+            try:
+                if drain:
+                    child.channel.send(_MSG_DRAIN)
+                child.channel.shutdown(socket.SHUT_WR)   # a second time is a no-op
+            except OSError:
+                pass
+
+    def _retire(self, child: _Child) -> None:
+        """SERVING/STARTING -> RETIRING: end its stream; it finishes and exits."""
+        # Listener mode at shutdown: nobody takes over the backlog, so the
+        # child accepts it before letting go.
+        self._let_go(child, drain=self._stopping and not self._forwarding)
         child.state = _State.RETIRING
         child.deadline = (time.monotonic() + self._drain_timeout
                           if self._drain_timeout is not None else None)
-        if child.channel is not None:
-            try:
-                if self._stopping and not self._forwarding:
-                    # Nobody takes over the backlog: the child accepts it first.
-                    child.channel.send(_MSG_DRAIN)
-                child.channel.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
 
     def _terminate(self, child: _Child) -> None:
         """Any live state -> STOPPING: SIGTERM now, SIGKILL after _KILL_GRACE."""
         if child.state is _State.STOPPING:
             return
-        if child is self._serving:
-            self._serving = None
-        if child is self._starting:
-            self._starting = None
-        if child.state in (_State.SERVING, _State.STARTING) and child.channel is not None:
-            try:
-                child.channel.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+        self._let_go(child)
         child.state = _State.STOPPING
         child.deadline = None
         child.kill_at = time.monotonic() + _KILL_GRACE
@@ -1422,34 +1419,35 @@ def _control(opts: argparse.Namespace) -> int:
         raise SocketProtectorError(f"not running (no daemon holds {opts.pid_file})")
     if opts.stop:
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + opts.stop_timeout + 2 * _KILL_GRACE
-        while _running_pid(opts.pid_file) == pid:
-            if time.monotonic() > deadline:
-                raise SocketProtectorError(f"daemon {pid} still running after SIGTERM")
-            time.sleep(0.05)
+        _await(lambda: _running_pid(opts.pid_file) != pid,
+               time.monotonic() + opts.stop_timeout + 2 * _KILL_GRACE,
+               f"daemon {pid} still running after SIGTERM")
         return EXIT_OK
     state = opts.pid_file + ".state"
     deadline = time.monotonic() + opts.ready_timeout + 2 * _KILL_GRACE
-    before = None
-    while before is None:       # a record being rewritten reads as incomplete
-        before = _read_state(state)
-        if before is None:
-            if time.monotonic() > deadline:
-                raise SocketProtectorError(f"cannot read daemon state {state}")
-            time.sleep(0.01)
+    # A record being rewritten reads as incomplete (None): ask again.
+    before = _await(lambda: _read_state(state), deadline, f"cannot read daemon state {state}")
     os.kill(pid, signal.SIGHUP)
-    while True:
+
+    def finished():
         now = _read_state(state)
-        if now is not None and now[0] > before[0]:
-            last = now[1]
-            break
-        if time.monotonic() > deadline:
-            raise SocketProtectorError(f"daemon {pid}: restart not finished after "
-                                       f"{opts.ready_timeout:g} s")
-        time.sleep(0.05)
+        return now if now is not None and now[0] > before[0] else None
+    _, last = _await(finished, deadline,
+                     f"daemon {pid}: restart not finished after {opts.ready_timeout:g} s")
     if last.startswith("restart failed"):
         raise SocketProtectorError(last)
     return EXIT_OK
+
+
+def _await(condition: Callable[[], object], deadline: float, failure: str):
+    """For the command-line client: poll until condition() is true; its value."""
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise SocketProtectorError(failure)
+        time.sleep(0.02)
 
 
 def _activated_listener() -> Optional[socket.socket]:

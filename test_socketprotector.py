@@ -526,6 +526,18 @@ class ProtectorTestCase(unittest.TestCase):
         load.wait_for(sessions)
         return daemon, load
 
+    def restart_in_progress(self):
+        """A daemon sent SIGHUP whose new child takes 0.5 s to be ready: (daemon,
+        the log mark before the SIGHUP), once the new child has been started."""
+        daemon = Daemon(self)
+        daemon.serving()
+        self.set_flag("SP_TEST_DELAY", "0.5")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(r"restart: starting a new child", mark)
+        daemon.wait_line(r"child \d+ started", mark)
+        return daemon, mark
+
     def hold_connection(self, daemon):
         """A connection the serving child has taken, left open: (socket, child pid)."""
         first = daemon.serving()
@@ -683,12 +695,7 @@ class RestartTest(ProtectorTestCase):
 
     def test_sighups_during_a_restart_make_exactly_one_more(self):
         """SIGHUPs while a new child starts are kept, and fold into one more restart."""
-        daemon = Daemon(self)
-        daemon.serving()
-        self.set_flag("SP_TEST_DELAY", "0.5")
-        mark = daemon.mark()
-        daemon.signal(signal.SIGHUP)
-        daemon.wait_line(r"restart: starting a new child", mark)
+        daemon, mark = self.restart_in_progress()
         for _ in range(3):
             daemon.signal(signal.SIGHUP)
         daemon.wait_line(r"one more restart will follow", mark)
@@ -1293,12 +1300,7 @@ class ChaosTest(ProtectorTestCase):
 
     def test_sigterm_while_a_restart_is_pending(self):
         """SIGTERM while a new child starts: both children end, the daemon exits 0."""
-        daemon = Daemon(self)
-        daemon.serving()
-        self.set_flag("SP_TEST_DELAY", "0.5")
-        mark = daemon.mark()
-        daemon.signal(signal.SIGHUP)
-        daemon.wait_line(r"child \d+ started", mark)
+        daemon, mark = self.restart_in_progress()
         daemon.signal(signal.SIGTERM)
         self.assertEqual(daemon.wait(), 0, daemon.log())
         self.assertEqual(len(daemon.child_pids()), 2)
