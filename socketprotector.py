@@ -206,7 +206,7 @@ class ConnectionReceiver:
         fds: List[int] = []
         kind = None
         # The channel first: a retired child stops accepting at once.
-        while self._channel is not None and len(fds) < room:
+        while not self.ended and len(fds) < room:
             if self._held:
                 fds.append(self._held.popleft())
                 continue
@@ -284,7 +284,7 @@ class ConnectionReceiver:
         self.close()
 
     def _send(self, msg: bytes) -> None:
-        if self._channel is None:
+        if self.ended or self._channel is None:
             return
         try:
             self._channel.sendmsg([msg], [], socket.MSG_NOSIGNAL)
@@ -293,16 +293,17 @@ class ConnectionReceiver:
 
     def _end(self) -> None:
         """The stream ended: let go of a handed-over listener, first accepting
-        its backlog if the daemon is shutting down (else a successor has it)."""
+        its backlog if the daemon is shutting down (else a successor has it).
+
+        The channel stays open until close(): at its end it stays readable,
+        so an event loop waiting on fileno() wakes up and sees ``ended``.
+        """
         self.ended = True
         if self._listener is not None and self._poller is not None:
             if self._drain_at_end:
                 self._accepted.extend(_accept_ready(self._listener, sys.maxsize))
             self._listener.close()
             self._listener = None
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
 
 
 def receive_connections(port: Optional[int] = None, *, host: str = "") -> Iterator[socket.socket]:

@@ -13,6 +13,7 @@ import faulthandler
 import os
 import re
 import resource
+import select
 import selectors
 import shutil
 import signal
@@ -158,13 +159,20 @@ def all_pids():
 
 
 def kill_session(sid):
-    for pid in all_pids():
-        stat = proc_stat(pid)
-        if stat is not None and stat[2] == sid and pid != os.getpid():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    """SIGKILL every process of a session, again until none is left: a process
+    forked while the previous pass read /proc would escape a single pass."""
+    def survivors():
+        found = []
+        for pid in all_pids():
+            stat = proc_stat(pid)
+            if stat is not None and stat[2] == sid and stat[0] != "Z" and pid != os.getpid():
+                found.append(pid)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        return found
+    wait_until(lambda: not survivors(), f"session {sid} to be gone")
 
 
 def children_of(pid):
@@ -468,8 +476,12 @@ class Daemon:
         kill_session(self.proc.pid)
         try:
             self.proc.wait(TIMEOUT)
+            # Closing the pipe under a blocked read would wait for that read:
+            # let the reader see EOF first.
+            self._reader.join(TIMEOUT)
         finally:
-            self.proc.stderr.close()
+            if not self._reader.is_alive():
+                self.proc.stderr.close()
 
 
 class ProtectorTestCase(unittest.TestCase):
@@ -1058,6 +1070,22 @@ class LibraryTest(ProtectorTestCase):
         with self.assertRaisesRegex(socketprotector.SocketProtectorError,
                                     r"SOCKETPROTECTOR_FD is not set .* no port"):
             next(socketprotector.receive_connections())
+
+    def test_a_receiver_whose_stream_ended_stays_readable(self):
+        """If the daemon is gone before the child is even ready, an event loop
+        waiting on fileno() still wakes up and sees ``ended`` (both modes)."""
+        for handoff in ("forward", "listener"):
+            with self.subTest(handoff=handoff):
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                os.environ[socketprotector.ENV_FD] = str(theirs.detach())
+                os.environ[socketprotector.ENV_HANDOFF] = handoff
+                ours.close()                            # the daemon is gone
+                receiver = socketprotector.ConnectionReceiver()
+                self.addCleanup(receiver.close)
+                readable, _, _ = select.select([receiver], [], [], TIMEOUT)
+                self.assertEqual(readable, [receiver], "fileno() never became readable")
+                self.assertEqual(receiver.receive(), [])
+                self.assertTrue(receiver.ended)
 
     def test_import_has_no_side_effects(self):
         """Importing the module installs no handler and configures no logging."""
