@@ -1420,7 +1420,8 @@ def _control(opts: argparse.Namespace) -> int:
         raise SocketProtectorError(f"not running (no daemon holds {opts.pid_file})")
     if opts.stop:
         os.kill(pid, signal.SIGTERM)
-        _await(lambda: _running_pid(opts.pid_file) != pid,
+        # It lets go of the pid file just before it exits: wait for both.
+        _await(lambda: _running_pid(opts.pid_file) != pid and _exited(pid),
                time.monotonic() + opts.stop_timeout + 2 * _KILL_GRACE,
                f"daemon {pid} still running after SIGTERM")
         return EXIT_OK
@@ -1438,6 +1439,21 @@ def _control(opts: argparse.Namespace) -> int:
     if last.startswith("restart failed"):
         raise SocketProtectorError(last)
     return EXIT_OK
+
+
+def _exited(pid: int) -> bool:
+    """Whether a process (not our child) is gone, or only a zombie awaiting its reaper."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
 
 
 def _await(condition: Callable[[], object], deadline: float, failure: str):
