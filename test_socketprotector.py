@@ -183,11 +183,12 @@ def zombies_of(pid):
     return [p for p in children_of(pid) if (proc_stat(p) or ("",))[0] == "Z"]
 
 
-def signal_when_idle(pid, sig):
+def signal_when_idle(pid, sig, daemon_pid):
     """Signal a test server while its main thread waits for connections.
 
     Then every connection it has acknowledged it has also recorded, so the
-    record is exactly what it took.
+    record is exactly what it took.  The daemon is stopped meanwhile, so
+    nothing can wake the server between the check and the signal.
     """
     def idle():
         try:
@@ -195,8 +196,12 @@ def signal_when_idle(pid, sig):
                 return "poll" in f.read()
         except OSError:
             return True     # already gone
-    wait_until(idle, f"process {pid} to wait in poll()", interval=0.0005)
-    os.kill(pid, sig)
+    os.kill(daemon_pid, signal.SIGSTOP)
+    try:
+        wait_until(idle, f"process {pid} to wait in poll()", interval=0.0005)
+        os.kill(pid, sig)
+    finally:
+        os.kill(daemon_pid, signal.SIGCONT)
 
 
 def fd_count(pid):
@@ -1174,7 +1179,7 @@ class ChaosTest(ProtectorTestCase):
             wait_until(lambda: len([r for r in load.sessions if r[3] is None and r[1]])
                        >= done + 30, "30 more sessions")
             mark = daemon.mark()
-            signal_when_idle(serving, signal.SIGKILL)
+            signal_when_idle(serving, signal.SIGKILL, daemon.pid)
             serving = daemon.serving(mark)
         wait_until(lambda: len(load.sessions) >= 100 + len(load.sessions) // 2, "more sessions")
         load.stop()
@@ -1225,7 +1230,7 @@ class ChaosTest(ProtectorTestCase):
         load = OpenLoad(daemon.port, rate=200)
         self.addCleanup(load.stop)
         wait_until(lambda: len(load.sessions) >= 40, "load to start")
-        signal_when_idle(first, signal.SIGSTOP)
+        signal_when_idle(first, signal.SIGSTOP, daemon.pid)
         stopped_at = time.monotonic()
         wait_until(lambda: len(load.started_between(stopped_at, float("inf"))) >= 60,
                    "60 sessions to start while the child is stopped")
