@@ -21,17 +21,21 @@ The child needs one call::
 
 Channel protocol: each child inherits one end of a private AF_UNIX
 SOCK_SEQPACKET socketpair, its descriptor number in $SOCKETPROTECTOR_FD and
-the hand-off mode in $SOCKETPROTECTOR_HANDOFF.  The child sends b"R" once
-(ready).  Forwarding, the daemon sends b"C" + the address family (one byte)
-with up to _MAX_BATCH connections as SCM_RIGHTS descriptors, and keeps its
-own copies; the child answers b"A" + uint32 (big-endian) for every n
-connections it hands to the application, just before it does, and the
-daemon closes those copies.  If the child dies or hangs up, the copies not
-yet acknowledged go to the next child.  b"N" asks for the oldest message
-again (its descriptors did not fit: RLIMIT_NOFILE).  In listener mode the
-daemon sends b"L" with its listening socket once the child is ready, and
-b"D" at shutdown ("accept the backlog before you let go").  End of stream
-from the daemon means "take no more": the child finishes and exits.
+the hand-off mode in $SOCKETPROTECTOR_HANDOFF.  The child sends b"R" + uint16
+(big-endian) once: ready, and the most connections it takes in one message.
+Forwarding, the daemon sends b"C" + the address family (one byte) with up to
+that many connections as SCM_RIGHTS descriptors, and closes its own.  The
+daemon keeps the child's end of the pair open too, so what the child has not
+yet received stays in that queue, the daemon's: if the child dies or hangs
+up, the daemon takes it back and gives it to the next child.  No message
+acknowledges anything; the kernel's queue is the ledger.  The child receives
+a message only once it has room for all of its descriptors (it peeks first);
+without room it sends b"N" and takes nothing until b"K": meanwhile the daemon
+takes the queue back and sends it again in smaller messages.  In listener
+mode the daemon sends b"L" with its listening socket once the child is
+ready, and b"D" at shutdown ("accept the backlog before you let go").  End
+of stream from the daemon means "take no more": the child finishes and
+exits.  A child that stops receiving shuts down its end for writing.
 
 Exit codes: 0 after a clean shutdown, 1 for a runtime failure (port in use,
 command not found, first child failed to start), 2 for bad usage.
@@ -67,6 +71,7 @@ import shutil
 import signal
 import socket
 import sys
+import termios
 import time
 from typing import Callable, Iterator, List, Optional
 
@@ -77,19 +82,20 @@ from typing import Callable, Iterator, List, Optional
 ENV_FD = "SOCKETPROTECTOR_FD"
 ENV_HANDOFF = "SOCKETPROTECTOR_HANDOFF"     # "forward" or "listener"
 
-_MSG_READY = b"R"
-_MSG_ACK = b"A"
-_MSG_NACK = b"N"
+_MSG_READY = b"R"          # + uint16: the most connections the child takes at once
+_MSG_NACK = b"N"           # no room for the descriptors at the head of my queue
+_MSG_RESUME = b"K"         # the daemon took the queue back: receive again
 _MSG_CONNS = b"C"
 _MSG_LISTENER = b"L"
 _MSG_DRAIN = b"D"          # listener mode, at shutdown: accept the backlog before letting go
 _END = b""                 # what recv returns at the end of the daemon's stream
 
 _MAX_BATCH = 64            # descriptors per message; the receiver makes room for this many
-_MAX_UNACKED = 512         # connections a child may hold unacknowledged
+_CHANNEL_SNDBUF = 16384    # bounds the messages queued to a child (about 40 here)
 _MAX_WAITING = 256         # accepted connections the daemon queues before it stops accepting
 _ACCEPT_PAUSE = 0.1        # seconds to stop accepting after EMFILE and the like
 _NACK_PAUSE = 0.1          # seconds before a child that could not receive is sent more
+_STALL_RETRY = 0.005       # receive_connections(): seconds between looks for the daemon's b"K"
 
 _DEFAULT_READY_TIMEOUT = 30.0
 _DEFAULT_STOP_TIMEOUT = 10.0
@@ -150,17 +156,17 @@ class ConnectionReceiver:
     """
 
     def __init__(self, port: Optional[int] = None, *, host: str = "",
-                 backlog: int = _DEFAULT_BACKLOG) -> None:
+                 backlog: int = _DEFAULT_BACKLOG, _batch: int = _MAX_BATCH) -> None:
         """Raise SocketProtectorError if neither the daemon's channel nor a
         port is available, or OSError if listening on the port fails."""
         self.ended = False
-        self._held: collections.deque = collections.deque()      # fds sent, not handed out
-        self._accepted: collections.deque = collections.deque()  # accepted at the end
+        self._held: collections.deque = collections.deque()   # received, not yet returned
         self._channel: Optional[socket.socket] = None
         self._listener: Optional[socket.socket] = None   # ours, or handed over by the daemon
         self._poller = None     # listener mode: epoll over the channel and the listener
         self._family = socket.AF_INET                    # of the connections the daemon sends
         self._drain_at_end = False                       # the daemon is shutting down
+        self._stalled = False       # sent b"N": receive nothing until the daemon's b"K"
         fd_text = os.environ.pop(ENV_FD, None)
         handoff = os.environ.pop(ENV_HANDOFF, "forward")
         self._daemon = fd_text is not None
@@ -173,7 +179,7 @@ class ConnectionReceiver:
                 # the listener the daemon hands over later.
                 self._poller = select.epoll()
                 self._poller.register(self._channel.fileno(), select.EPOLLIN)
-            self._send(_MSG_READY)
+            self._send(_MSG_READY + max(1, min(_batch, _MAX_BATCH)).to_bytes(2, "big"))
         elif port is not None:
             self._listener = _listen(host or None, port, backlog)
             self._listener.setblocking(False)
@@ -192,86 +198,97 @@ class ConnectionReceiver:
     def receive(self, limit: Optional[int] = None) -> List[socket.socket]:
         """Return up to ``limit`` (default: all) connections available now.
 
-        Never blocks; returns [] when there are none.  Connections the daemon
-        forwarded are acknowledged as they are returned, and the daemon then
-        closes its copies; the rest stay the daemon's, so if this process
-        dies they go to the next child.  Sets ``ended`` once the daemon has
-        ended the stream; keep calling until it returns [].
+        Never blocks; returns [] when there are none.  A connection the
+        daemon sent is this process's once received: until then it waits in
+        the daemon's queue, and if this process dies it goes to the next
+        child.  With a ``limit``, the rest of a received message is kept for
+        the next call (which does not wait for fileno()).  Sets ``ended``
+        once the daemon has ended the stream; keep calling until it returns [].
         """
         if not self._daemon:
             if self._listener is None:
                 return []
             return _accept_ready(self._listener, limit or _MAX_BATCH)
         room = limit if limit is not None else sys.maxsize
-        fds: List[int] = []
-        kind = None
+        conns: List[socket.socket] = []
         # The channel first: a retired child stops accepting at once.
-        while not self.ended and len(fds) < room:
+        while len(conns) < room:
             if self._held:
-                fds.append(self._held.popleft())
-                continue
-            if not self._pending.poll(0):
+                conns.append(self._held.popleft())
+            elif self.ended or not self._pending.poll(0) or not self._receive_message():
                 break
-            kind = self._receive_message()
-            if kind in (None, _MSG_NACK, _END):
-                break
-        if fds:
-            # Acknowledged before the application sees them, so the daemon
-            # closes its copies at once and never gives them to another child;
-            # and before hanging up, or the daemon would resend them.
-            self._send(_MSG_ACK + len(fds).to_bytes(4, "big"))
-        if kind is _MSG_NACK:
-            # The kernel dropped descriptors that did not fit (RLIMIT_NOFILE?):
-            # after the acknowledgement above, hand that whole batch back.
-            self._send(_MSG_NACK)
-        elif kind is _END:
-            self._end()
-        # Family and type given, so socket() needs no getsockopt() calls;
-        # accepted descriptors are blocking already.
-        family = self._family
-        conns = [socket.socket(family, socket.SOCK_STREAM, 0, fd) for fd in fds]
-        while self._accepted and len(conns) < room:
-            conns.append(self._accepted.popleft())
         if self._listener is not None and len(conns) < room:
             conns += _accept_ready(self._listener, min(room - len(conns), _MAX_BATCH))
         return conns
 
-    def _receive_message(self) -> Optional[bytes]:
-        """Take one message from the daemon: its kind, _END, or None if none now."""
+    def _receive_message(self) -> bool:
+        """Take one message from the daemon; False if there was none to take."""
+        if self._stalled:
+            return self._await_resume()
         try:
-            msg, fds, truncated = _recv_batch(self._channel)
+            msg, fds, truncated = _peek_message(self._channel)
         except BlockingIOError:
-            return None
+            return False
         if not msg and not fds:
-            return _END
+            self._end()
+            return bool(self._held)     # listener mode: the backlog it accepted at the end
         kind = msg[:1]
-        if kind == _MSG_CONNS:
-            if truncated:
-                _close_fds(fds)
-                return _MSG_NACK
-            if len(msg) > 1:
-                self._family = msg[1]
-            self._held.extend(fds)
-            return kind
+        if truncated:
+            # Too few free descriptors (RLIMIT_NOFILE): the message stays
+            # queued; the daemon takes it back and sends it again in smaller
+            # pieces.  Until it says so, receiving could race with it.
+            _close_fds(fds)
+            if kind != _MSG_CONNS:
+                raise ProtocolError(f"unexpected truncated message from socketprotector: {msg!r}")
+            self._stalled = True
+            self._send(_MSG_NACK)
+            return False
+        _consume_message(self._channel)     # what was peeked is ours now
+        if kind == _MSG_CONNS and fds:
+            family = msg[1] if len(msg) > 1 else self._family
+            self._family = family
+            # Family and type given, so socket() needs no getsockopt() calls;
+            # accepted descriptors are blocking already.
+            self._held.extend(socket.socket(family, socket.SOCK_STREAM, 0, fd) for fd in fds)
+            return True
         if msg == _MSG_DRAIN and not fds:
             self._drain_at_end = True
-            return msg
-        if msg == _MSG_LISTENER and len(fds) == 1 and not truncated and self._poller:
+            return True
+        if msg == _MSG_LISTENER and len(fds) == 1 and self._poller:
             listener = socket.socket(fileno=fds[0])
             listener.setblocking(False)
             self._poller.register(listener.fileno(), select.EPOLLIN)
             self._listener = listener
-            return msg
+            return True
         _close_fds(fds)
         raise ProtocolError(f"unexpected message from socketprotector: {msg!r} "
                             f"with {len(fds)} descriptors")
 
+    def _await_resume(self) -> bool:
+        """Stalled: look (without taking) for the daemon's b"K" at the head of the queue."""
+        try:
+            head = self._channel.recv(16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        if head == _MSG_RESUME:
+            _consume_message(self._channel)
+            self._stalled = False
+            return True
+        if not head:
+            self._end()
+        return False
+
     def close(self) -> None:
-        """Stop receiving; connections not yet handed out go to another child."""
-        _close_fds(self._held)      # before the channel: the daemon resends them on EOF
-        self._held.clear()
-        while self._accepted:
-            self._accepted.popleft().close()
+        """Stop receiving: what the daemon sent and this process did not
+        receive goes to another child."""
+        while self._held:
+            self._held.popleft().close()
+        if self._channel is not None:
+            try:
+                # The daemon holds this end too: say so, or it would not know.
+                self._channel.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
         for resource in (self._listener, self._channel, self._poller):
             if resource is not None:
                 resource.close()
@@ -301,7 +318,7 @@ class ConnectionReceiver:
         self.ended = True
         if self._listener is not None and self._poller is not None:
             if self._drain_at_end:
-                self._accepted.extend(_accept_ready(self._listener, sys.maxsize))
+                self._held.extend(_accept_ready(self._listener, sys.maxsize))
             self._listener.close()
             self._listener = None
 
@@ -313,17 +330,19 @@ def receive_connections(port: Optional[int] = None, *, host: str = "") -> Iterat
     ready.  Without it, listens on ``port`` (all interfaces, or ``host``) and
     never ends.  Raises SocketProtectorError when neither is available.
     """
-    with ConnectionReceiver(port, host=host) as receiver:
+    # One connection per message: what this process has not handed to the
+    # application stays in the daemon's queue, safe if this process dies.
+    with ConnectionReceiver(port, host=host, _batch=1) as receiver:
         poller = select.poll()
         poller.register(receiver.fileno(), select.POLLIN)
         while True:
-            # One at a time: what this process has not handed to the
-            # application stays the daemon's, safe if this process dies.
             conns = receiver.receive(limit=1)
             if conns:
                 yield conns[0]
             elif receiver.ended:
                 return
+            elif receiver._stalled:
+                time.sleep(_STALL_RETRY)    # the message waits, readable, until the daemon acts
             else:
                 poller.poll()
 
@@ -356,19 +375,26 @@ def _send_fds(sock: socket.socket, msg: bytes, fds: List[int]) -> None:
 
 # Plain ints: on 3.11+ `|` on socket.MSG_* flags is an IntFlag call, slow in a hot path.
 _SEND_FLAGS = int(socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
-_RECV_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+_PEEK_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC | socket.MSG_PEEK)
+_DONTWAIT = int(socket.MSG_DONTWAIT)
 _TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
 _CMSG_ROOM = socket.CMSG_SPACE(_MAX_BATCH * array.array("i").itemsize)
 
 
-def _recv_batch(sock: socket.socket):
-    """One message as (data, fds, truncated); raises BlockingIOError if none."""
+def _peek_message(sock: socket.socket):
+    """The next message as (data, fds, truncated), left in the queue; raises
+    BlockingIOError if there is none.  The fds are copies, now ours.
+
+    When the descriptors do not all fit (RLIMIT_NOFILE) the kernel sets
+    MSG_CTRUNC and closes the copies that did not fit; the message itself,
+    peeked and not taken, loses nothing.
+    """
     # socket.recv_fds() ignores its flags (python/cpython#128881), so call
     # recvmsg directly: MSG_CMSG_CLOEXEC makes every received fd close-on-exec.
     try:
-        msg, ancdata, flags, _ = sock.recvmsg(16, _CMSG_ROOM, _RECV_FLAGS)
+        msg, ancdata, flags, _ = sock.recvmsg(16, _CMSG_ROOM, _PEEK_FLAGS)
     except ConnectionResetError:
         return b"", [], False
     fds = array.array("i")
@@ -376,6 +402,17 @@ def _recv_batch(sock: socket.socket):
         if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
             fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
     return msg, list(fds), bool(flags & _TRUNCATED)
+
+
+def _unread_bytes(sock: socket.socket) -> int:
+    """Bytes queued to be read (FIONREAD): for SEQPACKET, the sum over all messages."""
+    return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)), sys.byteorder)
+
+
+def _consume_message(sock: socket.socket) -> None:
+    """Drop the message just peeked: with no room for them, the kernel closes
+    its own references to the descriptors, and the peeked copies remain."""
+    sock.recv(16, _DONTWAIT)
 
 
 def _accept_ready(listener: socket.socket, limit: int) -> List[socket.socket]:
@@ -461,25 +498,29 @@ class _State(enum.Enum):
 class _Child:
     """One child process and the daemon's end of its channel."""
 
-    def __init__(self, pid: int, channel: socket.socket) -> None:
+    def __init__(self, pid: int, channel: socket.socket,
+                 inbox: Optional[socket.socket]) -> None:
         self.pid = pid
         self.channel: Optional[socket.socket] = channel
+        # Forwarding: the child's end of the pair, kept so that what the
+        # child has not received stays ours when it dies.
+        self.inbox: Optional[socket.socket] = inbox
         self.state = _State.STARTING
         self.started = time.monotonic()
         self.ready_at = 0.0
         self.deadline: Optional[float] = None    # ready, hang or drain timeout, by state
         self.kill_at: Optional[float] = None     # SIGKILL after SIGTERM
         self.paused_until = 0.0                  # after a NACK
-        self.batch_limit = _MAX_BATCH            # halved by each NACK, regrown by acks
+        self.batch_limit = 1                     # as the child asks; halved by each NACK
         self.blocked = False                     # channel full: waiting for EVENT_WRITE
-        # Copies of the connections sent and not yet acknowledged, oldest
-        # first, and how many of each message's are still unacknowledged.
-        self.unacked: collections.deque = collections.deque()
-        self.unacked_batches: collections.deque = collections.deque()
+        # Sizes of the messages sent that the child may not have received
+        # yet, oldest first (what the inbox holds is the truth: _sync_queue).
+        self.queued: collections.deque = collections.deque()
+        self.waiting_since = 0.0                 # --hang-timeout: last progress seen
+        self.nacked = False                      # ever short of descriptors
 
     def can_take(self, now: float) -> bool:
-        return (self.channel is not None and not self.blocked
-                and len(self.unacked) < _MAX_UNACKED and now >= self.paused_until)
+        return self.channel is not None and not self.blocked and now >= self.paused_until
 
     def signal(self, sig: int) -> None:
         # Children lead their own process group: signal the whole group so
@@ -528,6 +569,7 @@ class _Supervisor:
         self._wakeup = wakeup
         self._listening = False
         self._children: dict = {}                 # pid -> _Child, until reaped
+        self._unreclaimed: List[_Child] = []      # reaped, their queues not yet all taken back
         self._serving: Optional[_Child] = None
         self._starting: Optional[_Child] = None
         self._waiting: collections.deque = collections.deque()   # accepted fds not yet sent
@@ -607,7 +649,7 @@ class _Supervisor:
                 elif child.state is _State.STARTING:
                     self._not_ready_in_time(child)
                 elif child.state is _State.SERVING:
-                    self._hung(child)
+                    self._watch(child, now)
                 elif child.state is _State.RETIRING:
                     _log.warning("child %d still draining after %g s; stopping it",
                                  child.pid, self._drain_timeout)
@@ -620,6 +662,8 @@ class _Supervisor:
             self._terminate_all(f"after --stop-timeout {self._stop_timeout:g} s")
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
             self._accept_paused_until = None
+            for child in list(self._unreclaimed):   # exited; not all taken back yet
+                self._reclaim(child)
 
     def _close_everything(self) -> None:
         self._set_listening(False)
@@ -630,9 +674,11 @@ class _Supervisor:
             _log.warning("closing %d connections no child took", len(self._waiting))
         _close_fds(self._waiting)
         self._waiting.clear()
-        for child in self._children.values():
+        for child in [*self._children.values(), *self._unreclaimed]:
             self._close_channel(child)
-            _close_fds(child.unacked)
+            if child.inbox is not None:
+                child.inbox.close()     # what it holds, nobody will take now
+                child.inbox = None
         self._sel.close()
 
     # -- signals ------------------------------------------------------------
@@ -693,19 +739,28 @@ class _Supervisor:
         except OSError as e:
             raise _SpawnError(f"cannot start {self._command[0]!r}: {e.strerror}") from None
         try:
-            with theirs:
-                pid, report = _fork_exec(executable, self._command, self._cwd,
-                                         dict(self._child_env), theirs.fileno())
+            pid, report = _fork_exec(executable, self._command, self._cwd,
+                                     dict(self._child_env), theirs.fileno())
         except BaseException:
             ours.close()
+            theirs.close()
             raise
         if report:
             ours.close()
+            theirs.close()
             os.waitpid(pid, 0)
             _, _, text = report.decode(errors="replace").partition(":")
             raise _SpawnError(f"cannot run {self._command[0]!r}: {text}")
         ours.setblocking(False)
-        child = _Child(pid, ours)
+        if self._forwarding:
+            theirs.setblocking(False)
+            # A small queue: a child that stops receiving soon blocks us, and
+            # EVENT_WRITE tells us when it has received most of it.
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _CHANNEL_SNDBUF)
+        else:
+            theirs.close()
+            theirs = None
+        child = _Child(pid, ours, theirs)
         child.deadline = child.started + self._ready_timeout
         self._children[pid] = child
         self._starting = child
@@ -785,12 +840,12 @@ class _Supervisor:
         child.signal(signal.SIGTERM)
 
     def _exited(self, child: _Child, status: int) -> None:
-        """Any state -> EXITED: its unacknowledged connections go to the next child."""
+        """Any state -> EXITED: what it had not received goes to the next child."""
         was = child.state
         how = _describe_status(status)
         child.state = _State.EXITED
         self._close_channel(child)
-        self._requeue(child)
+        self._reclaim(child)
         if child is self._starting:
             self._starting = None
         if child is self._serving:
@@ -838,7 +893,7 @@ class _Supervisor:
     def _hung(self, child: _Child) -> None:
         """--hang-timeout: the serving child stopped taking the connections sent to it."""
         _log.warning("child %d took no connection for %g s while %d waited for it; stopping it",
-                     child.pid, self._hang_timeout, len(child.unacked))
+                     child.pid, self._hang_timeout, sum(child.queued))
         self._terminate(child)          # what it holds goes to the next child when it exits
         self._crashed(child, "hung")
 
@@ -969,7 +1024,7 @@ class _Supervisor:
         now = time.monotonic()
         debug = self._debug
         while self._waiting and child is not None and child.can_take(now):
-            room = min(len(self._waiting), child.batch_limit, _MAX_UNACKED - len(child.unacked))
+            room = min(len(self._waiting), child.batch_limit)
             batch = [self._waiting.popleft() for _ in range(room)]
             try:
                 _send_fds(child.channel, self._conns_message, batch)
@@ -986,11 +1041,12 @@ class _Supervisor:
                     break
                 self._channel_closed(child)     # EPIPE, ECONNRESET: it hung up
                 break
-            if self._hang_timeout is not None and not child.unacked:
-                child.deadline = now + self._hang_timeout
-            child.unacked.extend(batch)
-            child.unacked_batches.append(len(batch))
-            self.forwarded += len(batch)
+            _close_fds(batch)       # the child's queue holds them now
+            if self._hang_timeout is not None and child.deadline is None:
+                child.waiting_since = now
+                child.deadline = now + self._hang_timeout / 4
+            child.queued.append(room)
+            self.forwarded += room
             if debug:
                 _log.debug("sent child %d %d connections (fds %s)", child.pid, len(batch), batch)
         if self._stopping and self._serving is not None and not self._waiting:
@@ -1009,14 +1065,70 @@ class _Supervisor:
             self._sel.unregister(self._listener)
         self._listening = want
 
-    def _requeue(self, child: _Child) -> None:
-        """Put a child's unacknowledged connections back at the front of the queue."""
-        if child.unacked:
+    def _reclaim(self, child: _Child, report: bool = True) -> int:
+        """Take back what waits in a child's queue, to the front of ours; how many.
+
+        Only when the child will not receive: it exited, hung up, or stalled.
+        """
+        inbox = child.inbox
+        if inbox is None:
+            return 0
+        taken: List[int] = []
+        complete = False
+        while True:
+            try:
+                msg, fds, truncated = _peek_message(inbox)
+            except BlockingIOError:
+                complete = True
+                break
+            if truncated:       # out of descriptors ourselves: try again shortly
+                _close_fds(fds)
+                self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
+                break
+            if not msg and not fds:
+                complete = True
+                break
+            _consume_message(inbox)
+            if msg[:1] == _MSG_CONNS:
+                taken += fds
+            else:
+                _close_fds(fds)
+        if taken and report:
             _log.info("child %d had not taken %d connections; they go to the next child",
-                      child.pid, len(child.unacked))
-        self._waiting.extendleft(reversed(child.unacked))
-        child.unacked.clear()
-        child.unacked_batches.clear()
+                      child.pid, len(taken))
+        self._waiting.extendleft(reversed(taken))
+        child.queued.clear()
+        if child.state is _State.EXITED:
+            if complete:
+                inbox.close()
+                child.inbox = None
+                if child in self._unreclaimed:
+                    self._unreclaimed.remove(child)
+            elif child not in self._unreclaimed:
+                self._unreclaimed.append(child)
+        return len(taken)
+
+    def _sync_queue(self, child: _Child) -> int:
+        """Forget the messages the child has received since last asked; how many."""
+        left = _unread_bytes(child.inbox) // len(self._conns_message)
+        received = 0
+        while len(child.queued) > left:
+            child.queued.popleft()
+            received += 1
+        return received
+
+    def _watch(self, child: _Child, now: float) -> None:
+        """--hang-timeout: is the serving child still receiving what it is sent?"""
+        if child.inbox is None:
+            return
+        if self._sync_queue(child):
+            child.waiting_since = now
+        if not child.queued:
+            return                      # nothing waits: watch again after the next send
+        if now - child.waiting_since >= self._hang_timeout:
+            self._hung(child)
+        else:
+            child.deadline = now + self._hang_timeout / 4
 
     # -- the channel --------------------------------------------------------
 
@@ -1038,55 +1150,38 @@ class _Supervisor:
                 msg = b""
             if not msg:
                 self._channel_closed(child)
-            elif msg == _MSG_READY:
+            elif msg[:1] == _MSG_READY and len(msg) in (1, 3):
+                if len(msg) == 3:
+                    child.batch_limit = max(1, min(_MAX_BATCH, int.from_bytes(msg[1:], "big")))
                 self._ready(child)
-            elif msg[:1] == _MSG_ACK and len(msg) == 5:
-                self._acked(child, int.from_bytes(msg[1:], "big"))
-            elif msg == _MSG_NACK and child.unacked_batches:
+            elif msg == _MSG_NACK and child.inbox is not None:
                 self._nacked(child)
             else:
                 self._lose_channel(child, f"sent an invalid message {msg[:16]!r}")
 
-    def _acked(self, child: _Child, count: int) -> None:
-        """The child took the oldest `count` connections: close our copies."""
-        if count > len(child.unacked):
-            self._lose_channel(child, f"acknowledged {count} connections, only "
-                                      f"{len(child.unacked)} were sent")
-            return
-        unacked, batches = child.unacked, child.unacked_batches
-        for _ in range(count):
-            os.close(unacked.popleft())
-        while count:
-            if batches[0] <= count:
-                count -= batches.popleft()
-            else:
-                batches[0] -= count
-                count = 0
-        if child.batch_limit < _MAX_BATCH:
-            child.batch_limit = min(_MAX_BATCH, child.batch_limit * 2)
-        if self._hang_timeout is not None and child.state is _State.SERVING:
-            # It is taking connections: the hang clock starts again, or stops.
-            child.deadline = time.monotonic() + self._hang_timeout if unacked else None
-        if self._debug:
-            _log.debug("child %d took connections; %d still unacknowledged",
-                       child.pid, len(unacked))
-
     def _nacked(self, child: _Child) -> None:
-        """The child could not receive its oldest message: send that batch again."""
-        size = child.unacked_batches.popleft()
-        batch = [child.unacked.popleft() for _ in range(size)]
-        self._waiting.extendleft(reversed(batch))
+        """The child has no room for the descriptors at the head of its queue:
+        take the queue back (it receives nothing until our b"K") and send it
+        again in smaller messages, after a pause."""
+        count = self._reclaim(child, report=False)
+        try:
+            child.channel.send(_MSG_RESUME)     # its queue is empty now: room
+        except OSError:
+            self._channel_closed(child)
+            return
         child.paused_until = time.monotonic() + _NACK_PAUSE
-        # Smaller batches, or one that never fits would be refused forever.
-        child.batch_limit = max(1, size // 2)
-        _log.warning("child %d could not receive %d connections; sending them again",
-                     child.pid, size)
+        # Smaller messages, or one that never fits would be refused forever.
+        child.batch_limit = max(1, child.batch_limit // 2)
+        # Once per child at warning: at its limit it may ask every pause.
+        _log.log(logging.DEBUG if child.nacked else logging.WARNING,
+                 "child %d could not receive %d connections; sending them again", child.pid, count)
+        child.nacked = True
 
     def _channel_closed(self, child: _Child) -> None:
-        # The kernel discarded what the child had not received, and it
-        # acknowledged everything it received: the rest is safe to resend.
+        # The child shut its end down: it receives no more, so what waits
+        # in its queue is ours again.
         self._close_channel(child)
-        self._requeue(child)
+        self._reclaim(child)
         if child.state in (_State.STARTING, _State.SERVING):
             # Usually it has just exited and SIGCHLD is on its way; wait for
             # that, to report how it ended, before calling it a hang-up.
