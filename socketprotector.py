@@ -513,8 +513,8 @@ class _Child:
         self.paused_until = 0.0                  # after a NACK
         self.batch_limit = 1                     # as the child asks; halved by each NACK
         self.blocked = False                     # channel full: waiting for EVENT_WRITE
-        # Sizes of the messages sent that the child may not have received
-        # yet, oldest first (what the inbox holds is the truth: _sync_queue).
+        # --hang-timeout: sizes of the messages sent that the child may not
+        # have received yet, oldest first (the inbox is the truth: _sync_queue).
         self.queued: collections.deque = collections.deque()
         self.waiting_since = 0.0                 # --hang-timeout: last progress seen
         self.nacked = False                      # ever short of descriptors
@@ -1042,10 +1042,11 @@ class _Supervisor:
                 self._channel_closed(child)     # EPIPE, ECONNRESET: it hung up
                 break
             _close_fds(batch)       # the child's queue holds them now
-            if self._hang_timeout is not None and child.deadline is None:
-                child.waiting_since = now
-                child.deadline = now + self._hang_timeout / 4
-            child.queued.append(room)
+            if self._hang_timeout is not None:
+                child.queued.append(room)       # watched: see _watch()
+                if child.deadline is None:
+                    child.waiting_since = now
+                    child.deadline = now + self._hang_timeout / 4
             self.forwarded += room
             if debug:
                 _log.debug("sent child %d %d connections (fds %s)", child.pid, len(batch), batch)
