@@ -4,18 +4,21 @@
     python3 bench/bench.py              # a table
     python3 bench/bench.py --json       # machine-readable results
 
-One run starts bench/echo_server.py three ways: on its own (listening
+One run starts bench/echo_server.py four ways: on its own (listening
 itself), through socketprotector forwarding each connection (the default),
-and through socketprotector with --handoff listener.  Load generator
+through socketprotector with --handoff listener, and, as a reference, behind
+bench/bare_forwarder.py, which only accepts and passes each descriptor on
+(the price of the extra process hop itself, with none of the safety).  Load generator
 processes, each a selectors loop, run closed-loop short sessions (connect,
-send 64 bytes, read them back, close) at concurrency 1 and 32.  It reports
+send 64 bytes, read them back, close with a reset: see ABORT) at concurrency
+1 and 32.  It reports
 sessions per second, p50/p99/max latency, the daemon's CPU time per
 connection (from /proc), and the daemon's peak RSS beside a bare
 interpreter's.  Then it repeats under a SIGHUP every 100 ms, and across one
 restart whose new server needs 1 s to become ready.
 
-Configurations run interleaved and repeated (--repeat), each reporting its
-median run, so a noisy neighbour hurts all of them alike.  Read the ratios
+Configurations run interleaved, in a rotating order, and repeated (--repeat),
+each reporting its median run, so a noisy neighbour hurts all of them alike.  Read the ratios
 (through socketprotector / on its own) first: absolute figures depend on
 the machine.  Stdlib only; nothing here is part of the test suite.
 """
@@ -28,7 +31,7 @@ import os
 import selectors
 import signal
 import socket
-import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -38,13 +41,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DAEMON = os.path.join(ROOT, "socketprotector.py")
 SERVER = os.path.join(HERE, "echo_server.py")
+BARE = os.path.join(HERE, "bare_forwarder.py")
 PAYLOAD = b"x" * 63 + b"\n"
+# Sessions end with a reset, not FIN: a FIN-closed client socket stays in
+# TIME_WAIT for 60 s, and at these rates the 28,000 ephemeral ports are all
+# in TIME_WAIT within seconds, after which every connect() searches for a
+# reusable one.  That cost falls on whichever configuration runs later and
+# skewed the ratios by up to 10% (measured); both sides still see the close.
+ABORT = struct.pack("ii", 1, 0)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
+# How each configuration starts the server (its argv), by name.
 MODES = {
-    "direct": None,
-    "forward": [],
-    "listener": ["--handoff", "listener"],
+    "direct": lambda port, server: server,
+    "forward": lambda port, server: [sys.executable, DAEMON, "-f", "--bind", "127.0.0.1",
+                                     str(port), "--", *server],
+    "listener": lambda port, server: [sys.executable, DAEMON, "-f", "--bind", "127.0.0.1",
+                                      "--handoff", "listener", str(port), "--", *server],
+    # A reference, not socketprotector: the extra hop and nothing else.
+    "bare hop": lambda port, server: [sys.executable, BARE, str(port), *server],
 }
 
 
@@ -94,6 +109,7 @@ def _drive(port, concurrency, duration, start_at, results):
             except OSError:
                 ok = False
             sel.unregister(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, ABORT)
             sock.close()
             now = time.monotonic()
             if ok:
@@ -140,12 +156,7 @@ class Server:
         self.mode = mode
         self.port = free_port()
         env = dict(os.environ, BENCH_READY_DELAY_FILE=delay_file)
-        server = [sys.executable, SERVER, str(self.port)]
-        if MODES[mode] is None:
-            argv = server
-        else:
-            argv = [sys.executable, DAEMON, "-f", "--bind", "127.0.0.1", *MODES[mode],
-                    str(self.port), "--", *server]
+        argv = MODES[mode](self.port, [sys.executable, SERVER, str(self.port)])
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
@@ -166,7 +177,7 @@ class Server:
 
     @property
     def daemon_pid(self):
-        return self.proc.pid if MODES[self.mode] is not None else None
+        return self.proc.pid if self.mode != "direct" else None
 
     def cpu_seconds(self):
         with open(f"/proc/{self.proc.pid}/stat") as f:
@@ -290,9 +301,10 @@ def run_all(args):
     try:
         for concurrency in args.concurrency:
             runs = {mode: [] for mode in MODES}
-            for _ in range(args.repeat):
-                for mode, server in servers.items():
-                    runs[mode].append(measure(server, concurrency, args.duration))
+            for i in range(args.repeat):
+                # Each round in a different order: no configuration always goes first.
+                for mode in list(MODES)[i % len(MODES):] + list(MODES)[:i % len(MODES)]:
+                    runs[mode].append(measure(servers[mode], concurrency, args.duration))
                     progress(f"c={concurrency} {mode}: {runs[mode][-1]['per_second']:.0f}/s")
             results["steady"][concurrency] = {mode: median_run(r) for mode, r in runs.items()}
         for mode in ("forward", "listener"):
@@ -344,6 +356,8 @@ def report(r):
     bare = r["bare_python_rss_kib"]
     lines += ["", "ratio: sessions/s over the same load on its own (restart rows: over the "
                   "same mode's steady c=32)",
+              "bare hop: bench/bare_forwarder.py, accept and pass on, nothing else: "
+              "what the extra hop alone costs here",
               f"daemon peak RSS: forward {r['forward_daemon_peak_rss_kib'] / 1024:.1f} MiB "
               f"(x{r['forward_daemon_peak_rss_kib'] / bare:.2f}), listener "
               f"{r['listener_daemon_peak_rss_kib'] / 1024:.1f} MiB "
