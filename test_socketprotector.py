@@ -1588,6 +1588,34 @@ class HostileTest(ProtectorTestCase):
                 self.assertEqual(read_line(c), lines.pop(c))
                 c.close()
 
+    def test_event_loop_child_short_of_descriptors_gets_smaller_messages(self):
+        """A ConnectionReceiver takes a message whole: one with more connections
+        than its descriptor table has room for is taken back by the daemon and
+        sent again in smaller ones, and nothing is lost."""
+        limited = ("import resource, runpy, sys; "
+                   "resource.setrlimit(resource.RLIMIT_NOFILE, "
+                   "(30, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
+                   "sys.argv = [sys.argv[1], '0']; runpy.run_path(sys.argv[0], run_name='__main__')")
+        daemon = Daemon(self, command=[sys.executable, "-c", limited, EVENT_LOOP_SERVER])
+        daemon.serving()
+        daemon.signal(signal.SIGSTOP)       # so all 40 go to the child in one message
+        self.addCleanup(lambda: daemon.signal(signal.SIGCONT) if alive(daemon.pid) else None)
+        lines = {}
+        for i in range(40):     # each stays open once served, holding a descriptor
+            c = connect(daemon.port)
+            self.addCleanup(c.close)
+            c.sendall(b"line %d\n" % i)
+            lines[c] = b"line %d\n" % i
+        mark = daemon.mark()
+        daemon.signal(signal.SIGCONT)
+        daemon.wait_line(r"could not receive 40 connections; sending them again", mark)
+        while lines:    # closing each one served makes room for another
+            ready, _, _ = select.select(list(lines), [], [], TIMEOUT)
+            self.assertTrue(ready, f"{len(lines)} clients never served:\n" + daemon.log())
+            for c in ready:
+                self.assertEqual(read_line(c), lines.pop(c))
+                c.close()
+
     def test_descriptor_exhaustion_pauses_accepting(self):
         """Out of descriptors: no busy loop, no crash, and it serves again afterwards."""
         daemon = Daemon(self)
