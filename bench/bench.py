@@ -7,20 +7,20 @@
 One run starts bench/echo_server.py four ways: on its own (listening
 itself), through socketprotector forwarding each connection (the default),
 through socketprotector with --handoff listener, and, as a reference, behind
-bench/bare_forwarder.py, which only accepts and passes each descriptor on
-(the price of the extra process hop itself, with none of the safety).  Load generator
-processes, each a selectors loop, run closed-loop short sessions (connect,
-send 64 bytes, read them back, close with a reset: see ABORT) at concurrency
-1 and 32.  It reports
-sessions per second, p50/p99/max latency, the daemon's CPU time per
-connection (from /proc), and the daemon's peak RSS beside a bare
-interpreter's.  Then it repeats under a SIGHUP every 100 ms, and across one
-restart whose new server needs 1 s to become ready.
+bench/bare_forwarder.py, which only accepts and passes each descriptor on:
+the price of the extra process hop itself, with none of the safety.  Load
+generator processes, each a selectors loop, run closed-loop short sessions
+(connect, send 64 bytes, read them back, close with a reset: see ABORT) at
+concurrency 1 and 32.  It reports sessions per second, p50/p99/max latency,
+the daemon's CPU time per connection (from /proc), and the daemon's peak RSS
+beside a bare interpreter's.  Then it repeats under a SIGHUP every 100 ms,
+and across one restart whose new server needs 1 s to become ready.
 
-Configurations run interleaved, in a rotating order, and repeated (--repeat),
-each reporting its median run, so a noisy neighbour hurts all of them alike.  Read the ratios
-(through socketprotector / on its own) first: absolute figures depend on
-the machine.  Stdlib only; nothing here is part of the test suite.
+Configurations run interleaved, in a rotating order, and repeated
+(--repeat), each reporting its median run, so a noisy neighbour hurts all of
+them alike.  Read the ratios (through socketprotector / on its own) first:
+absolute figures depend on the machine.  Stdlib only; nothing here is part
+of the test suite.
 """
 
 import argparse
@@ -47,7 +47,7 @@ PAYLOAD = b"x" * 63 + b"\n"
 # TIME_WAIT for 60 s, and at these rates the 28,000 ephemeral ports are all
 # in TIME_WAIT within seconds, after which every connect() searches for a
 # reusable one.  That cost falls on whichever configuration runs later and
-# skewed the ratios by up to 10% (measured); both sides still see the close.
+# skewed a ratio by 0.1 (measured); both sides still see the close.
 ABORT = struct.pack("ii", 1, 0)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
