@@ -518,6 +518,8 @@ class _Child:
         self.queued: collections.deque = collections.deque()
         self.waiting_since = 0.0                 # --hang-timeout: last progress seen
         self.nacked = False                      # ever short of descriptors
+        self.exec_report: Optional[int] = None   # pipe: "errno:strerror" if exec failed
+        self.exec_error = b""
 
     def can_take(self, now: float) -> bool:
         return self.channel is not None and not self.blocked and now >= self.paused_until
@@ -676,6 +678,9 @@ class _Supervisor:
         self._waiting.clear()
         for child in [*self._children.values(), *self._unreclaimed]:
             self._close_channel(child)
+            if child.exec_report is not None:
+                os.close(child.exec_report)
+                child.exec_report = None
             if child.inbox is not None:
                 child.inbox.close()     # what it holds, nobody will take now
                 child.inbox = None
@@ -739,18 +744,12 @@ class _Supervisor:
         except OSError as e:
             raise _SpawnError(f"cannot start {self._command[0]!r}: {e.strerror}") from None
         try:
-            pid, report = _fork_exec(executable, self._command, self._cwd,
-                                     dict(self._child_env), theirs.fileno())
+            pid, report_fd = _fork_exec(executable, self._command, self._cwd,
+                                        dict(self._child_env), theirs.fileno())
         except BaseException:
             ours.close()
             theirs.close()
             raise
-        if report:
-            ours.close()
-            theirs.close()
-            os.waitpid(pid, 0)
-            _, _, text = report.decode(errors="replace").partition(":")
-            raise _SpawnError(f"cannot run {self._command[0]!r}: {text}")
         ours.setblocking(False)
         if self._forwarding:
             theirs.setblocking(False)
@@ -765,6 +764,11 @@ class _Supervisor:
         self._children[pid] = child
         self._starting = child
         self._sel.register(ours, selectors.EVENT_READ, functools.partial(self._on_channel, child))
+        # Whether exec worked is read from the loop: waiting for it here would
+        # stop accepting for milliseconds at every restart.
+        child.exec_report = report_fd
+        self._sel.register(report_fd, selectors.EVENT_READ,
+                           functools.partial(self._on_exec_report, child))
         _log.info("child %d started: %s", pid, " ".join(self._command))
         return child
 
@@ -848,6 +852,11 @@ class _Supervisor:
         self._reclaim(child)
         if child is self._starting:
             self._starting = None
+        self._on_exec_report(child)     # a failed exec has written why: read it now
+        if child.exec_error:
+            _, _, text = child.exec_error.decode(errors="replace").partition(":")
+            self._start_failed(None, f"cannot run {self._command[0]!r}: {text}")
+            return
         if child is self._serving:
             self._serving = None
             self._crashed(child, how)
@@ -872,23 +881,40 @@ class _Supervisor:
         _log.warning("child %d %s unexpectedly; %s", child.pid, how, self._schedule_respawn())
 
     def _start_failed(self, child: Optional[_Child], why: str) -> None:
-        """A new child will not become ready: keep the old one, or retry, or give up."""
-        name = f"child {child.pid}" if child is not None else "new child"
+        """A new child will not become ready: keep the old one, or retry, or give up.
+
+        ``why`` follows "child PID", or stands alone when there is no child to name.
+        """
+        what = f"child {child.pid} {why}" if child is not None else why
         if self._stopping:
-            _log.info("%s %s", name, why)
+            _log.info("%s", what)
             return
         if self._serving is not None:
             self.failed_restarts += 1
-            failure = f"restart failed: {name} {why}; child {self._serving.pid} keeps serving"
+            failure = f"restart failed: {what}; child {self._serving.pid} keeps serving"
             _log.error("%s", failure)
             self._on_event("reloaded", failure)
             if self._restart_again:
                 self._restart_again = False
                 self._request_restart()
         elif not self._ever_ready:
-            self._fail(f"{name} {why}")
+            self._fail(what)
         else:
-            _log.error("%s %s; %s", name, why, self._schedule_respawn())
+            _log.error("%s; %s", what, self._schedule_respawn())
+
+    def _on_exec_report(self, child: _Child, mask: int = 0) -> None:
+        """Read what a failed exec writes (errno:strerror); EOF alone means exec worked."""
+        while child.exec_report is not None:
+            try:
+                chunk = os.read(child.exec_report, 256)
+            except BlockingIOError:
+                return
+            if chunk:
+                child.exec_error += chunk
+                continue
+            self._sel.unregister(child.exec_report)
+            os.close(child.exec_report)
+            child.exec_report = None
 
     def _hung(self, child: _Child) -> None:
         """--hang-timeout: the serving child stopped taking the connections sent to it."""
@@ -913,10 +939,7 @@ class _Supervisor:
         try:
             self._spawn()
         except _SpawnError as e:
-            if self._ever_ready:
-                _log.error("%s; %s", e, self._schedule_respawn())
-            else:
-                self._fail(str(e))
+            self._start_failed(None, str(e))
 
     def _fail(self, why: str) -> None:
         _log.error("%s", why)
@@ -1234,7 +1257,8 @@ def _resolve_command(name: str, cwd: str) -> str:
 
 
 def _fork_exec(executable: str, argv: List[str], cwd: str, env: dict, channel_fd: int):
-    """Start the command with channel_fd as its channel: (pid, exec error report or b"")."""
+    """Start the command with channel_fd as its channel: (pid, the read end of a
+    non-blocking close-on-exec pipe: EOF once exec succeeds, "errno:strerror" if not)."""
     env[ENV_FD] = str(channel_fd)
     try:
         err_r, err_w = os.pipe()
@@ -1253,9 +1277,12 @@ def _fork_exec(executable: str, argv: List[str], cwd: str, env: dict, channel_fd
             os.setpgid(pid, pid)    # also here, so a signal cannot beat the child's own call
         except OSError:
             pass                    # it has exec'd already, having done it itself
-        return pid, _read_all(err_r)   # EOF once exec succeeds: err_w is close-on-exec
+        os.set_blocking(err_r, False)
+        report, err_r = err_r, -1
+        return pid, report
     finally:
-        os.close(err_r)
+        if err_r >= 0:
+            os.close(err_r)
         if err_w >= 0:
             os.close(err_w)
 

@@ -716,6 +716,29 @@ class RestartTest(ProtectorTestCase):
         second = daemon.restart()
         self.assertEqual(served_by(daemon.port), second)
 
+    def test_upgrade_whose_exec_fails_keeps_old_child(self):
+        """A new build that cannot even be exec'd (a bad #! line) is reported with
+        the reason; the old child serves on, and the next good build takes over."""
+        script = os.path.join(self.tmp, "server.sh")
+
+        def install(interpreter):       # replaced whole, as a deploy would
+            with open(script + ".new", "w") as f:
+                f.write(f"#!{interpreter}\nexec {sys.executable} {self.app} \"$@\"\n")
+            os.chmod(script + ".new", 0o755)
+            os.replace(script + ".new", script)
+        install("/bin/sh")
+        daemon = Daemon(self, command=["./server.sh"])
+        first = daemon.serving()
+        install("/no/such/interpreter")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(r"restart failed: cannot run '\./server\.sh': No such file or "
+                         rf"directory; child {first} keeps serving", mark)
+        self.assertEqual(served_by(daemon.port), first)
+        install("/bin/sh")
+        second = daemon.restart()
+        self.assertEqual(served_by(daemon.port), second)
+
     def test_new_child_not_ready_in_time_is_stopped(self):
         """A new child not ready within --ready-timeout is stopped; the old one serves on."""
         daemon = Daemon(self, "--ready-timeout", "0.5")
