@@ -245,10 +245,11 @@ class ConnectionReceiver:
             return False
         _consume_message(self._channel)     # what was peeked is ours now
         if kind == _MSG_CONNS and fds:
-            family = msg[1] if len(msg) > 1 else self._family
-            self._family = family
+            if len(msg) > 1:
+                self._family = msg[1]
             # Family and type given, so socket() needs no getsockopt() calls;
             # accepted descriptors are blocking already.
+            family = self._family
             self._held.extend(socket.socket(family, socket.SOCK_STREAM, 0, fd) for fd in fds)
             return True
         if msg == _MSG_DRAIN and not fds:

@@ -1589,6 +1589,27 @@ class HostileTest(ProtectorTestCase):
         for i, c in enumerate(clients):
             self.assertEqual(read_line(c), b"stuck %d\n" % i)
 
+    def open_held_clients(self, port, count):
+        """Clients that each send one line and stay open once served, so every
+        one served holds a descriptor in the server: {socket: its line}."""
+        lines = {}
+        for i in range(count):
+            c = connect(port)
+            self.addCleanup(c.close)
+            c.sendall(b"line %d\n" % i)
+            lines[c] = b"line %d\n" % i
+        return lines
+
+    def assertServedAsRoomAllows(self, lines, daemon):
+        """Every client gets its line back; closing each one served makes room
+        in the server for another."""
+        while lines:
+            ready, _, _ = select.select(list(lines), [], [], TIMEOUT)
+            self.assertTrue(ready, f"{len(lines)} clients never served:\n" + daemon.log())
+            for c in ready:
+                self.assertEqual(read_line(c), lines.pop(c))
+                c.close()
+
     def test_child_short_of_descriptors_gets_its_connections_later(self):
         """A child at its descriptor limit cannot receive what waits in its
         queue: the daemon takes the queue back, sends it again after a pause,
@@ -1597,19 +1618,9 @@ class HostileTest(ProtectorTestCase):
         daemon = Daemon(self)
         daemon.serving()
         mark = daemon.mark()
-        lines = {}
-        for i in range(30):     # each stays open once served, holding a descriptor
-            c = connect(daemon.port)
-            self.addCleanup(c.close)
-            c.sendall(b"line %d\n" % i)
-            lines[c] = b"line %d\n" % i
+        lines = self.open_held_clients(daemon.port, 30)
         daemon.wait_line(r"could not receive \d+ connections; sending them again", mark)
-        while lines:    # closing each one served makes room for another
-            ready, _, _ = select.select(list(lines), [], [], TIMEOUT)
-            self.assertTrue(ready, f"{len(lines)} clients never served:\n" + daemon.log())
-            for c in ready:
-                self.assertEqual(read_line(c), lines.pop(c))
-                c.close()
+        self.assertServedAsRoomAllows(lines, daemon)
 
     def test_event_loop_child_short_of_descriptors_gets_smaller_messages(self):
         """A ConnectionReceiver takes a message whole: one with more connections
@@ -1623,21 +1634,11 @@ class HostileTest(ProtectorTestCase):
         daemon.serving()
         daemon.signal(signal.SIGSTOP)       # so all 40 go to the child in one message
         self.addCleanup(lambda: daemon.signal(signal.SIGCONT) if alive(daemon.pid) else None)
-        lines = {}
-        for i in range(40):     # each stays open once served, holding a descriptor
-            c = connect(daemon.port)
-            self.addCleanup(c.close)
-            c.sendall(b"line %d\n" % i)
-            lines[c] = b"line %d\n" % i
+        lines = self.open_held_clients(daemon.port, 40)
         mark = daemon.mark()
         daemon.signal(signal.SIGCONT)
         daemon.wait_line(r"could not receive 40 connections; sending them again", mark)
-        while lines:    # closing each one served makes room for another
-            ready, _, _ = select.select(list(lines), [], [], TIMEOUT)
-            self.assertTrue(ready, f"{len(lines)} clients never served:\n" + daemon.log())
-            for c in ready:
-                self.assertEqual(read_line(c), lines.pop(c))
-                c.close()
+        self.assertServedAsRoomAllows(lines, daemon)
 
     def test_descriptor_exhaustion_pauses_accepting(self):
         """Out of descriptors: no busy loop, no crash, and it serves again afterwards."""
