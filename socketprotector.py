@@ -88,7 +88,6 @@ _MSG_RESUME = b"K"         # the daemon took the queue back: receive again
 _MSG_CONNS = b"C"
 _MSG_LISTENER = b"L"
 _MSG_DRAIN = b"D"          # listener mode, at shutdown: accept the backlog before letting go
-_END = b""                 # what recv returns at the end of the daemon's stream
 
 _MAX_BATCH = 64            # descriptors per message; the receiver makes room for this many
 _CHANNEL_SNDBUF = 16384    # bounds the messages queued to a child (about 40 here)
@@ -96,6 +95,16 @@ _MAX_WAITING = 256         # accepted connections the daemon queues before it st
 _ACCEPT_PAUSE = 0.1        # seconds to stop accepting after EMFILE and the like
 _NACK_PAUSE = 0.1          # seconds before a child that could not receive is sent more
 _STALL_RETRY = 0.005       # receive_connections(): seconds between looks for the daemon's b"K"
+_MAX_ACCEPT_ERRORS = 64    # failed accepts in a row before pausing (a listener that only fails)
+
+# accept(2): errors of one connection, already gone; the next one may be fine.
+# Linux reports the new connection's pending network errors through accept.
+_ACCEPT_SKIP = frozenset({
+    errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
+    errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
+    errno.ETIMEDOUT})
+# Out of descriptors or memory: the connection stays in the backlog; retry later.
+_ACCEPT_SHORT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 _DEFAULT_READY_TIMEOUT = 30.0
 _DEFAULT_STOP_TIMEOUT = 10.0
@@ -110,6 +119,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
+_HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD,
+                    signal.SIGUSR1, signal.SIGUSR2)
 _DAEMON_ONLY_ENV = (ENV_FD, "NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -163,10 +174,13 @@ class ConnectionReceiver:
         self._held: collections.deque = collections.deque()   # received, not yet returned
         self._channel: Optional[socket.socket] = None
         self._listener: Optional[socket.socket] = None   # ours, or handed over by the daemon
+        self._listener_poll = None  # is anything left in the listener's backlog?
         self._poller = None     # listener mode: epoll over the channel and the listener
         self._family = socket.AF_INET                    # of the connections the daemon sends
-        self._drain_at_end = False                       # the daemon is shutting down
+        self._stream_over = False   # the daemon ended the stream (or is gone)
+        self._drain_at_end = False  # the daemon is shutting down: accept the backlog first
         self._stalled = False       # sent b"N": receive nothing until the daemon's b"K"
+        self._accept_paused_until = 0.0     # out of descriptors: accept again after this
         fd_text = os.environ.pop(ENV_FD, None)
         handoff = os.environ.pop(ENV_HANDOFF, "forward")
         self._daemon = fd_text is not None
@@ -181,8 +195,7 @@ class ConnectionReceiver:
                 self._poller.register(self._channel.fileno(), select.EPOLLIN)
             self._send(_MSG_READY + max(1, min(_batch, _MAX_BATCH)).to_bytes(2, "big"))
         elif port is not None:
-            self._listener = _listen(host or None, port, backlog)
-            self._listener.setblocking(False)
+            self._set_listener(_listen(host or None, port, backlog))
         else:
             raise SocketProtectorError(
                 f"receive_connections: ${ENV_FD} is not set (not started by "
@@ -205,21 +218,83 @@ class ConnectionReceiver:
         the next call (which does not wait for fileno()).  Sets ``ended``
         once the daemon has ended the stream; keep calling until it returns [].
         """
-        if not self._daemon:
-            if self._listener is None:
-                return []
-            return _accept_ready(self._listener, limit or _MAX_BATCH)
         room = limit if limit is not None else sys.maxsize
         conns: List[socket.socket] = []
         # The channel first: a retired child stops accepting at once.
-        while len(conns) < room:
+        while self._daemon and len(conns) < room:
             if self._held:
                 conns.append(self._held.popleft())
-            elif self.ended or not self._pending.poll(0) or not self._receive_message():
+            elif self._stream_over or not self._pending.poll(0) or not self._receive_message():
                 break
         if self._listener is not None and len(conns) < room:
-            conns += _accept_ready(self._listener, min(room - len(conns), _MAX_BATCH))
+            if self._stream_over:
+                self._drain()       # at shutdown: the backlog, into _held
+                while self._held and len(conns) < room:
+                    conns.append(self._held.popleft())
+            else:
+                conns += self._accept(min(room - len(conns), _MAX_BATCH))
         return conns
+
+    def _set_listener(self, listener: socket.socket) -> None:
+        listener.setblocking(False)
+        self._listener = listener
+        self._listener_poll = select.poll()
+        self._listener_poll.register(listener, select.POLLIN)
+        if self._poller is not None:
+            self._poller.register(listener.fileno(), select.EPOLLIN)
+
+    def _accept(self, limit: int) -> List[socket.socket]:
+        """What the listener's backlog holds now, up to limit; [] while paused."""
+        conns: List[socket.socket] = []
+        if self._accept_paused_until:
+            if time.monotonic() < self._accept_paused_until:
+                if self._poller is not None:
+                    self._poller.poll(0)    # consume the edge that woke the caller
+                return conns
+        error = _accept_into(self._listener.accept, self._listener_poll.poll, limit, conns)
+        if error is not None:
+            self._pause_accepting(error)
+        elif self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            if self._poller is not None:
+                self._poller.modify(self._listener.fileno(), select.EPOLLIN)
+        return conns
+
+    def _pause_accepting(self, error: OSError) -> None:
+        """Out of descriptors: the backlog keeps what waits, and accepting
+        pauses.  An event loop is woken again by the next new connection
+        only (edge-triggered), not by the backlog that stays readable."""
+        if not self._accept_paused_until:
+            _log.warning("socketprotector: cannot accept: %s; pausing %g s",
+                         error.strerror, _ACCEPT_PAUSE)
+            if self._poller is not None:
+                self._poller.modify(self._listener.fileno(), select.EPOLLIN | select.EPOLLET)
+        self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
+        if self._poller is not None:
+            self._poller.poll(0)
+
+    def _wait_ms(self) -> int:
+        """For a blocking wait on fileno(): milliseconds until accepting resumes, or -1."""
+        if not self._accept_paused_until:
+            return -1
+        return max(1, int((self._accept_paused_until - time.monotonic()) * 1000) + 1)
+
+    def _drain(self) -> None:
+        """The stream is over at shutdown: accept the whole backlog before
+        letting go of the listener (nobody else will).  Short of descriptors,
+        the rest waits for the next call."""
+        batch = self._accept(sys.maxsize)
+        self._held.extend(batch)
+        if not self._accept_paused_until:
+            self._release_listener()
+
+    def _release_listener(self) -> None:
+        if self._listener is not None:
+            if self._poller is not None:
+                self._poller.unregister(self._listener.fileno())
+            self._listener.close()
+            self._listener = self._listener_poll = None
+        self.ended = True
 
     def _receive_message(self) -> bool:
         """Take one message from the daemon; False if there was none to take."""
@@ -256,10 +331,7 @@ class ConnectionReceiver:
             self._drain_at_end = True
             return True
         if msg == _MSG_LISTENER and len(fds) == 1 and self._poller:
-            listener = socket.socket(fileno=fds[0])
-            listener.setblocking(False)
-            self._poller.register(listener.fileno(), select.EPOLLIN)
-            self._listener = listener
+            self._set_listener(socket.socket(fileno=fds[0]))
             return True
         _close_fds(fds)
         raise ProtocolError(f"unexpected message from socketprotector: {msg!r} "
@@ -275,7 +347,8 @@ class ConnectionReceiver:
             _consume_message(self._channel)
             self._stalled = False
             return True
-        if not head:
+        # The daemon has closed its end (it is gone): no b"K" will ever come.
+        if not head or any(events & select.POLLHUP for _, events in self._pending.poll(0)):
             self._end()
         return False
 
@@ -293,7 +366,7 @@ class ConnectionReceiver:
         for resource in (self._listener, self._channel, self._poller):
             if resource is not None:
                 resource.close()
-        self._listener = self._channel = self._poller = None
+        self._listener = self._channel = self._poller = self._listener_poll = None
 
     def __enter__(self) -> "ConnectionReceiver":
         return self
@@ -302,7 +375,7 @@ class ConnectionReceiver:
         self.close()
 
     def _send(self, msg: bytes) -> None:
-        if self.ended or self._channel is None:
+        if self._stream_over or self._channel is None:
             return
         try:
             self._channel.sendmsg([msg], [], socket.MSG_NOSIGNAL)
@@ -316,12 +389,13 @@ class ConnectionReceiver:
         The channel stays open until close(): at its end it stays readable,
         so an event loop waiting on fileno() wakes up and sees ``ended``.
         """
-        self.ended = True
-        if self._listener is not None and self._poller is not None:
-            if self._drain_at_end:
-                self._held.extend(_accept_ready(self._listener, sys.maxsize))
-            self._listener.close()
-            self._listener = None
+        self._stream_over = True
+        if self._listener is None or self._poller is None:
+            self.ended = True
+        elif self._drain_at_end:
+            self._drain()
+        else:
+            self._release_listener()
 
 
 def receive_connections(port: Optional[int] = None, *, host: str = "") -> Iterator[socket.socket]:
@@ -345,7 +419,7 @@ def receive_connections(port: Optional[int] = None, *, host: str = "") -> Iterat
             elif receiver._stalled:
                 time.sleep(_STALL_RETRY)    # the message waits, readable, until the daemon acts
             else:
-                poller.poll()
+                poller.poll(receiver._wait_ms())
 
 
 # ---------------------------------------------------------------------------
@@ -410,30 +484,88 @@ def _unread_bytes(sock: socket.socket) -> int:
     return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)), sys.byteorder)
 
 
+def _backlog_length(listener: socket.socket) -> Optional[int]:
+    """Connections waiting to be accepted by a TCP listener (tcp_info's
+    tcpi_unacked, which Linux reports for listeners), or None if unknown."""
+    try:
+        info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    except (OSError, AttributeError):
+        return None
+    return int.from_bytes(info[24:28], sys.byteorder) if len(info) >= 28 else None
+
+
+def _processes_holding(inode: int) -> List[int]:
+    """Our descendants, other than us, with the socket `inode` open.
+
+    The daemon is their subreaper (or PID 1), so what a child forked stays
+    below us even once the child is gone.  Only run when a child that left
+    connections unreceived has exited: it reads every process's stat.
+    """
+    me = os.getpid()
+    below: dict = collections.defaultdict(list)
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    stat = f.read()
+                below[int(stat[stat.rindex(b")") + 2:].split()[1])].append(int(name))
+            except (OSError, ValueError):
+                pass    # gone meanwhile
+    target = f"socket:[{inode}]"
+    holders, todo = [], list(below[me])
+    while todo:
+        pid = todo.pop()
+        todo += below[pid]
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    holders.append(pid)
+                    break
+            except OSError:
+                pass
+    return sorted(holders)
+
+
 def _consume_message(sock: socket.socket) -> None:
     """Drop the message just peeked: with no room for them, the kernel closes
     its own references to the descriptors, and the peeked copies remain."""
     sock.recv(16, _DONTWAIT)
 
 
-def _accept_ready(listener: socket.socket, limit: int) -> List[socket.socket]:
-    """Accept up to limit connections the backlog holds now, without blocking.
+def _accept_into(accept, more, limit: int, out: list) -> Optional[OSError]:
+    """Accept up to limit of the connections waiting now, without blocking,
+    appending accept()[0] for each to out.  Return the error that calls for a
+    pause (out of descriptors or memory: the connection stays in the
+    backlog), else None.  One policy for the daemon and the child.
 
-    They are blocking sockets: accept() gives a blocking descriptor, and the
-    socket object follows the default timeout (None unless the caller set one).
+    ``more`` is a poll(0) on the listener: a failed accept() costs more than
+    a poll() (5 us against 0.3 measured here), so it asks before each accept
+    after the first.  Accepted sockets are blocking: accept() gives a
+    blocking descriptor.
     """
-    conns: List[socket.socket] = []
-    more = select.poll()        # a failed accept() costs more than a poll()
-    more.register(listener, select.POLLIN)
-    while len(conns) < limit:
-        if conns and not more.poll(0):
+    taken = errors = 0
+    while taken < limit:
+        if (taken or errors) and not more(0):
             break
         try:
-            conn, _ = listener.accept()
-        except (BlockingIOError, ConnectionAbortedError):
+            out.append(accept()[0])
+        except BlockingIOError:
             break
-        conns.append(conn)
-    return conns
+        except OSError as e:
+            if e.errno in _ACCEPT_SHORT:
+                return e
+            if e.errno not in _ACCEPT_SKIP:
+                raise
+            errors += 1     # that connection failed; the next may not
+            if errors >= _MAX_ACCEPT_ERRORS:
+                return e    # a listener that only fails: do not spin on it
+            continue
+        taken += 1
+    return None
 
 
 def _listen(host: Optional[str], port: int, backlog: int) -> socket.socket:
@@ -519,11 +651,17 @@ class _Child:
         self.queued: collections.deque = collections.deque()
         self.waiting_since = 0.0                 # --hang-timeout: last progress seen
         self.nacked = False                      # ever short of descriptors
+        self.stalled = False                     # sent b"N", not yet sent b"K": send nothing
+        self.reclaimed = 0                       # connections taken back from its queue
+        # Processes (forked by the child) that still hold its channel after
+        # it exited: its queue is theirs to receive until they are gone.
+        self.holders: dict = {}                  # pid -> pidfd (-1: none, checked by timer)
         self.exec_report: Optional[int] = None   # pipe: "errno:strerror" if exec failed
         self.exec_error = b""
 
     def can_take(self, now: float) -> bool:
-        return self.channel is not None and not self.blocked and now >= self.paused_until
+        return (self.channel is not None and not self.blocked and not self.stalled
+                and now >= self.paused_until)
 
     def signal(self, sig: int) -> None:
         # Children lead their own process group: signal the whole group so
@@ -554,7 +692,10 @@ class _Supervisor:
                  stop_timeout: float, wakeup: socket.socket, handoff: str = "forward",
                  hang_timeout: Optional[float] = None,
                  on_event: Callable[[str, str], None] = lambda event, detail: None,
-                 on_sigusr2: Callable[[], None] = lambda: None) -> None:
+                 on_sigusr2: Callable[[], None] = lambda: None,
+                 backlog: int = _DEFAULT_BACKLOG) -> None:
+        self._backlog = backlog
+        self._shutdown_quota = 0     # at shutdown: how many of the backlog are left to accept
         self._on_sigusr2 = on_sigusr2
         self._listener: Optional[socket.socket] = listener
         self._forwarding = handoff == "forward"     # else children accept from our listener
@@ -572,7 +713,9 @@ class _Supervisor:
         self._wakeup = wakeup
         self._listening = False
         self._children: dict = {}                 # pid -> _Child, until reaped
-        self._unreclaimed: List[_Child] = []      # reaped, their queues not yet all taken back
+        self._take_back: List[_Child] = []        # queues not yet all taken back (short of fds)
+        self._deferred: List[_Child] = []         # exited; others still hold their channel
+        self._holders_check_at: Optional[float] = None   # no pidfd: look for holders again
         self._serving: Optional[_Child] = None
         self._starting: Optional[_Child] = None
         self._waiting: collections.deque = collections.deque()   # accepted fds not yet sent
@@ -620,8 +763,8 @@ class _Supervisor:
 
     def _timeout(self) -> Optional[float]:
         """Seconds until the soonest deadline (None: none), noted in _next_deadline."""
-        pending = [d for d in (self._stop_deadline, self._respawn_at, self._accept_paused_until)
-                   if d is not None]
+        pending = [d for d in (self._stop_deadline, self._respawn_at, self._accept_paused_until,
+                               self._holders_check_at) if d is not None]
         for child in self._children.values():
             if child.deadline is not None:
                 pending.append(child.deadline)
@@ -665,20 +808,24 @@ class _Supervisor:
             self._terminate_all(f"after --stop-timeout {self._stop_timeout:g} s")
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
             self._accept_paused_until = None
-            for child in list(self._unreclaimed):   # exited; not all taken back yet
-                self._reclaim(child)
+            for child in list(self._take_back):     # short of descriptors the last time
+                if self._reclaim(child) and child.stalled:
+                    self._resume(child)
+        if self._holders_check_at is not None and now >= self._holders_check_at:
+            self._holders_check_at = None
+            for child in list(self._deferred):
+                self._check_holders(child)
 
     def _close_everything(self) -> None:
-        self._set_listening(False)
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        self._close_listener()
         if self._waiting:
             _log.warning("closing %d connections no child took", len(self._waiting))
         _close_fds(self._waiting)
         self._waiting.clear()
-        for child in [*self._children.values(), *self._unreclaimed]:
+        for child in [*self._children.values(), *self._take_back,
+                      *self._deferred]:
             self._close_channel(child)
+            self._stop_watching_holders(child)
             if child.exec_report is not None:
                 os.close(child.exec_report)
                 child.exec_report = None
@@ -700,7 +847,10 @@ class _Supervisor:
                 break
             signums += data
         self._reap()
-        for signum in dict.fromkeys(signums):   # each kind once, in arrival order
+        # Each signal as it came: two SIGTERMs mean "now", even read together.
+        # (SIGCHLD only says "reap", done above; signals the kernel merged
+        # while pending arrive once.)
+        for signum in signums:
             if signum == signal.SIGHUP:
                 self._request_restart()
             elif signum in (signal.SIGTERM, signal.SIGINT):
@@ -850,7 +1000,8 @@ class _Supervisor:
         how = _describe_status(status)
         child.state = _State.EXITED
         self._close_channel(child)
-        self._reclaim(child)
+        if not self._check_holders(child):
+            self._reclaim(child)
         if child is self._starting:
             self._starting = None
         self._on_exec_report(child)     # a failed exec has written why: read it now
@@ -983,12 +1134,13 @@ class _Supervisor:
         self._on_event("stopping", "shutting down")
         if self._listener is not None:
             if self._serving is not None and self._forwarding:
-                # What waits in the backlog is served, not reset.  (In
-                # listener mode each child accepts its backlog at its end.)
-                self._accept(limit=None)
-            self._set_listening(False)
-            self._listener.close()
-            self._listener = None
+                # What waits in the backlog is served, not reset (see
+                # _pump).  In listener mode each child accepts its backlog
+                # at its end.
+                waiting = _backlog_length(self._listener)
+                self._shutdown_quota = self._backlog if waiting is None else waiting
+            else:
+                self._close_listener()
         self._stop_deadline = time.monotonic() + self._stop_timeout
         if self._starting is not None:
             self._retire(self._starting)
@@ -1007,40 +1159,30 @@ class _Supervisor:
     def _on_listener(self, mask: int) -> None:
         if not self._listening:
             return      # unregistered by an earlier event of the same select()
-        self._accept(limit=_MAX_WAITING - len(self._waiting))
+        if self._stopping:
+            self._shutdown_quota -= self._accept(min(self._shutdown_quota,
+                                                     _MAX_WAITING - len(self._waiting)))
+        else:
+            self._accept(_MAX_WAITING - len(self._waiting))
 
-    def _accept(self, limit: Optional[int]) -> None:
-        accept = self._listener._accept   # raw fds: no socket object per connection
-        # A failed accept() costs far more than a poll() (5 us against 0.3
-        # measured here), so ask before each accept after the first.
-        more = self._backlog_poll.poll
-        waiting = self._waiting
-        count = 0
-        while limit is None or count < limit:
-            if count and not more(0):
-                break
-            try:
-                fd, _ = accept()
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # The connection stays in the backlog; try again shortly
-                    # instead of spinning on a listener that stays readable.
-                    if self._accept_error != e.strerror:
-                        self._accept_error = e.strerror
-                        _log.warning("cannot accept: %s; retrying every %g s",
-                                     e.strerror, _ACCEPT_PAUSE)
-                    self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
-                    break
-                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue
-                raise
-            waiting.append(fd)
-            count += 1
-        if count and self._accept_error:
+    def _accept(self, limit: int) -> int:
+        """Accept up to limit connections into our queue; how many."""
+        before = len(self._waiting)
+        error = _accept_into(self._listener._accept, self._backlog_poll.poll, limit,
+                             self._waiting)     # raw fds: no socket object per connection
+        count = len(self._waiting) - before
+        if error is not None:
+            # The connection stays in the backlog; try again shortly
+            # instead of spinning on a listener that stays readable.
+            if self._accept_error != error.strerror:
+                self._accept_error = error.strerror
+                _log.warning("cannot accept: %s; retrying every %g s",
+                             error.strerror, _ACCEPT_PAUSE)
+            self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
+        elif count and self._accept_error:
             _log.info("accepting again")
             self._accept_error = None
+        return count
 
     def _pump(self) -> None:
         """Send waiting connections to the serving child; then decide whether to accept."""
@@ -1060,7 +1202,11 @@ class _Supervisor:
                 break
             except OSError as e:
                 self._waiting.extendleft(reversed(batch))
-                if e.errno == errno.ETOOMANYREFS:
+                if e.errno in (errno.ETOOMANYREFS, errno.ENOBUFS, errno.ENOMEM):
+                    # Too many descriptors in flight, or memory short for
+                    # the moment: the child is fine, try again shortly.
+                    # (Treating it as a hang-up would make us a second
+                    # reader of a queue the child still reads.)
                     child.paused_until = now + _NACK_PAUSE
                     break
                 self._channel_closed(child)     # EPIPE, ECONNRESET: it hung up
@@ -1074,12 +1220,25 @@ class _Supervisor:
             self.forwarded += room
             if debug:
                 _log.debug("sent child %d %d connections (fds %s)", child.pid, len(batch), batch)
-        if self._stopping and self._serving is not None and not self._waiting:
-            self._retire(self._serving)
+        if self._stopping:
+            # The backlog as it was at the stop is accepted, in steps
+            # as the child takes it; then the port closes.
+            if self._listener is not None and (
+                    self._serving is None or self._shutdown_quota <= 0
+                    or not self._backlog_poll.poll(0)):
+                self._close_listener()
+            if self._serving is not None and not self._waiting and self._listener is None:
+                self._retire(self._serving)
         self._set_listening(
-            self._forwarding and not self._stopping and self._serving is not None
+            self._forwarding and self._serving is not None
             and self._serving.can_take(now) and len(self._waiting) < _MAX_WAITING
             and self._accept_paused_until is None)
+
+    def _close_listener(self) -> None:
+        self._set_listening(False)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
 
     def _set_listening(self, want: bool) -> None:
         if want == self._listening or self._listener is None:
@@ -1090,14 +1249,17 @@ class _Supervisor:
             self._sel.unregister(self._listener)
         self._listening = want
 
-    def _reclaim(self, child: _Child, report: bool = True) -> int:
-        """Take back what waits in a child's queue, to the front of ours; how many.
+    def _reclaim(self, child: _Child, report: bool = True) -> bool:
+        """Take back what waits in a child's queue, to the front of ours.
 
-        Only when the child will not receive: it exited, hung up, or stalled.
+        Only when nobody will receive from it: the child exited (and nothing
+        it forked holds the channel), hung up, or stalled waiting for our
+        b"K".  True once the queue is empty; False if we ran short of
+        descriptors, and then it is tried again after the accept pause.
         """
         inbox = child.inbox
         if inbox is None:
-            return 0
+            return True
         taken: List[int] = []
         complete = False
         while True:
@@ -1123,15 +1285,72 @@ class _Supervisor:
                       child.pid, len(taken))
         self._waiting.extendleft(reversed(taken))
         child.queued.clear()
+        child.reclaimed += len(taken)
+        if not complete:
+            if child not in self._take_back:
+                _log.warning("cannot take back all of child %d's queue: out of descriptors; "
+                             "retrying every %g s", child.pid, _ACCEPT_PAUSE)
+                self._take_back.append(child)
+            return False
+        if child in self._take_back:
+            self._take_back.remove(child)
         if child.state is _State.EXITED:
-            if complete:
-                inbox.close()
-                child.inbox = None
-                if child in self._unreclaimed:
-                    self._unreclaimed.remove(child)
-            elif child not in self._unreclaimed:
-                self._unreclaimed.append(child)
-        return len(taken)
+            inbox.close()
+            child.inbox = None
+        return True
+
+    def _check_holders(self, child: _Child) -> bool:
+        """After the child exited: do processes it started still hold its
+        channel?  Then they may still receive from it, and taking the queue
+        back would race with them (peek and receive are two calls): it stays
+        theirs until they are gone.  True while any holds it."""
+        holders = []
+        if child.inbox is not None and _unread_bytes(child.inbox):
+            holders = _processes_holding(os.fstat(child.inbox.fileno()).st_ino)
+        if not holders:
+            self._stop_watching_holders(child)
+            if child in self._deferred:
+                self._deferred.remove(child)
+                self._reclaim(child)
+            return False
+        if child not in self._deferred:
+            self._deferred.append(child)
+            _log.warning("child %d exited, but process %s started by it still holds its "
+                         "channel (does the command fork instead of exec?); what it has not "
+                         "received stays with it until it exits", child.pid,
+                         ", ".join(map(str, holders)))
+        for pid in holders:
+            if pid not in child.holders:
+                child.holders[pid] = self._watch_process(
+                    pid, functools.partial(self._holder_exited, child))
+        for pid in [p for p in child.holders if p not in holders]:
+            self._unwatch_process(child.holders.pop(pid))
+        return True
+
+    def _holder_exited(self, child: _Child, mask: int = 0) -> None:
+        self._check_holders(child)
+
+    def _watch_process(self, pid: int, callback) -> int:
+        """A pidfd that becomes readable when pid exits, in the selector; -1
+        (and a look every second) where pidfds do not exist."""
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            if self._holders_check_at is None:
+                self._holders_check_at = time.monotonic() + 1.0
+            return -1
+        self._sel.register(fd, selectors.EVENT_READ, callback)
+        return fd
+
+    def _unwatch_process(self, fd: int) -> None:
+        if fd >= 0:
+            self._sel.unregister(fd)
+            os.close(fd)
+
+    def _stop_watching_holders(self, child: _Child) -> None:
+        for fd in child.holders.values():
+            self._unwatch_process(fd)
+        child.holders.clear()
 
     def _sync_queue(self, child: _Child) -> int:
         """Forget the messages the child has received since last asked; how many."""
@@ -1188,19 +1407,31 @@ class _Supervisor:
         """The child has no room for the descriptors at the head of its queue:
         take the queue back (it receives nothing until our b"K") and send it
         again in smaller messages, after a pause."""
-        count = self._reclaim(child, report=False)
+        child.stalled = True
+        before = child.reclaimed
+        complete = self._reclaim(child, report=False)
+        # Once per child at warning: at its limit it may ask every pause.
+        _log.log(logging.DEBUG if child.nacked else logging.WARNING,
+                 "child %d could not receive %d connections; sending them again",
+                 child.pid, child.reclaimed - before)
+        child.nacked = True
+        if complete:
+            self._resume(child)
+        # else b"K" would queue behind what is left: it goes once that is taken back
+
+    def _resume(self, child: _Child) -> None:
+        """The stalled child's queue is empty: b"K", and smaller messages after a pause."""
+        child.stalled = False
+        if child.channel is None:
+            return
         try:
-            child.channel.send(_MSG_RESUME)     # its queue is empty now: room
+            child.channel.send(_MSG_RESUME)
         except OSError:
             self._channel_closed(child)
             return
         child.paused_until = time.monotonic() + _NACK_PAUSE
         # Smaller messages, or one that never fits would be refused forever.
         child.batch_limit = max(1, child.batch_limit // 2)
-        # Once per child at warning: at its limit it may ask every pause.
-        _log.log(logging.DEBUG if child.nacked else logging.WARNING,
-                 "child %d could not receive %d connections; sending them again", child.pid, count)
-        child.nacked = True
 
     def _channel_closed(self, child: _Child) -> None:
         # The child shut its end down: it receives no more, so what waits
@@ -1266,12 +1497,20 @@ def _fork_exec(executable: str, argv: List[str], cwd: str, env: dict, channel_fd
     except OSError as e:
         raise _SpawnError(f"cannot start {argv[0]!r}: {e.strerror}") from None
     try:
+        # Until the child has reset its handlers, a signal sent to it would
+        # run ours and be written into the daemon's wakeup socket: keep them
+        # pending until then.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
+        pid = -1
         try:
             pid = os.fork()
         except OSError as e:
             raise _SpawnError(f"cannot start {argv[0]!r}: fork: {e.strerror}") from None
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if pid == 0:
-            _exec_child(executable, argv, env, cwd, channel_fd, err_w)
+            _exec_child(executable, argv, env, cwd, channel_fd, err_w, mask)
         os.close(err_w)
         err_w = -1
         try:
@@ -1289,13 +1528,13 @@ def _fork_exec(executable: str, argv: List[str], cwd: str, env: dict, channel_fd
 
 
 def _exec_child(executable: str, argv: List[str], env: dict, cwd: str,
-                channel_fd: int, err_w: int) -> None:
+                channel_fd: int, err_w: int, mask) -> None:
     """In the forked child: exec the command or report why not; never returns."""
     try:
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD,
-                    signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE, signal.SIGXFSZ):
+        for sig in (*_HANDLED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)   # Python ignores SIGPIPE; a server expects the default
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)    # what is pending now acts as default
         os.setpgid(0, 0)
         os.chdir(cwd)
         devnull = os.open(os.devnull, os.O_RDONLY)
@@ -1545,7 +1784,7 @@ def _control(opts: argparse.Namespace) -> int:
     if opts.stop:
         os.kill(pid, signal.SIGTERM)
         # It lets go of the pid file just before it exits: wait for both.
-        _await(lambda: _running_pid(opts.pid_file) != pid and _exited(pid),
+        _await(lambda: _running_pid(opts.pid_file) != pid and _process_gone(pid),
                time.monotonic() + opts.stop_timeout + 2 * _KILL_GRACE,
                f"daemon {pid} still running after SIGTERM")
         return EXIT_OK
@@ -1565,7 +1804,7 @@ def _control(opts: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _exited(pid: int) -> bool:
+def _process_gone(pid: int) -> bool:
     """Whether a process (not our child) is gone, or only a zombie awaiting its reaper."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -1811,8 +2050,7 @@ def _configure_logging(opts: argparse.Namespace, log_file: Optional[_LogFile]) -
 
 def _install_signals(wakeup: socket.socket) -> None:
     signal.set_wakeup_fd(wakeup.fileno(), warn_on_full_buffer=False)
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1,
-                signal.SIGUSR2):
+    for sig in _HANDLED_SIGNALS:
         signal.signal(sig, _ignore_signal)
 
 
@@ -1863,6 +2101,7 @@ def _serve(opts: argparse.Namespace) -> None:
                     listener, opts.command, cwd=cwd, ready_timeout=opts.ready_timeout,
                     drain_timeout=opts.drain_timeout, stop_timeout=opts.stop_timeout,
                     wakeup=wake_r, handoff=opts.handoff, hang_timeout=opts.hang_timeout,
+                    backlog=opts.backlog,
                     on_event=lambda event, detail: [sink(event, detail) for sink in sinks],
                     on_sigusr2=log_file.reopen if log_file else lambda: None)
                 try:
