@@ -70,6 +70,7 @@ import selectors
 import shutil
 import signal
 import socket
+import stat
 import sys
 import termios
 import time
@@ -507,8 +508,8 @@ def _processes_holding(inode: int) -> List[int]:
         if name.isdigit():
             try:
                 with open(f"/proc/{name}/stat", "rb") as f:
-                    stat = f.read()
-                below[int(stat[stat.rindex(b")") + 2:].split()[1])].append(int(name))
+                    data = f.read()
+                below[int(data[data.rindex(b")") + 2:].split()[1])].append(int(name))
             except (OSError, ValueError):
                 pass    # gone meanwhile
     target = f"socket:[{inode}]"
@@ -721,6 +722,7 @@ class _Supervisor:
         self._waiting: collections.deque = collections.deque()   # accepted fds not yet sent
         self._ever_ready = False
         self._restart_again = False
+        self._restart_open = False      # a restart began, its outcome not yet reported
         self._stopping = False
         self._stop_deadline: Optional[float] = None
         self._respawn_at: Optional[float] = None
@@ -939,11 +941,15 @@ class _Supervisor:
             self.restarts += 1
             self._retire(old)       # before saying so: whoever reads the log may act at once
             _log.info("child %d ready; child %d retiring", child.pid, old.pid)
-            self._on_event("reloaded", f"child {child.pid} serving")
         else:
             _log.info("child %d ready, serving", child.pid)
-            self._on_event("ready" if not self._ever_ready else "recovered",
-                           f"child {child.pid} serving")
+        detail = f"child {child.pid} serving"
+        if not self._ever_ready:
+            self._on_event("ready", detail)
+        elif self._restart_open:
+            self._restart_finished(detail)
+        else:
+            self._on_event("recovered", detail)     # a crashed child's replacement
         self._ever_ready = True
         if self._stopping:
             self._retire(child)
@@ -1045,14 +1051,22 @@ class _Supervisor:
             self.failed_restarts += 1
             failure = f"restart failed: {what}; child {self._serving.pid} keeps serving"
             _log.error("%s", failure)
-            self._on_event("reloaded", failure)
+            self._restart_finished(failure)
             if self._restart_again:
                 self._restart_again = False
                 self._request_restart()
         elif not self._ever_ready:
             self._fail(what)
         else:
-            _log.error("%s; %s", what, self._schedule_respawn())
+            failure = f"{what}; {self._schedule_respawn()}"
+            _log.error("%s", failure)
+            self._restart_finished(f"restart failed: {failure}")
+
+    def _restart_finished(self, outcome: str) -> None:
+        """The restart a SIGHUP began has ended (an outcome for --reload and systemd)."""
+        if self._restart_open:
+            self._restart_open = False
+            self._on_event("reloaded", outcome)
 
     def _on_exec_report(self, child: _Child, mask: int = 0) -> None:
         """Read what a failed exec writes (errno:strerror); EOF alone means exec worked."""
@@ -1114,6 +1128,7 @@ class _Supervisor:
         self._respawn_at = None
         if self._serving is not None:
             _log.info("restart: starting a new child to replace child %d", self._serving.pid)
+        self._restart_open = True
         self._on_event("reloading", "starting a new child")
         try:
             self._spawn()
@@ -1564,34 +1579,121 @@ def _read_all(fd: int) -> bytes:
 # ---------------------------------------------------------------------------
 
 
+def _open_checked(path: str, flags: int, mode: int, what: str, owners=()) -> int:
+    """Open a file the daemon keeps (pid, state, log), refusing what a user
+    who can write its directory could plant: a symbolic link (O_NOFOLLOW),
+    anything but a plain file, a second hard link, or a file owned by
+    another user than us (or one of ``owners``).  Checked on the open
+    descriptor, so nothing can be swapped in between.  A descriptor, or
+    SocketProtectorError."""
+    try:
+        # O_NONBLOCK: a FIFO planted there must not block the open.
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SocketProtectorError(f"{what} {path} is a symbolic link; refusing to "
+                                       f"follow it") from None
+        raise SocketProtectorError(f"cannot open {what} {path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        problem = "is not a regular file"
+    elif st.st_nlink > 1:
+        problem = f"has {st.st_nlink} hard links"
+    elif st.st_uid != os.geteuid() and st.st_uid not in owners:
+        problem = f"belongs to uid {st.st_uid}, not to uid {os.geteuid()}"
+    else:
+        os.set_blocking(fd, True)
+        return fd
+    os.close(fd)
+    raise SocketProtectorError(f"{what} {path} {problem}; refusing to use it")
+
+
+def _holds_file(pid: int, st: os.stat_result) -> Optional[bool]:
+    """Whether process pid has the file ``st`` open; None if we may not look."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        return None
+    for fd in fds:
+        try:
+            there = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
+            return True
+    return False
+
+
+def _named_pid(fd: int) -> Optional[int]:
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
+
+
 class _PidFile:
-    """A pid file locked (flock) for the daemon's whole life."""
+    """A pid file locked (flock) for the daemon's whole life.
+
+    The file is readable by anyone, so anyone can also flock it.  A lock
+    counts as a running daemon only if the process the file names holds
+    the file open; a lock held by anyone else is squatting, and the file is
+    replaced by a new one.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd = -1
         while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise SocketProtectorError(f"cannot open pid file {path}: {e.strerror}") from None
+            fd = _open_checked(path, os.O_RDWR | os.O_CREAT, 0o644, "pid file")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise SocketProtectorError(
-                    f"already running, pid {holder} (pid file {path} is locked)") from None
+                fd = self._locked_by_other(fd)
+                if fd < 0:
+                    continue
             # The file may have been removed by its previous owner between our
             # open and our lock; then the lock protects nothing: try again.
             try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+                same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
             if same:
                 self._fd = fd
+                self.write(os.getpid())   # at once: a lock with no pid looks like squatting
                 return
             os.close(fd)
+
+    def _locked_by_other(self, fd: int) -> int:
+        """Another holds the lock: raise if it is a daemon; otherwise replace
+        the file with a new one, locked, and return it (-1: look again)."""
+        st = os.fstat(fd)
+        for _ in range(10):     # a daemon writes its pid just after it locks
+            pid = _named_pid(fd)
+            if pid is not None:
+                break
+            time.sleep(0.01)
+        genuine = _holds_file(pid, st) if pid is not None else False
+        if genuine is not False:
+            os.close(fd)
+            raise SocketProtectorError(f"already running, pid {pid} "
+                                       f"(pid file {self.path} is locked)")
+        os.close(fd)
+        # Squatted (or a stale lock): a new file in its place; whoever holds
+        # the old one keeps a lock on a file nobody uses.
+        fresh = f"{self.path}.{os.getpid()}.new"
+        new = _open_checked(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644, "pid file")
+        try:
+            fcntl.flock(new, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(fresh, self.path)
+        except OSError as e:
+            os.close(new)
+            _unlink_quietly(fresh)
+            raise SocketProtectorError(f"cannot replace pid file {self.path}: "
+                                       f"{e.strerror}") from None
+        print(f"socketprotector: warning: pid file {self.path} was locked by a process "
+              f"that is not a daemon{f' (the file names {pid})' if pid else ''}; "
+              f"replaced it", file=sys.stderr)
+        return new
 
     def write(self, pid: int) -> None:
         os.ftruncate(self._fd, 0)
@@ -1603,6 +1705,13 @@ class _PidFile:
         _remove_owned_file(self.path, self._fd)
         os.close(self._fd)
         self._fd = -1
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 class _Launcher:
@@ -1691,33 +1800,41 @@ class _SystemdNotifier:
 
 
 class _StateFile:
-    """PIDFILE.state: how many restarts have finished, and how the last one ended.
+    """PIDFILE.state: what --reload reads about the running daemon.
 
-    --reload reads it to wait for the restart it asked for.  Rewritten in
-    place through a descriptor opened at start, so it still works after
-    --user has dropped the right to create files there; "end" closes a
-    complete record.  Removed on exit.
+    Lines: "restart SEQ START_NS OUTCOME" for each of the last few restarts
+    (START_NS: CLOCK_MONOTONIC when the daemon began it; OUTCOME "running"
+    until it ended), "stopping 0|1", "last DETAIL", then "end", which closes
+    a complete record.  Rewritten in place through a descriptor opened at
+    start, so it still works after --user has dropped the right to create
+    files there.  Removed on exit.
     """
 
     def __init__(self, pid_file: str) -> None:
         self.path = pid_file + ".state"
-        self._finished = 0
-        try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        except OSError as e:
-            raise SocketProtectorError(f"cannot create {self.path}: {e.strerror}") from None
+        self._restarts: collections.deque = collections.deque(maxlen=8)
+        self._seq = 0
+        self._stopping = False
+        self._fd = _open_checked(self.path, os.O_RDWR | os.O_CREAT, 0o644, "state file")
         self._write("starting")
 
     def on_event(self, event: str, detail: str) -> None:
-        if event == "reloaded":
-            self._finished += 1
+        if event == "reloading":
+            self._seq += 1
+            self._restarts.append([self._seq, time.clock_gettime_ns(time.CLOCK_MONOTONIC),
+                                   "running"])
+        elif event == "reloaded" and self._restarts and self._restarts[-1][2] == "running":
+            self._restarts[-1][2] = detail
+        elif event == "stopping":
+            self._stopping = True
         self._write(detail)
 
     def _write(self, last: str) -> None:
-        record = f"restarts-finished {self._finished}\nlast {last}\nend\n".encode()
+        lines = [f"restart {seq} {start} {outcome}" for seq, start, outcome in self._restarts]
+        lines += [f"stopping {int(self._stopping)}", f"last {last}", "end", ""]
         try:
             os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, record, 0)
+            os.pwrite(self._fd, "\n".join(lines).encode(), 0)
         except OSError as e:
             _log.warning("cannot write %s: %s", self.path, e.strerror)
 
@@ -1737,40 +1854,79 @@ def _remove_owned_file(path: str, fd: int) -> None:
         os.ftruncate(fd, 0)
 
 
-def _read_state(path: str) -> Optional[tuple]:
-    """(restarts finished, last outcome) from a state file; None if not complete."""
+def _read_state(path: str) -> Optional[dict]:
+    """A state file's record ({"restarts": [(seq, start_ns, outcome)],
+    "stopping": bool, "last": str}); None while it is being rewritten."""
     try:
-        with open(path) as f:
-            lines = f.read().split("\n")
-        fields = dict(line.partition(" ")[::2] for line in lines)
-        if "end" not in fields:
-            return None
-        return int(fields["restarts-finished"]), fields.get("last", "")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise SocketProtectorError(f"no daemon state in {path}") from None
-    except (OSError, KeyError, ValueError):
-        return None
+    except OSError as e:
+        raise SocketProtectorError(f"cannot read daemon state {path}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SocketProtectorError(f"daemon state {path} is not a regular file")
+        text = os.read(fd, 65536).decode(errors="replace")
+    finally:
+        os.close(fd)
+    record: dict = {"restarts": [], "stopping": False, "last": ""}
+    for line in text.split("\n"):
+        key, _, value = line.partition(" ")
+        if key == "restart":
+            seq, start, outcome = value.split(" ", 2)
+            record["restarts"].append((int(seq), int(start), outcome))
+        elif key == "stopping":
+            record["stopping"] = value == "1"
+        elif key == "last":
+            record["last"] = value
+        elif key == "end":
+            return record
+    return None
 
 
 def _running_pid(pid_file: str) -> Optional[int]:
-    """The pid of the daemon holding pid_file's lock, or None if none does."""
+    """The pid of the daemon holding pid_file's lock, or None if none does.
+
+    The pid is trusted only if that process holds the pid file open (anyone
+    who can read the file can lock it, or write a pid into a copy).
+    """
     try:
-        fd = os.open(pid_file, os.O_RDONLY)
+        fd = os.open(pid_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SocketProtectorError(f"pid file {pid_file} is a symbolic link; "
+                                       f"refusing to follow it") from None
         raise SocketProtectorError(f"cannot open pid file {pid_file}: {e.strerror}") from None
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SocketProtectorError(f"pid file {pid_file} is not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            text = os.read(fd, 32).decode(errors="replace").strip()
-            if text.isdigit():
-                return int(text)
-            raise SocketProtectorError(f"pid file {pid_file} is locked but holds {text!r}")
+            pid = _named_pid(fd)
+            genuine = _holds_file(pid, st) if pid is not None else False
+            # Not allowed to look (a daemon that dropped privileges): trust
+            # a file only root or we could have written.
+            if genuine or (genuine is None and st.st_uid in (0, os.geteuid())):
+                return pid
+            raise SocketProtectorError(
+                f"pid file {pid_file} is locked, but not by the process it names "
+                f"({pid if pid is not None else 'none'})")
         return None     # nobody holds the lock: a stale file
     finally:
         os.close(fd)
+
+
+def _signal_daemon(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        raise SocketProtectorError(f"daemon {pid} has exited") from None
+    except OSError as e:
+        raise SocketProtectorError(f"cannot signal daemon {pid}: {e.strerror}") from None
 
 
 def _control(opts: argparse.Namespace) -> int:
@@ -1782,25 +1938,37 @@ def _control(opts: argparse.Namespace) -> int:
             return EXIT_OK
         raise SocketProtectorError(f"not running (no daemon holds {opts.pid_file})")
     if opts.stop:
-        os.kill(pid, signal.SIGTERM)
+        _signal_daemon(pid, signal.SIGTERM)
         # It lets go of the pid file just before it exits: wait for both.
         _await(lambda: _running_pid(opts.pid_file) != pid and _process_gone(pid),
                time.monotonic() + opts.stop_timeout + 2 * _KILL_GRACE,
                f"daemon {pid} still running after SIGTERM")
         return EXIT_OK
-    state = opts.pid_file + ".state"
+    path = opts.pid_file + ".state"
     deadline = time.monotonic() + opts.ready_timeout + 2 * _KILL_GRACE
     # A record being rewritten reads as incomplete (None): ask again.
-    before = _await(lambda: _read_state(state), deadline, f"cannot read daemon state {state}")
-    os.kill(pid, signal.SIGHUP)
+    if _await(lambda: _read_state(path), deadline, f"cannot read daemon state {path}")["stopping"]:
+        raise SocketProtectorError(f"daemon {pid} is shutting down")
+    # Our restart is the first the daemon begins after this instant: a
+    # restart already under way does not count, and a SIGHUP it folds into
+    # "one more restart" begins later.
+    asked = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    _signal_daemon(pid, signal.SIGHUP)
 
-    def finished():
-        now = _read_state(state)
-        return now if now is not None and now[0] > before[0] else None
-    _, last = _await(finished, deadline,
-                     f"daemon {pid}: restart not finished after {opts.ready_timeout:g} s")
-    if last.startswith("restart failed"):
-        raise SocketProtectorError(last)
+    def outcome():
+        record = _read_state(path)
+        if record is None:
+            return None
+        for _, start, result in record["restarts"]:
+            if start >= asked and result != "running":
+                return result
+        return "stopping" if record["stopping"] else None
+    result = _await(outcome, deadline,
+                    f"daemon {pid}: restart not finished after {opts.ready_timeout:g} s")
+    if result == "stopping":
+        raise SocketProtectorError(f"daemon {pid} began shutting down before it restarted")
+    if result.startswith("restart failed"):
+        raise SocketProtectorError(result)
     return EXIT_OK
 
 
@@ -1987,10 +2155,15 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
 
 
 class _LogFile:
-    """--log-file: the daemon's log, and when detached its children's output."""
+    """--log-file: the daemon's log, and when detached its children's output.
 
-    def __init__(self, path: str) -> None:
+    With --user it belongs to that user (mode 0640), so that the daemon can
+    create a new one after logrotate has moved it away.
+    """
+
+    def __init__(self, path: str, owner: Optional[tuple] = None) -> None:
         self.path = path
+        self._owner = owner         # (uid, gid) it should belong to, or None: ours
         self.stream = self._open()
         self.handler = logging.StreamHandler(self.stream)
         self.handler.setFormatter(logging.Formatter(
@@ -1998,9 +2171,16 @@ class _LogFile:
         self._stdio = False
 
     def _open(self):
+        owners = (self._owner[0],) if self._owner else ()
+        fd = _open_checked(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640,
+                           "log file", owners)
         try:
-            return open(self.path, "a", buffering=1, encoding="utf-8", errors="replace")
+            if self._owner and os.geteuid() != self._owner[0]:
+                os.fchown(fd, *self._owner)     # adopt it for the user
+                os.fchmod(fd, 0o640)
+            return open(fd, "a", buffering=1, encoding="utf-8", errors="replace")
         except OSError as e:
+            os.close(fd)
             raise SocketProtectorError(f"cannot open log file {self.path}: "
                                        f"{e.strerror}") from None
 
@@ -2064,7 +2244,8 @@ def _serve(opts: argparse.Namespace) -> None:
     cwd = os.getcwd()
     _resolve_command(opts.command[0], cwd)      # fail before detaching
     user = _resolve_user(opts.user) if opts.user else None
-    log_file = _LogFile(opts.log_file) if opts.log_file else None
+    log_file = (_LogFile(opts.log_file, (user[0].pw_uid, user[1]) if user else None)
+                if opts.log_file else None)
     _configure_logging(opts, log_file)
     pid_file = _PidFile(opts.pid_file) if opts.pid_file else None
     launcher = notifier = state_file = None
