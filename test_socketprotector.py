@@ -8,6 +8,7 @@ Tests wait on conditions (a log line, a pid, a reply) with deadlines; none
 sleeps a fixed time to let something happen.
 """
 
+import atexit
 import errno
 import faulthandler
 import os
@@ -33,7 +34,9 @@ sys.path.insert(0, HERE)
 import socketprotector  # noqa: E402
 
 TIMEOUT = 10.0          # the most any single condition may take
-WATCHDOG = 120.0        # a hung test is dumped and the run fails
+WATCHDOG = 120          # seconds: a hung test fails with a traceback, and cleans up
+HARD_WATCHDOG = 60      # seconds more: the run is killed, with every test session
+SESSIONS = set()        # process groups (sessions) tests started and not yet killed
 
 # A test server on receive_connections().  It echoes lines, except:
 #   "pid"   -> its pid, to tell which child served a connection
@@ -45,11 +48,16 @@ WATCHDOG = 120.0        # a hung test is dumped and the run fails
 # SP_TEST_SLOW (sleep the seconds it holds after taking each connection), and
 # hostile children that become ready and then SP_TEST_NOREAD (never read the
 # channel), SP_TEST_GARBAGE (write garbage to it), SP_TEST_HANGUP (close it
-# and keep running).  SP_TEST_RECORD names a file that gets the peer port of
-# every connection the server takes.
+# and keep running; once as many connections as it holds wait in its queue).
+# SP_TEST_DELAY's child creates "<its file>.sleeping" as it begins to sleep.
+# SP_TEST_FORK: after taking its first connection the server forks, the
+# parent exits and the fork serves on (a server that daemonizes itself).
+# SP_TEST_RECORD names a file that gets the peer port of every connection the
+# server takes.
 APP = r'''
 import os, resource, socket, sys, threading, time
 sys.path.insert(0, os.environ["SP_TEST_LIBDIR"])
+import socketprotector
 from socketprotector import ConnectionReceiver, receive_connections
 
 def flag(name):
@@ -97,11 +105,16 @@ def main():
         if garbage:
             os.write(channel, b"garbage")
         if hangup:
+            queued = int(open(hangup).read() or 0)
+            while socketprotector._unread_bytes(receiver._channel) < 2 * queued:
+                time.sleep(0.01)
             receiver.close()
         time.sleep(3600)
     delay = flag("SP_TEST_DELAY")
     if delay:
-        time.sleep(float(open(delay).read()))
+        seconds = float(open(delay).read())
+        open(delay + ".sleeping", "w").close()
+        time.sleep(seconds)
     if flag("SP_TEST_ORPHAN"):        # a grandchild that outlives this process
         import subprocess
         grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
@@ -111,12 +124,17 @@ def main():
     record = os.environ.get("SP_TEST_RECORD")
     record_fd = os.open(record, os.O_WRONLY | os.O_APPEND | os.O_CREAT) if record else -1
     port = int(sys.argv[1]) if len(sys.argv) > 1 else None
+    fork = flag("SP_TEST_FORK")
     for conn in receive_connections(port, host="127.0.0.1"):
         if record_fd >= 0:
             try:
                 os.write(record_fd, b"%d\n" % conn.getpeername()[1])
             except OSError:
                 pass    # reset by the client already
+        if fork:
+            fork = None
+            if os.fork():
+                os._exit(0)     # the fork, holding the channel too, serves on
         threading.Thread(target=serve, args=(conn,)).start()
         time.sleep(pause)
 
@@ -164,6 +182,7 @@ def all_pids():
 def kill_session(sid):
     """SIGKILL every process of a session, again until none is left: a process
     forked while the previous pass read /proc would escape a single pass."""
+    SESSIONS.discard(sid)
     def survivors():
         found = []
         for pid in all_pids():
@@ -194,11 +213,7 @@ def signal_when_idle(pid, sig, daemon_pid):
     nothing can wake the server between the check and the signal.
     """
     def idle():
-        try:
-            with open(f"/proc/{pid}/task/{pid}/wchan") as f:
-                return "poll" in f.read()
-        except OSError:
-            return True     # already gone
+        return not alive(pid) or blocked_in_poll(pid)
     os.kill(daemon_pid, signal.SIGSTOP)
     try:
         wait_until(idle, f"process {pid} to wait in poll()", interval=0.0005)
@@ -255,6 +270,195 @@ def served_by(port):
     """The pid of the child that serves a new connection."""
     with connect(port) as s:
         return int(ask(s, b"pid"))
+
+
+class TestHung(Exception):
+    """The watchdog fired: the test took longer than WATCHDOG seconds."""
+
+
+class Watchdog:
+    """Turns a hung test into a failure with a traceback, its clean-ups run.
+
+    SIGALRM raises in the main thread, which unwinds the test, so its
+    addCleanup()s kill its processes.  If even that hangs, a timer thread
+    prints every thread's stack, kills every session the tests started and
+    ends the run: no process outlives it.
+    """
+
+    def __init__(self, test):
+        def fire(signum, frame):
+            faulthandler.dump_traceback(all_threads=True)
+            raise TestHung(f"test still running after {WATCHDOG} s")
+        previous = signal.signal(signal.SIGALRM, fire)
+        signal.alarm(WATCHDOG)
+        hard = threading.Timer(WATCHDOG + HARD_WATCHDOG, self._abandon)
+        hard.daemon = True
+        hard.start()
+        test.addCleanup(signal.signal, signal.SIGALRM, previous)
+        test.addCleanup(signal.alarm, 0)
+        test.addCleanup(hard.cancel)
+
+    @staticmethod
+    def _abandon():
+        faulthandler.dump_traceback(all_threads=True)
+        for sid in list(SESSIONS):
+            try:
+                os.killpg(sid, signal.SIGKILL)
+            except OSError:
+                pass
+        print(f"watchdog: the clean-up hung too; killed {len(SESSIONS)} sessions",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+# A fault-injection library for the daemon (LD_PRELOAD), configured by
+# environment variables that it removes at load, so children do not inherit
+# them:
+#   SP_FAULT_SENDMSG_EVERY=N   every Nth sendmsg() carrying descriptors fails
+#                              with ENOBUFS (a transient shortage)
+#   SP_FAULT_ACCEPT=ERRNO:N    the first N accept4() calls fail with ERRNO
+#   SP_FAULT_FORK_DELAY_MS=M   a forked child prints "fault-shim: forked PID"
+#                              and sleeps M ms before fork() returns in it
+#   SP_FAULT_SLOW_FILE=PATH    while PATH exists, every epoll_wait() first
+#                              prints "fault-shim: slow" and sleeps 300 ms,
+#                              whatever signal arrives meanwhile
+FAULTS_C = r'''
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+
+static int sendmsg_every, accept_errno, accept_count, fork_delay_ms;
+static long sendmsg_calls;
+static char *slow_file;
+
+__attribute__((constructor)) static void setup(void) {
+    const char *v;
+    if ((v = getenv("SP_FAULT_SENDMSG_EVERY"))) sendmsg_every = atoi(v);
+    if ((v = getenv("SP_FAULT_ACCEPT"))) {
+        const char *count = strchr(v, ':');
+        accept_errno = atoi(v);
+        accept_count = count ? atoi(count + 1) : 1;
+    }
+    if ((v = getenv("SP_FAULT_FORK_DELAY_MS"))) fork_delay_ms = atoi(v);
+    if ((v = getenv("SP_FAULT_SLOW_FILE"))) slow_file = strdup(v);
+    unsetenv("SP_FAULT_SENDMSG_EVERY");
+    unsetenv("SP_FAULT_ACCEPT");
+    unsetenv("SP_FAULT_FORK_DELAY_MS");
+    unsetenv("SP_FAULT_SLOW_FILE");
+}
+
+static void say(const char *line) { (void)!write(2, line, strlen(line)); }
+
+static void sleep_through_signals(int ms) {
+    struct timespec end;
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    end.tv_sec += ms / 1000;
+    end.tv_nsec += (ms % 1000) * 1000000L;
+    if (end.tv_nsec >= 1000000000L) { end.tv_sec++; end.tv_nsec -= 1000000000L; }
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &end, NULL) == EINTR) {}
+}
+
+ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
+    static ssize_t (*real)(int, const struct msghdr *, int);
+    if (!real) real = dlsym(RTLD_NEXT, "sendmsg");
+    if (sendmsg_every && msg->msg_controllen && ++sendmsg_calls % sendmsg_every == 0) {
+        errno = ENOBUFS;
+        return -1;
+    }
+    return real(fd, msg, flags);
+}
+
+int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags) {
+    static int (*real)(int, struct sockaddr *, socklen_t *, int);
+    if (!real) real = dlsym(RTLD_NEXT, "accept4");
+    if (accept_count > 0) {
+        accept_count--;
+        errno = accept_errno;
+        return -1;
+    }
+    return real(fd, addr, len, flags);
+}
+
+pid_t fork(void) {
+    static pid_t (*real)(void);
+    if (!real) real = dlsym(RTLD_NEXT, "fork");
+    pid_t pid = real();
+    if (pid == 0 && fork_delay_ms) {
+        char line[64];
+        snprintf(line, sizeof line, "fault-shim: forked %d\n", (int)getpid());
+        say(line);
+        sleep_through_signals(fork_delay_ms);
+    }
+    return pid;
+}
+
+int epoll_wait(int epfd, struct epoll_event *events, int max, int timeout) {
+    static int (*real)(int, struct epoll_event *, int, int);
+    if (!real) real = dlsym(RTLD_NEXT, "epoll_wait");
+    if (slow_file && access(slow_file, F_OK) == 0) {
+        say("fault-shim: slow\n");
+        sleep_through_signals(300);
+    }
+    return real(epfd, events, max, timeout);
+}
+'''
+_shim = []
+
+
+def fault_shim(test):
+    """The fault-injection library's path (built once per run), or skip the test."""
+    if not _shim:
+        compiler = shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            test.skipTest("needs a C compiler (cc or gcc) to build the fault-injection shim")
+        where = tempfile.mkdtemp(prefix="sp-shim-")
+        atexit.register(shutil.rmtree, where, True)
+        source, library = os.path.join(where, "faults.c"), os.path.join(where, "faults.so")
+        with open(source, "w") as f:
+            f.write(FAULTS_C)
+        subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-o", library, source, "-ldl"],
+                       check=True, capture_output=True, timeout=60)
+        _shim.append(library)
+    return _shim[0]
+
+
+_poll_syscall = []
+
+
+def blocked_in_poll(pid, tid=None):
+    """Whether a thread (default: the main one) sits in poll(), read from
+    /proc/PID/task/TID/syscall, whose number is calibrated once on a process
+    known to be in poll() (numbers differ between architectures)."""
+    if not _poll_syscall:
+        probe = subprocess.Popen([sys.executable, "-c", "import select, sys; "
+                                  "print(flush=True); select.poll().poll()"],
+                                 stdout=subprocess.PIPE)
+        try:
+            probe.stdout.readline()
+            _poll_syscall.append(wait_until(lambda: _syscall_of(probe.pid, probe.pid),
+                                            "the probe to block in poll()"))
+        finally:
+            probe.kill()
+            probe.wait()
+            probe.stdout.close()
+    return _syscall_of(pid, tid or pid) == _poll_syscall[0]
+
+
+def _syscall_of(pid, tid):
+    """The number of the system call a thread is blocked in, or None if running."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+            field = f.read().split()[0]
+    except (OSError, IndexError):
+        return None
+    return None if field == "running" or field.startswith("-") else field
 
 
 class Load:
@@ -414,6 +618,7 @@ class Daemon:
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, start_new_session=True, cwd=test.tmp,
             env=dict(test.env, **(env or {})), preexec_fn=preexec_fn)
+        SESSIONS.add(self.proc.pid)
         test.addCleanup(self.cleanup)
         self.pid = self.proc.pid
         self.lines = []
@@ -516,8 +721,7 @@ class ProtectorTestCase(unittest.TestCase):
         return "listener" not in self.OPTIONS
 
     def setUp(self):
-        faulthandler.dump_traceback_later(WATCHDOG, exit=True)
-        self.addCleanup(faulthandler.cancel_dump_traceback_later)
+        Watchdog(self)
         tmp = tempfile.TemporaryDirectory(prefix="sp-test-")
         self.addCleanup(tmp.cleanup)
         self.tmp = tmp.name
@@ -527,11 +731,23 @@ class ProtectorTestCase(unittest.TestCase):
         self.flags = {name: os.path.join(self.tmp, name.lower())
                       for name in ("SP_TEST_FAIL", "SP_TEST_HANG", "SP_TEST_DELAY",
                                    "SP_TEST_NOREAD", "SP_TEST_GARBAGE", "SP_TEST_HANGUP",
-                                   "SP_TEST_SLOW", "SP_TEST_ORPHAN", "SP_TEST_NOFILE")}
+                                   "SP_TEST_SLOW", "SP_TEST_ORPHAN", "SP_TEST_NOFILE",
+                                   "SP_TEST_FORK")}
         self.record = os.path.join(self.tmp, "taken")
         self.env = dict(os.environ, SP_TEST_LIBDIR=HERE, PYTHONDONTWRITEBYTECODE="1",
                         SP_TEST_RECORD=self.record, **self.flags)
         self.env.pop(socketprotector.ENV_FD, None)
+
+    def start_session(self, argv, *, stderr=subprocess.PIPE, **kwargs):
+        """A process in a session of its own, killed whole (and waited for) at cleanup."""
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=stderr,
+                                start_new_session=True, cwd=self.tmp, env=self.env, **kwargs)
+        SESSIONS.add(proc.pid)
+        self.addCleanup(proc.wait, TIMEOUT)
+        self.addCleanup(kill_session, proc.pid)
+        if proc.stderr is not None:
+            self.addCleanup(proc.stderr.close)
+        return proc
 
     def set_flag(self, name, content=""):
         with open(self.flags[name], "w") as f:
@@ -1097,11 +1313,7 @@ class LibraryTest(ProtectorTestCase):
     def test_receive_connections_listens_itself_without_the_daemon(self):
         """Without the daemon, the same program listens on the port it is given."""
         port = free_port()
-        proc = subprocess.Popen([sys.executable, SAMPLE, str(port)], cwd=self.tmp, env=self.env,
-                                stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        self.addCleanup(proc.wait, TIMEOUT)
-        self.addCleanup(kill_session, proc.pid)
+        self.start_session([sys.executable, SAMPLE, str(port)], stderr=subprocess.DEVNULL)
 
         def echoed():
             try:
@@ -1133,6 +1345,35 @@ class LibraryTest(ProtectorTestCase):
                 self.assertEqual(readable, [receiver], "fileno() never became readable")
                 self.assertEqual(receiver.receive(), [])
                 self.assertTrue(receiver.ended)
+
+    def test_a_stalled_receiver_whose_daemon_is_gone_stops_waiting(self):
+        """A receiver with no room for a message waits for the daemon's b"K";
+        if the daemon is gone meanwhile, it ends instead of waiting for ever."""
+        script = r"""
+import array, os, resource, select, socket, sys
+sys.path.insert(0, sys.argv[1])
+import socketprotector as sp
+ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+os.environ[sp.ENV_FD] = str(theirs.detach())
+receiver = sp.ConnectionReceiver()
+assert ours.recv(16)[:1] == b"R"
+fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(40)]
+ours.sendmsg([b"C\x02"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+for fd in fds:
+    os.close(fd)
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 10, hard))
+assert receiver.receive() == [] and ours.recv(16) == b"N", "no room, so it refused"
+ours.close()                                # the daemon is gone
+for _ in range(3):
+    select.select([receiver], [], [], 5)
+    if receiver.receive() == [] and receiver.ended:
+        break
+print("ended" if receiver.ended else "still waiting")
+"""
+        proc = subprocess.run([sys.executable, "-c", script, HERE], capture_output=True,
+                              timeout=TIMEOUT, env=self.env)
+        self.assertEqual(proc.stdout.strip(), b"ended", proc.stderr.decode())
 
     def test_import_has_no_side_effects(self):
         """Importing the module installs no handler and configures no logging."""
@@ -1522,17 +1763,26 @@ class HostileTest(ProtectorTestCase):
         self.assertIn(served_by(daemon.port), (first, healthy))
 
     def test_child_that_closes_its_channel_and_keeps_running(self):
-        """A serving child that hangs up is replaced; nothing it had not taken is lost."""
+        """A serving child that hangs up with connections in its queue is
+        replaced, and those connections are taken back and served; the
+        service goes on."""
         daemon = Daemon(self)
         daemon.serving()
-        self.set_flag("SP_TEST_HANGUP")
+        self.set_flag("SP_TEST_HANGUP", "5")     # hangs up once 5 wait in its queue
         bad = daemon.restart()
         self.clear_flag("SP_TEST_HANGUP")
         mark = daemon.mark()
-        load = Load(daemon.port, threads=2)
-        self.addCleanup(load.stop)
+        clients = [connect(daemon.port) for _ in range(5)]
+        for i, c in enumerate(clients):
+            self.addCleanup(c.close)
+            c.sendall(b"queued %d\n" % i)
+        daemon.wait_line(rf"child {bad} had not taken 5 connections", mark)
         daemon.wait_line(rf"child {bad} closed its channel but is still running", mark)
         healthy = daemon.serving(mark)
+        for i, c in enumerate(clients):
+            self.assertEqual(read_line(c), b"queued %d\n" % i)
+        load = Load(daemon.port, threads=2)
+        self.addCleanup(load.stop)
         load.wait_for(50)
         load.stop()
         self.assertEqual(load.failures, [])
@@ -1639,6 +1889,124 @@ class HostileTest(ProtectorTestCase):
         daemon.signal(signal.SIGCONT)
         daemon.wait_line(r"could not receive 40 connections; sending them again", mark)
         self.assertServedAsRoomAllows(lines, daemon)
+
+    def test_a_refused_message_the_daemon_cannot_take_back_waits_for_room(self):
+        """A child short of descriptors refuses a message; the daemon, short
+        itself, takes back only part of the queue: it says so, sends no
+        b"K" while anything is left (the child would wait behind it for
+        ever), and finishes once it has room; nothing is lost."""
+        limited = ("import resource, runpy, sys; "
+                   "resource.setrlimit(resource.RLIMIT_NOFILE, "
+                   "(30, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
+                   "sys.argv = [sys.argv[1], '0']; runpy.run_path(sys.argv[0], run_name='__main__')")
+        daemon = Daemon(self, command=[sys.executable, "-c", limited, EVENT_LOOP_SERVER])
+        child = daemon.serving()
+        os.kill(child, signal.SIGSTOP)
+        self.addCleanup(lambda: os.kill(child, signal.SIGCONT) if alive(child) else None)
+        lines = {}
+        for batch in range(2):      # two messages of 40 descriptors each in its queue
+            daemon.signal(signal.SIGSTOP)
+            lines.update(self.open_held_clients(daemon.port, 40))
+            daemon.signal(signal.SIGCONT)
+            wait_until(lambda: daemon.forwarded() >= 40 * (batch + 1),
+                       f"message {batch + 1} to be sent")
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (fd_count(daemon.pid) + 60, hard))
+        self.addCleanup(lambda: resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (soft, hard))
+                        if alive(daemon.pid) else None)
+        mark = daemon.mark()
+        os.kill(child, signal.SIGCONT)
+        daemon.wait_line(rf"cannot take back all of child {child}'s queue: out of "
+                         r"descriptors", mark)
+        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        self.assertServedAsRoomAllows(lines, daemon)
+        with connect(daemon.port) as s:
+            self.assertEqual(ask(s, b"after"), b"after")
+        self.assertEqual(daemon.count(r"unexpectedly"), 0, daemon.log())
+
+    def test_transient_send_failures_are_retried_not_taken_for_a_hang_up(self):
+        """ENOBUFS on sending to a child (memory short for a moment) pauses
+        and retries; the daemon does not take the queue of a child that is
+        reading it (it would race with it), and the child keeps serving."""
+        daemon = Daemon(self, env={"LD_PRELOAD": fault_shim(self), "SP_FAULT_SENDMSG_EVERY": "5"})
+        first = daemon.serving()
+        load = Load(daemon.port, threads=4)
+        self.addCleanup(load.stop)
+        load.wait_for(300)
+        load.stop()
+        self.assertEqual(load.failures, [])
+        self.assertEqual(served_by(daemon.port), first)
+        self.assertEqual(daemon.count(r"closed its channel|unexpectedly|had not taken"), 0,
+                         daemon.log())
+
+    def test_a_server_that_forks_keeps_its_queue_while_the_fork_reads_it(self):
+        """The child forks after taking a connection and exits; the fork, which
+        holds the channel too, serves on.  The daemon must not take back the
+        queue while the fork can still receive from it (that races: one
+        connection twice, the next lost): it says so, waits for the fork to
+        exit, and every connection is taken exactly once."""
+        self.set_flag("SP_TEST_SLOW", "0.2")
+        self.set_flag("SP_TEST_FORK")
+        daemon = Daemon(self)
+        first = daemon.serving()
+        self.clear_flag("SP_TEST_FORK")
+        self.clear_flag("SP_TEST_SLOW")
+        daemon.signal(signal.SIGSTOP)       # so all 8 are queued for the child at once
+        self.addCleanup(lambda: daemon.signal(signal.SIGCONT) if alive(daemon.pid) else None)
+        clients = [connect(daemon.port) for _ in range(8)]
+        ports = sorted(c.getsockname()[1] for c in clients)
+        for c in clients:
+            self.addCleanup(c.close)
+            c.sendall(b"pid\n")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGCONT)
+        holder = int(daemon.wait_line(rf"child {first} exited, but process (\d+) started by "
+                                      rf"it still holds its channel", mark).group(1))
+        servers = [int(read_line(c)) for c in clients]
+        for c in clients:
+            c.close()
+        self.assertEqual(set(servers), {holder}, daemon.log())
+        self.assertEqual(daemon.count(rf"child {first} had not taken"), 0, daemon.log())
+        with open(self.record) as f:
+            self.assertEqual(sorted(int(line) for line in f), ports, "taken once each")
+        wait_until(lambda: not alive(holder), "the fork to finish and exit")
+        self.assertNoZombies(daemon)
+
+    def test_accept_errors_of_one_connection_are_skipped(self):
+        """accept() failing with an error that belongs to one connection
+        (ENETDOWN, EHOSTUNREACH, EPROTO, ...): the daemon goes on accepting."""
+        for name in ("ENETDOWN", "EHOSTUNREACH", "EOPNOTSUPP", "EPROTO"):
+            with self.subTest(errno=name):
+                daemon = Daemon(self, env={"LD_PRELOAD": fault_shim(self),
+                                           "SP_FAULT_ACCEPT": f"{getattr(errno, name)}:3"})
+                daemon.serving()
+                with connect(daemon.port) as s:
+                    self.assertEqual(ask(s, b"after " + name.encode()), b"after " + name.encode())
+                self.assertTrue(alive(daemon.pid))
+                self.assertNotIn("Traceback", daemon.log())
+
+    def test_shutdown_serves_a_backlog_larger_than_the_daemon_can_hold(self):
+        """At SIGTERM the backlog is accepted in steps as the child takes it,
+        never more at once than the daemon queues: with room for only 100
+        descriptors, 300 waiting clients are all served."""
+        daemon = Daemon(self)
+        daemon.serving()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (fd_count(daemon.pid) + 100, hard))
+        daemon.signal(signal.SIGSTOP)
+        self.addCleanup(lambda: daemon.signal(signal.SIGCONT) if alive(daemon.pid) else None)
+        clients = []
+        self.addCleanup(lambda: [c.close() for c in clients])
+        for i in range(300):
+            c = connect(daemon.port)
+            c.sendall(b"backlog %d\n" % i)
+            clients.append(c)
+        daemon.signal(signal.SIGTERM)
+        daemon.signal(signal.SIGCONT)
+        for i, c in enumerate(clients):
+            self.assertEqual(read_line(c), b"backlog %d\n" % i, daemon.log())
+            c.close()
+        self.assertEqual(daemon.wait(), 0, daemon.log())
 
     def test_descriptor_exhaustion_pauses_accepting(self):
         """Out of descriptors: no busy loop, no crash, and it serves again afterwards."""
@@ -1820,13 +2188,7 @@ class OperationsTest(ProtectorTestCase):
                 "os.execv(sys.executable, [sys.executable] + sys.argv[2:])")
         argv = [sys.executable, "-c", shim, str(fd), DAEMON, "-f", *extra, "0", "--",
                 sys.executable, self.app]
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                pass_fds=(fd,), start_new_session=True, cwd=self.tmp,
-                                env=self.env)
-        self.addCleanup(proc.wait, TIMEOUT)
-        self.addCleanup(kill_session, proc.pid)
-        self.addCleanup(proc.stderr.close)
-        return proc
+        return self.start_session(argv, pass_fds=(fd,))
 
     def test_socket_activation_survives_a_daemon_restart(self):
         """With the listening socket held by systemd, clients that connect while
@@ -1887,14 +2249,9 @@ class PrivilegeTest(ProtectorTestCase):
         del self.env["SP_TEST_RECORD"]        # nobody cannot create it here
         port = next(p for p in range(900, 1000) if _port_free(p))
         pid_file = os.path.join(self.tmp, "sp.pid")
-        proc = subprocess.Popen(
+        proc = self.start_session(
             [sys.executable, DAEMON, "-f", "--user", "nobody", "--pid-file", pid_file,
-             "--bind", "127.0.0.1", str(port), "--", self.SYSTEM_PYTHON, "app.py"],
-            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-            cwd=self.tmp, env=self.env)
-        self.addCleanup(proc.wait, TIMEOUT)
-        self.addCleanup(kill_session, proc.pid)
-        self.addCleanup(proc.stderr.close)
+             "--bind", "127.0.0.1", str(port), "--", self.SYSTEM_PYTHON, "app.py"])
         child = wait_until(lambda: served_by_or_none(port), f"a child to serve on port {port}")
         nobody = 65534
         for pid in (proc.pid, child):
