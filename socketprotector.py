@@ -293,6 +293,9 @@ class ConnectionReceiver:
         if self._listener is not None:
             if self._poller is not None:
                 self._poller.unregister(self._listener.fileno())
+                if self._channel is not None and self._drain_at_end:
+                    # Readable at its end: the caller's loop wakes and sees ``ended``.
+                    self._poller.register(self._channel.fileno(), select.EPOLLIN)
             self._listener.close()
             self._listener = self._listener_poll = None
         self.ended = True
@@ -394,6 +397,9 @@ class ConnectionReceiver:
         if self._listener is None or self._poller is None:
             self.ended = True
         elif self._drain_at_end:
+            # While the backlog drains, only the listener may wake the
+            # caller: the channel, at its end, would stay readable.
+            self._poller.unregister(self._channel.fileno())
             self._drain()
         else:
             self._release_listener()

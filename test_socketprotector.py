@@ -232,6 +232,27 @@ def accept_queue(port):
     raise AssertionError(f"no listener on 127.0.0.1:{port}")
 
 
+def listener_inode(port):
+    """The inode of the listening socket on 127.0.0.1:port."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[1] == "0100007F:%04X" % port:
+                return int(fields[9])
+    raise AssertionError(f"no listener on 127.0.0.1:{port}")
+
+
+def fd_links(pid):
+    """What each of a process's descriptors refers to."""
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return links
+
+
 def fd_count(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -690,6 +711,17 @@ class Daemon:
     def signal(self, sig):
         os.kill(self.pid, sig)
 
+    def settled(self):
+        """The status line once no child is starting: a match whose groups
+        are the serving child's pid and the connections forwarded."""
+        def status():
+            mark = self.mark()
+            self.signal(signal.SIGUSR1)
+            m = self.wait_line(r"status: .*; serving child (\d+) up .*; starting child none;"
+                               r".*; (\d+) connections forwarded|status: ", mark)
+            return m if m.group(1) else None
+        return wait_until(status, "a status line with no child starting", interval=0.1)
+
     def forwarded(self):
         """How many connections the daemon has sent to children (its SIGUSR1 status)."""
         mark = self.mark()
@@ -797,6 +829,44 @@ class ProtectorTestCase(unittest.TestCase):
         self.addCleanup(held.close)
         self.assertEqual(int(ask(held, b"pid")), first)
         return held, first
+
+    def open_held_clients(self, port, count):
+        """Clients that each send one line and stay open once served, so every
+        one served holds a descriptor in the server: {socket: its line}."""
+        lines = {}
+        for i in range(count):
+            c = connect(port)
+            self.addCleanup(c.close)
+            c.sendall(b"line %d\n" % i)
+            lines[c] = b"line %d\n" % i
+        return lines
+
+    def assertServedAsRoomAllows(self, lines, daemon):
+        """Every client gets its line back; closing each one served makes room
+        in the server for another."""
+        while lines:
+            ready, _, _ = select.select(list(lines), [], [], TIMEOUT)
+            self.assertTrue(ready, f"{len(lines)} clients never served:\n" + daemon.log())
+            for c in ready:
+                self.assertEqual(read_line(c), lines.pop(c))
+                c.close()
+
+    def assertHandoff(self, daemon, child=None):
+        """What only the hand-off mode in use can cause.  Forwarding: the
+        daemon has passed connections on.  Listener mode: it has passed
+        none, and the serving child holds the daemon's listening socket.
+        (Read once no restart is under way.)"""
+        status = daemon.settled()
+        forwarded = int(status.group(2))
+        if self.forwarding:
+            self.assertGreater(forwarded, 0, "forwarding mode forwarded nothing")
+            return
+        self.assertEqual(forwarded, 0, "listener mode forwarded connections")
+        if child is not None:
+            self.assertEqual(int(status.group(1)), child, "not the serving child")
+        child = int(status.group(1))
+        self.assertIn(f"socket:[{listener_inode(daemon.port)}]", fd_links(child),
+                      f"serving child {child} does not hold the listening socket")
 
     def assertNoZombies(self, daemon):
         """Every exited child is reaped (at once; the deadline only covers the
@@ -969,17 +1039,37 @@ class RestartTest(ProtectorTestCase):
         self.assertNoZombies(daemon)
 
     def test_sighups_during_a_restart_make_exactly_one_more(self):
-        """SIGHUPs while a new child starts are kept, and fold into one more restart."""
+        """SIGHUPs while a new child starts are kept, and fold into one more restart.
+
+        Each SIGHUP is sent once the previous one was handled (the kernel
+        would merge signals still pending), and the count is read once no
+        restart is under way any more."""
         daemon, mark = self.restart_in_progress()
-        for _ in range(3):
+        for n in range(1, 4):
             daemon.signal(signal.SIGHUP)
-        daemon.wait_line(r"one more restart will follow", mark)
+            wait_until(lambda: daemon.count(r"one more restart will follow") >= n,
+                       f"SIGHUP {n} to be folded")
         daemon.wait_line(r"child \d+ ready; child \d+ retiring", mark)
         second_mark = daemon.mark()
         daemon.wait_line(r"child \d+ ready; child \d+ retiring", second_mark)
-        daemon.signal(signal.SIGUSR1)
-        status = daemon.wait_line(r"status: .* (\d+) restarts", second_mark)
-        self.assertEqual(status.group(1), "2", daemon.log())
+        status = daemon.settled().string
+        self.assertRegex(status, r" 2 restarts, 0 failed", daemon.log())
+
+    def test_a_signal_to_a_new_child_before_exec_is_not_the_daemons(self):
+        """A signal that reaches a new child between fork and exec acts on the
+        child (here: SIGUSR1 kills it), not on the daemon, whose handlers
+        the child still has until it resets them (the fork is made to last
+        300 ms)."""
+        daemon = Daemon(self, env={"LD_PRELOAD": fault_shim(self),
+                                   "SP_FAULT_FORK_DELAY_MS": "300"})
+        first = daemon.serving()
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        forked = int(daemon.wait_line(r"fault-shim: forked (\d+)", mark).group(1))
+        os.kill(forked, signal.SIGUSR1)
+        daemon.wait_line(rf"restart failed: child {forked} killed by SIGUSR1 before it was "
+                         rf"ready; child {first} keeps serving", mark)
+        self.assertEqual(daemon.count(r"status: "), 0, daemon.log())
 
     def test_drain_timeout_stops_a_lingering_old_child(self):
         """A retired child still busy after --drain-timeout gets SIGTERM."""
@@ -1075,13 +1165,31 @@ class ShutdownTest(ProtectorTestCase):
         self.assertFalse(alive(first))
 
     def test_second_sigterm_stops_children_at_once(self):
-        """A second SIGTERM does not wait for --stop-timeout."""
-        daemon = Daemon(self)
+        """A second SIGTERM does not wait for --stop-timeout (60 s here: far
+        longer than the test waits)."""
+        daemon = Daemon(self, "--stop-timeout", "60")
         held, first = self.hold_connection(daemon)
         daemon.signal(signal.SIGTERM)
         daemon.wait_line(r"SIGTERM: shutting down")
         daemon.signal(signal.SIGINT)
         daemon.wait_line(r"SIGINT again: stopping children now")
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+
+    def test_two_sigterms_read_together_still_stop_the_children_at_once(self):
+        """Two SIGTERMs that the loop reads in one wake-up count as two: the
+        second stops the children at once (the loop is made to sleep 300 ms
+        before it reads, while the second arrives)."""
+        slow = os.path.join(self.tmp, "slow")
+        daemon = Daemon(self, "--stop-timeout", "60",
+                        env={"LD_PRELOAD": fault_shim(self), "SP_FAULT_SLOW_FILE": slow})
+        held, first = self.hold_connection(daemon)
+        open(slow, "w").close()
+        mark = daemon.mark()
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_line(r"fault-shim: slow", mark)     # woken, and not yet reading
+        daemon.signal(signal.SIGTERM)
+        os.unlink(slow)
+        daemon.wait_line(r"SIGTERM again: stopping children now", mark)
         self.assertEqual(daemon.wait(), 0, daemon.log())
 
     def test_first_child_failing_is_a_startup_error(self):
@@ -1431,6 +1539,7 @@ class ChaosTest(ProtectorTestCase):
         self.assertGreaterEqual(int(status.group(1)), 5, daemon.log())
         self.assertEqual(status.group(2), "0")
         self.assertNoZombies(daemon)
+        self.assertHandoff(daemon)
 
     def test_sighup_storm_with_an_event_loop_server(self):
         """The storm again, against the bench's selectors server on ConnectionReceiver."""
@@ -1446,6 +1555,12 @@ class ChaosTest(ProtectorTestCase):
         load.stop()
         self.assertEqual(load.failures, [], daemon.log())
         self.assertEqual(daemon.count(r"unexpectedly"), 0, daemon.log())
+        mark = daemon.mark()
+        daemon.signal(signal.SIGUSR1)
+        status = daemon.wait_line(r"status: .* (\d+) restarts, (\d+) failed", mark)
+        self.assertGreaterEqual(int(status.group(1)), 5, daemon.log())
+        self.assertEqual(status.group(2), "0")
+        self.assertHandoff(daemon)
 
     def test_killed_children_lose_only_what_they_had_taken(self):
         """SIGKILL the serving child repeatedly under open-loop load.
@@ -1472,6 +1587,7 @@ class ChaosTest(ProtectorTestCase):
                                    + daemon.log())
         self.assertGreater(len(load.sessions), 300)
         self.assertNoZombies(daemon)
+        self.assertHandoff(daemon)
 
     def test_connections_a_busy_child_has_not_asked_for_survive_it(self):
         """A child holds only the connection it asked for: when it dies, the
@@ -1531,6 +1647,7 @@ class ChaosTest(ProtectorTestCase):
         self.assertEqual([r for r in during if r[3] is not None], [])
         taken = self.taken()
         self.assertEqual([r for r in load.failures() if r[2] not in taken], [])
+        self.assertHandoff(daemon)
 
     def test_broken_upgrades_under_load(self):
         """A new child that exits at once, then one never ready: zero failed sessions."""
@@ -1551,6 +1668,7 @@ class ChaosTest(ProtectorTestCase):
         load.stop()
         self.assertEqual(load.failures, [])
         self.assertEqual(served_by(daemon.port), first)
+        self.assertHandoff(daemon, first)
 
     def test_slow_upgrade_old_child_serves_meanwhile(self):
         """A new child that needs ~1 s to be ready: the old one serves all along."""
@@ -1567,6 +1685,7 @@ class ChaosTest(ProtectorTestCase):
         self.assertEqual(load.failures, [])
         # Sessions kept completing through the second the new child took.
         self.assertGreater(during, 50, f"max latency {load.max_latency:.3f} s")
+        self.assertHandoff(daemon)
 
     def test_crash_loop_is_throttled_and_sigterm_ends_it(self):
         """A server that keeps exiting 1 is restarted with a doubling back-off."""
@@ -1660,9 +1779,11 @@ class ListenerModeTest(ProtectorTestCase):
         for _ in range(20):
             self.assertEqual(served_by(daemon.port), second)
         self.assertEqual(ask(held, b"still here"), b"still here")
+        self.assertHandoff(daemon, second)
+        self.assertNotIn(f"socket:[{listener_inode(daemon.port)}]", fd_links(first),
+                         "the retired child still holds the listening socket")
         held.close()
         daemon.wait_line(rf"child {first} exited with status 0 \(retiring\)")
-        self.assertEqual(daemon.count(r"sent child"), 0)
 
     def test_failed_upgrade_keeps_old_child(self):
         """A new child that fails never gets the listener; the old one serves on."""
@@ -1673,11 +1794,13 @@ class ListenerModeTest(ProtectorTestCase):
         daemon.signal(signal.SIGHUP)
         daemon.wait_line(rf"restart failed: .*; child {first} keeps serving", mark)
         self.assertEqual(served_by(daemon.port), first)
+        self.assertHandoff(daemon, first)
 
     def test_child_serves_its_backlog_at_shutdown(self):
         """At SIGTERM the child accepts what waits in the backlog before it lets go."""
         daemon = Daemon(self)
         child = daemon.serving()
+        self.assertHandoff(daemon, child)
         os.kill(child, signal.SIGSTOP)
         self.addCleanup(lambda: os.kill(child, signal.SIGCONT) if alive(child) else None)
         clients = [connect(daemon.port) for _ in range(5)]
@@ -1693,7 +1816,8 @@ class ListenerModeTest(ProtectorTestCase):
         self.assertEqual(daemon.wait(), 0, daemon.log())
 
     def test_daemon_uses_no_descriptor_per_connection(self):
-        """Connections never pass through the daemon."""
+        """Connections never pass through the daemon: it holds no descriptor
+        for them, forwards none, and accepts none (no CPU per connection)."""
         daemon = Daemon(self)
         daemon.serving()
         before = fd_count(daemon.pid)
@@ -1701,7 +1825,30 @@ class ListenerModeTest(ProtectorTestCase):
         for c in clients:
             self.addCleanup(c.close)
             self.assertEqual(ask(c, b"open"), b"open")
-        self.assertEqual(fd_count(daemon.pid), before)
+            self.assertEqual(fd_count(daemon.pid), before)
+        self.assertHandoff(daemon)
+
+    def test_child_short_of_descriptors_accepts_later_and_drains_at_shutdown(self):
+        """The child runs out of descriptors (EMFILE on accept): it neither
+        dies nor spins; it accepts again as room comes back, and at SIGTERM
+        it still accepts the whole backlog before letting go."""
+        self.set_flag("SP_TEST_NOFILE", "24")   # room for a dozen connections or so
+        daemon = Daemon(self)
+        child = daemon.serving()
+        mark = daemon.mark()
+        lines = self.open_held_clients(daemon.port, 30)
+        daemon.wait_line(r"cannot accept: Too many open files", mark)
+        cpu = cpu_seconds(child)
+        time.sleep(0.5)         # a measurement window, not a wait for anything
+        self.assertLess(cpu_seconds(child) - cpu, 0.2, "the child spins when it cannot accept")
+        daemon.signal(signal.SIGTERM)       # what waits in the backlog is the child's to drain
+        daemon.wait_line(r"SIGTERM: shutting down", mark)
+        cpu = cpu_seconds(child)
+        time.sleep(0.5)         # a measurement window, not a wait for anything
+        self.assertLess(cpu_seconds(child) - cpu, 0.2, "the child spins while it drains")
+        self.assertServedAsRoomAllows(lines, daemon)
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+        self.assertEqual(daemon.child_pids(), [child])
 
 
 class HostileTest(ProtectorTestCase):
@@ -1838,27 +1985,6 @@ class HostileTest(ProtectorTestCase):
         daemon.serving(mark)
         for i, c in enumerate(clients):
             self.assertEqual(read_line(c), b"stuck %d\n" % i)
-
-    def open_held_clients(self, port, count):
-        """Clients that each send one line and stay open once served, so every
-        one served holds a descriptor in the server: {socket: its line}."""
-        lines = {}
-        for i in range(count):
-            c = connect(port)
-            self.addCleanup(c.close)
-            c.sendall(b"line %d\n" % i)
-            lines[c] = b"line %d\n" % i
-        return lines
-
-    def assertServedAsRoomAllows(self, lines, daemon):
-        """Every client gets its line back; closing each one served makes room
-        in the server for another."""
-        while lines:
-            ready, _, _ = select.select(list(lines), [], [], TIMEOUT)
-            self.assertTrue(ready, f"{len(lines)} clients never served:\n" + daemon.log())
-            for c in ready:
-                self.assertEqual(read_line(c), lines.pop(c))
-                c.close()
 
     def test_child_short_of_descriptors_gets_its_connections_later(self):
         """A child at its descriptor limit cannot receive what waits in its
