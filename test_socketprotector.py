@@ -1317,6 +1317,55 @@ class DaemonModeTest(ProtectorTestCase):
         self.assertEqual(code, 1)
         self.assertOneLineError(lines, r"not running \(no daemon holds .*sp\.pid\)$")
 
+    def test_reload_during_a_restart_waits_for_a_restart_of_its_own(self):
+        """--reload while a restart is already under way: that restart is not
+        the one it asked for.  Its SIGHUP makes one more, and --reload
+        reports how that one ended (here: it fails, the first succeeded)."""
+        self.assertEqual(self.start_detached()[0], 0)
+        pid = read_pid(self.pid_file)
+        self.set_flag("SP_TEST_DELAY", "1.0")
+        os.kill(pid, signal.SIGHUP)     # a restart whose new child needs a second
+        wait_until(lambda: os.path.exists(self.flags["SP_TEST_DELAY"] + ".sleeping"),
+                   "the new child to be past its start-up checks")
+        self.clear_flag("SP_TEST_DELAY")
+        self.set_flag("SP_TEST_FAIL")   # the restart --reload asks for fails
+        code, lines = self.run_protector("--reload", "--pid-file", self.pid_file)
+        self.assertEqual(code, 1, lines)
+        self.assertOneLineError(lines, r"restart failed: child \d+ exited with status 3 "
+                                       r"before it was ready; child \d+ keeps serving$")
+        self.clear_flag("SP_TEST_FAIL")
+        self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file)[0], 0)
+
+    def test_a_pid_file_lock_held_by_another_process_is_not_a_daemon(self):
+        """Anyone who can read the pid file can flock it.  A lock held by a
+        process other than the one the file names does not stop a new
+        daemon (the file is replaced), and --stop does not signal the
+        process a squatted file names."""
+        pid_file = os.path.join(self.tmp, "sp.pid")
+        victim = self.start_session(["sleep", "60"])
+        with open(pid_file, "w") as f:
+            f.write(f"{victim.pid}\n")
+        squatter = self.start_session(
+            [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1]); "
+             "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+             pid_file], stdout=subprocess.PIPE)
+        self.addCleanup(squatter.stdout.close)
+        self.assertEqual(squatter.stdout.readline(), b"locked\n")
+        code, lines = self.run_protector("--stop", "--pid-file", pid_file)
+        self.assertEqual(code, 1)
+        self.assertOneLineError(lines, rf"pid file {re.escape(pid_file)} is locked, but not "
+                                       rf"by the process it names \({victim.pid}\)$")
+        self.assertTrue(alive(victim.pid), "--stop signalled the pid a squatted file names")
+        code, lines = self.start_detached()
+        self.assertEqual(code, 0, lines)
+        self.assertRegex(lines[0], rf"^socketprotector: warning: pid file {re.escape(pid_file)} "
+                                   r"was locked by a process that is not a daemon")
+        daemon = read_pid(pid_file)
+        self.assertEqual(served_by(self.port), served_by(self.port))
+        self.assertEqual(self.run_protector("--stop", "--pid-file", pid_file), (0, []))
+        self.assertFalse(alive(daemon))
+        self.assertTrue(alive(victim.pid))
+
     def test_child_failing_at_start_fails_the_launcher(self):
         """The launcher reports a child that died before it was ready; nothing is left."""
         self.set_flag("SP_TEST_FAIL")
@@ -2361,6 +2410,86 @@ class PrivilegeTest(ProtectorTestCase):
                 self.assertEqual(code, 1)
                 self.assertOneLineError(lines, rf"--user: unknown {what}$")
 
+    def service_user_dir(self):
+        """A directory the service user (nobody) owns, as /run/app/ in the README."""
+        if os.geteuid() != 0:
+            self.skipTest("needs root (to run with --user nobody)")
+        run = os.path.join(self.tmp, "run")
+        os.mkdir(run)
+        os.chown(run, 65534, 65534)
+        return run
+
+    def test_files_the_service_user_planted_are_refused(self):
+        """As root with --user nobody, in a directory nobody owns: a symbolic
+        link, a hard link, a FIFO or a file of nobody's where the pid, state
+        or log file goes is refused with one line, the file it points to is
+        untouched, and nothing is left behind."""
+        run = self.service_user_dir()
+        secret = os.path.join(self.tmp, "secret")       # root's, 0600
+        with open(secret, "w") as f:
+            f.write("precious\n")
+        os.chmod(secret, 0o600)
+        pid_file, log_file = os.path.join(run, "sp.pid"), os.path.join(run, "sp.log")
+
+        def symlink(path):
+            os.symlink(secret, path)
+            os.lchown(path, 65534, 65534)
+
+        def nobodys(path):
+            with open(path, "w") as f:
+                f.write("1\n")
+            os.chown(path, 65534, 65534)
+        cases = [
+            ("pid file", pid_file, symlink, "is a symbolic link; refusing to follow it"),
+            ("state file", pid_file + ".state", symlink, "is a symbolic link; refusing to "
+                                                         "follow it"),
+            ("log file", log_file, symlink, "is a symbolic link; refusing to follow it"),
+            ("log file", log_file, lambda path: os.link(secret, path),
+             "has 2 hard links; refusing to use it"),
+            ("pid file", pid_file, os.mkfifo, "is not a regular file; refusing to use it"),
+            ("pid file", pid_file, nobodys, "belongs to uid 65534, not to uid 0; refusing"),
+        ]
+        for what, path, plant, reason in cases:
+            with self.subTest(what=what, plant=getattr(plant, "__name__", "link")):
+                plant(path)
+                code, lines = self.run_protector(
+                    "-f", "--user", "nobody", "--pid-file", pid_file, "--log-file", log_file,
+                    "--bind", "127.0.0.1", "0", "--", sys.executable, self.app)
+                self.assertEqual(code, 1, lines)
+                self.assertOneLineError(lines, rf"{what} {re.escape(path)} {reason}")
+                with open(secret) as f:
+                    self.assertEqual(f.read(), "precious\n")
+                self.assertEqual(os.stat(secret).st_uid, 0)
+                left = set(os.listdir(run)) - {os.path.basename(path), "sp.log"}
+                self.assertEqual(left, set(), "left behind")     # the log file may stay
+                for name in os.listdir(run):
+                    os.unlink(os.path.join(run, name))
+
+    def test_stop_and_reload_by_a_user_who_may_not_signal_the_daemon(self):
+        """--stop and --reload run by a user who may not signal the daemon:
+        one line saying so, exit 1, no traceback."""
+        run = self.service_user_dir()
+        os.chmod(self.tmp, 0o755)
+        module = os.path.join(run, "socketprotector.py")
+        shutil.copy(DAEMON, module)
+        if not os.path.exists(self.SYSTEM_PYTHON) or not all(
+                os.stat(d).st_mode & 0o001 for d in _ancestors(self.tmp)):
+            self.skipTest("no python and files that user nobody can reach")
+        pid_file = os.path.join(self.tmp, "sp.pid")
+        daemon = Daemon(self, "--pid-file", pid_file)
+        daemon.serving()
+        for action in ("--stop", "--reload"):
+            with self.subTest(action=action):
+                proc = subprocess.run(
+                    [self.SYSTEM_PYTHON, module, action, "--pid-file", pid_file],
+                    capture_output=True, timeout=TIMEOUT, cwd=run,
+                    preexec_fn=lambda: (os.setgroups([]), os.setgid(65534), os.setuid(65534)))
+                lines = proc.stderr.decode().splitlines()
+                self.assertEqual(proc.returncode, 1, lines)
+                self.assertOneLineError(lines, rf"cannot signal daemon {daemon.pid}: "
+                                               r"Operation not permitted$")
+        self.assertTrue(alive(daemon.pid))
+
     def test_user_runs_daemon_and_children_unprivileged(self):
         """As root with --user nobody: the port (a privileged one) and the pid file
         are taken first, then the daemon and its children run as nobody."""
@@ -2382,8 +2511,11 @@ class PrivilegeTest(ProtectorTestCase):
         nobody = 65534
         for pid in (proc.pid, child):
             with open(f"/proc/{pid}/status") as f:
-                uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
-            self.assertEqual(set(map(int, uids)), {nobody}, f"process {pid}")
+                status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+            for field in ("Uid", "Gid"):
+                self.assertEqual(set(map(int, status[field].split())), {nobody},
+                                 f"{field} of process {pid}")
+            self.assertEqual(status["Groups"].split(), [str(nobody)], f"groups of process {pid}")
         self.assertEqual(read_pid(pid_file), proc.pid)
         proc.send_signal(signal.SIGTERM)
         self.assertEqual(proc.wait(TIMEOUT), 0)
