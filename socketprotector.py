@@ -82,6 +82,7 @@ from typing import Callable, Iterator, List, Optional
 
 ENV_FD = "SOCKETPROTECTOR_FD"
 ENV_HANDOFF = "SOCKETPROTECTOR_HANDOFF"     # "forward" or "listener"
+ENV_WORKER = "SOCKETPROTECTOR_WORKER"       # the child's worker slot, 0..N-1
 
 _MSG_READY = b"R"          # + uint16: the most connections the child takes at once
 _MSG_NACK = b"N"           # no room for the descriptors at the head of my queue
@@ -114,6 +115,9 @@ _KILL_GRACE = 5.0          # seconds from SIGTERM to SIGKILL
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 30.0
 _STABLE_AFTER = 10.0       # a child ready this long resets the crash backoff
+_QUICK_DEATH = 2.0         # a crash this soon after ready counts toward a crash loop
+_CRASH_LOOP = 3            # that many in a row: the slot's replacements are backed off
+_MAX_WORKERS = 256         # each costs the daemon a few descriptors and a process
 _EXIT_GRACE = 1.0          # after a child hangs up, how long to wait for it to exit
 
 EXIT_OK = 0
@@ -121,8 +125,9 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 _HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD,
-                    signal.SIGUSR1, signal.SIGUSR2)
-_DAEMON_ONLY_ENV = (ENV_FD, "NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+                    signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+_ACTIVATION_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+_DAEMON_ONLY_ENV = (ENV_FD, ENV_WORKER, "NOTIFY_SOCKET", *_ACTIVATION_ENV)
 _PR_SET_CHILD_SUBREAPER = 36
 
 _USAGE = ("socketprotector.py [options] PORT -- COMMAND [ARG...]\n"
@@ -623,42 +628,55 @@ def _describe_status(status: int) -> str:
 
 
 # ---------------------------------------------------------------------------
-# The daemon
+# The daemon: children and generations of workers
 # ---------------------------------------------------------------------------
 
 
 class _State(enum.Enum):
     STARTING = "starting"    # forked; not yet asked for a connection
-    SERVING = "serving"      # the one child that is sent new connections
+    READY = "ready"          # asked; waits for the rest of its generation
+    SERVING = "serving"      # its generation serves: it is sent new connections
     RETIRING = "retiring"    # stream ended; finishing its connections
     STOPPING = "stopping"    # sent SIGTERM; SIGKILL at kill_at
     EXITED = "exited"
 
 
-class _Child:
-    """One child process and the daemon's end of its channel."""
+# A death the program brought on itself.  Any other signal (SIGKILL from the
+# OOM killer or an operator, SIGTERM, ...) came from outside, and a worker
+# that was serving is then replaced at once, however often it happens.
+_CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE,
+                            signal.SIGILL, signal.SIGSYS, signal.SIGTRAP})
 
-    def __init__(self, pid: int, channel: socket.socket,
-                 inbox: Optional[socket.socket]) -> None:
+
+class _Child:
+    """One child process: its worker slot and generation, and the daemon's
+    end of its channel.  The connection queue keeps its forwarding fields."""
+
+    def __init__(self, pid: int, index: int, generation: "_Generation",
+                 channel: socket.socket, inbox: Optional[socket.socket]) -> None:
         self.pid = pid
+        self.index = index                       # its worker slot, 0..N-1
+        self.generation = generation
         self.channel: Optional[socket.socket] = channel
         # Forwarding: the child's end of the pair, kept so that what the
         # child has not received stays ours when it dies.
         self.inbox: Optional[socket.socket] = inbox
+        self.on_channel: Callable[[int], None] = lambda mask: None   # its selector callback
         self.state = _State.STARTING
         self.started = time.monotonic()
         self.ready_at = 0.0
         self.deadline: Optional[float] = None    # ready, hang or drain timeout, by state
         self.kill_at: Optional[float] = None     # SIGKILL after SIGTERM
-        self.paused_until = 0.0                  # after a NACK
+        self.paused_until = 0.0                  # after a NACK or a transient send error
         self.batch_limit = 1                     # as the child asks; halved by each NACK
         self.blocked = False                     # channel full: waiting for EVENT_WRITE
-        # --hang-timeout: sizes of the messages sent that the child may not
-        # have received yet, oldest first (the inbox is the truth: _sync_queue).
-        self.queued: collections.deque = collections.deque()
-        self.waiting_since = 0.0                 # --hang-timeout: last progress seen
-        self.nacked = False                      # ever short of descriptors
         self.stalled = False                     # sent b"N", not yet sent b"K": send nothing
+        self.nacked = False                      # ever short of descriptors
+        # Sizes of the messages sent that the child may not have received
+        # yet, oldest first, and their sum (the inbox is the truth: _sync).
+        self.queued: collections.deque = collections.deque()
+        self.unread = 0
+        self.waiting_since = 0.0                 # --hang-timeout: last progress seen
         self.reclaimed = 0                       # connections taken back from its queue
         # Processes (forked by the child) that still hold its channel after
         # it exited: its queue is theirs to receive until they are gone.
@@ -682,16 +700,445 @@ class _Child:
                 pass
 
 
+class _Generation:
+    """The workers one start or restart began, one child per slot.
+
+    It serves once every slot holds a ready child; until then the previous
+    generation serves, and if any of its children dies first, the whole
+    generation is stopped.  A serving generation refills a slot whose
+    child died: at once if that child had served, after a back-off if it
+    never got ready or keeps crashing soon after it does.
+    """
+
+    def __init__(self, number: int, size: int) -> None:
+        self.number = number
+        self.slots: List[Optional[_Child]] = [None] * size
+        self.serving = False
+        self.respawn_at: dict = {}               # slot -> when to start its next child
+        self.backoff: dict = {}                  # slot -> the next back-off, seconds
+        self.quick_deaths: dict = {}             # slot -> crashes soon after ready, in a row
+
+    def children(self) -> List[_Child]:
+        return [c for c in self.slots if c is not None]
+
+    def complete(self) -> bool:
+        return all(c is not None and c.state is _State.READY for c in self.slots)
+
+    def ready(self) -> List[_Child]:
+        return [c for c in self.slots if c is not None and c.state is _State.SERVING]
+
+
 class _SpawnError(SocketProtectorError):
     """The command could not be started."""
 
 
-class _Supervisor:
-    """Accepts connections and hands them to the serving child.
+# ---------------------------------------------------------------------------
+# The daemon: the connection queue (forwarding)
+# ---------------------------------------------------------------------------
 
-    One selector loop owns everything: the listener, each child's channel,
-    and a socketpair that signal.set_wakeup_fd() writes signal numbers to.
-    Timeouts are deadlines the loop computes its select() timeout from.
+
+class _ConnectionQueue:
+    """Accepts connections and hands them to the children that may take them.
+
+    It owns the listening socket, the daemon's own queue of accepted
+    connections, and, as the ledger of what each child has not received,
+    each child's channel queue: a child that exits, hangs up or stalls gives
+    what it had not received back to this queue.  It knows which children
+    may take connections (``takers``, set by the supervisor), not why.
+    Each connection goes to the taker with the fewest connections sent and
+    not yet received (ties in turn), so a busy or stuck worker is passed over.
+    """
+
+    def __init__(self, sel: selectors.BaseSelector, listener: socket.socket, *,
+                 forwarding: bool, backlog: int, hang_timeout: Optional[float],
+                 hung_up: Callable[[_Child], None]) -> None:
+        self._sel = sel
+        self.listener: Optional[socket.socket] = listener
+        self._forwarding = forwarding
+        self._backlog = backlog
+        self._hang_timeout = hang_timeout
+        self._hung_up = hung_up                  # the supervisor's: a child's channel broke
+        self._backlog_poll = select.poll()       # is anything left in the backlog?
+        self._backlog_poll.register(listener, select.POLLIN)
+        self._message = _MSG_CONNS + bytes([listener.family])
+        self.waiting: collections.deque = collections.deque()   # accepted fds not yet sent
+        self.takers: List[_Child] = []
+        self._turn = 0                           # where the next tie-break starts
+        self._track = hang_timeout is not None   # keep child.queued (more than one taker too)
+        self.listening = False
+        self.accept_paused_until: Optional[float] = None
+        self._accept_error: Optional[str] = None      # logged once until accept works again
+        self.stopping = False
+        self.shutdown_quota = 0      # at shutdown: how many of the backlog are left to accept
+        self.take_back: List[_Child] = []        # queues not yet all taken back (short of fds)
+        self.deferred: List[_Child] = []         # exited; others still hold their channel
+        self.holders_check_at: Optional[float] = None   # no pidfd: look for holders again
+        self.forwarded = 0
+        self._debug = _log.isEnabledFor(logging.DEBUG)
+
+    def set_takers(self, takers: List[_Child]) -> None:
+        self.takers = takers
+        self._track = self._hang_timeout is not None or len(takers) > 1
+
+    def deadlines(self, now: float) -> List[float]:
+        pending = [d for d in (self.accept_paused_until, self.holders_check_at) if d is not None]
+        if self.waiting and self.takers:
+            paused = [c.paused_until for c in self.takers if c.paused_until > now]
+            if len(paused) == len(self.takers):
+                pending.append(min(paused))     # a past pause is no deadline: no spin
+        return pending
+
+    def check_deadlines(self, now: float) -> None:
+        if self.accept_paused_until is not None and now >= self.accept_paused_until:
+            self.accept_paused_until = None
+            for child in list(self.take_back):  # short of descriptors the last time
+                if self.reclaim(child) and child.stalled:
+                    self.resume(child)
+        if self.holders_check_at is not None and now >= self.holders_check_at:
+            self.holders_check_at = None
+            for child in list(self.deferred):
+                self.check_holders(child)
+
+    # -- accepting ----------------------------------------------------------
+
+    def on_listener(self, mask: int) -> None:
+        if not self.listening:
+            return      # unregistered by an earlier event of the same select()
+        if self.stopping:
+            self.shutdown_quota -= self.accept(min(self.shutdown_quota,
+                                                   _MAX_WAITING - len(self.waiting)))
+        else:
+            self.accept(_MAX_WAITING - len(self.waiting))
+
+    def accept(self, limit: int) -> int:
+        """Accept up to limit connections into our queue; how many."""
+        before = len(self.waiting)
+        error = _accept_into(self.listener._accept, self._backlog_poll.poll, limit,
+                             self.waiting)      # raw fds: no socket object per connection
+        count = len(self.waiting) - before
+        if error is not None:
+            # The connection stays in the backlog; try again shortly
+            # instead of spinning on a listener that stays readable.
+            if self._accept_error != error.strerror:
+                self._accept_error = error.strerror
+                _log.warning("cannot accept: %s; retrying every %g s",
+                             error.strerror, _ACCEPT_PAUSE)
+            self.accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
+        elif count and self._accept_error:
+            _log.info("accepting again")
+            self._accept_error = None
+        return count
+
+    def stop(self) -> None:
+        """Shutting down: accept the backlog as it is now (forwarding, with a
+        taker), in steps as the children take it; then close the port."""
+        self.stopping = True
+        if self.listener is None:
+            return
+        if self._forwarding and self.takers:
+            waiting = _backlog_length(self.listener)
+            self.shutdown_quota = self._backlog if waiting is None else waiting
+        else:
+            self.close_listener()
+
+    def update_listening(self) -> None:
+        """Accept while some taker can take and our queue has room; at
+        shutdown, close the port once the old backlog is all accepted."""
+        if self.stopping and self.listener is not None and (
+                not self.takers or self.shutdown_quota <= 0 or not self._backlog_poll.poll(0)):
+            self.close_listener()
+        now = time.monotonic()
+        self._set_listening(
+            self._forwarding and len(self.waiting) < _MAX_WAITING
+            and self.accept_paused_until is None
+            and any(c.can_take(now) for c in self.takers))
+
+    def _set_listening(self, want: bool) -> None:
+        if want == self.listening or self.listener is None:
+            return
+        if want:
+            self._sel.register(self.listener, selectors.EVENT_READ, self.on_listener)
+        else:
+            self._sel.unregister(self.listener)
+        self.listening = want
+
+    def close_listener(self) -> None:
+        self._set_listening(False)
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+    # -- sending ------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Send waiting connections to the takers, the least loaded first."""
+        if not self.waiting or not self.takers:
+            return
+        now = time.monotonic()
+        if len(self.takers) == 1:
+            child = self.takers[0]
+            while self.waiting and child.can_take(now) and self._send(child, now):
+                pass
+            return
+        while self.waiting:
+            child = self._least_loaded(now)
+            if child is None:
+                return
+            self._send(child, now)
+
+    def _least_loaded(self, now: float) -> Optional[_Child]:
+        """The taker that can take with the fewest connections not yet received;
+        ties go in turn."""
+        best, fewest = None, 0
+        count = len(self.takers)
+        for k in range(count):
+            child = self.takers[(self._turn + k) % count]
+            if not child.can_take(now):
+                continue
+            unread = self._sync(child)
+            if best is None or unread < fewest:
+                best, fewest = child, unread
+                if not unread:
+                    break
+        if best is not None:
+            self._turn = (self.takers.index(best) + 1) % count
+        return best
+
+    def _send(self, child: _Child, now: float) -> bool:
+        """One message to the child; False if it cannot take more now."""
+        waiting = self.waiting
+        room = min(len(waiting), child.batch_limit)
+        batch = [waiting.popleft() for _ in range(room)]
+        try:
+            _send_fds(child.channel, self._message, batch)
+        except (BlockingIOError, InterruptedError):
+            waiting.extendleft(reversed(batch))
+            child.blocked = True
+            self._sel.modify(child.channel, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                             child.on_channel)
+            return False
+        except OSError as e:
+            waiting.extendleft(reversed(batch))
+            if e.errno in (errno.ETOOMANYREFS, errno.ENOBUFS, errno.ENOMEM):
+                # Too many descriptors in flight, or memory short for the
+                # moment: the child is fine, try again shortly.  (Taking it
+                # for a hang-up would make us a second reader of a queue the
+                # child still reads.)
+                child.paused_until = now + _NACK_PAUSE
+            else:
+                self._hung_up(child)    # EPIPE, ECONNRESET: it hung up
+            return False
+        _close_fds(batch)       # the child's queue holds them now
+        if self._track:
+            child.queued.append(room)
+            child.unread += room
+            if self._hang_timeout is not None and child.deadline is None:
+                child.waiting_since = now
+                child.deadline = now + self._hang_timeout / 4
+        self.forwarded += room
+        if self._debug:
+            _log.debug("sent child %d %d connections (fds %s)", child.pid, room, batch)
+        return True
+
+    def unblocked(self, child: _Child) -> None:
+        """EVENT_WRITE: the child's channel has room again."""
+        child.blocked = False
+        self._sel.modify(child.channel, selectors.EVENT_READ, child.on_channel)
+
+    def _sync(self, child: _Child) -> int:
+        """Forget what the child has received since last asked; what is left unread."""
+        if child.inbox is None:
+            return child.unread
+        left = _unread_bytes(child.inbox) // len(self._message)
+        while len(child.queued) > left:
+            child.unread -= child.queued.popleft()
+        return child.unread
+
+    def watch(self, child: _Child, now: float) -> Optional[bool]:
+        """--hang-timeout: True if the child took nothing for that long while
+        some waited for it; else look again later (None: nothing waits)."""
+        if child.inbox is None:
+            return None
+        before = len(child.queued)
+        self._sync(child)
+        if len(child.queued) < before:
+            child.waiting_since = now   # it took some
+        if not child.queued:
+            return None                 # nothing waits: watch again after the next send
+        if now - child.waiting_since >= self._hang_timeout:
+            return True
+        child.deadline = now + self._hang_timeout / 4
+        return False
+
+    # -- taking back --------------------------------------------------------
+
+    def reclaim(self, child: _Child, report: bool = True) -> bool:
+        """Take back what waits in a child's queue, to the front of ours.
+
+        Only when nobody will receive from it: the child exited (and nothing
+        it forked holds the channel), hung up, or stalled waiting for our
+        b"K".  True once the queue is empty; False if we ran short of
+        descriptors, and then it is tried again after the accept pause.
+        """
+        inbox = child.inbox
+        if inbox is None:
+            return True
+        taken: List[int] = []
+        complete = False
+        while True:
+            try:
+                msg, fds, truncated = _peek_message(inbox)
+            except BlockingIOError:
+                complete = True
+                break
+            if truncated:       # out of descriptors ourselves: try again shortly
+                _close_fds(fds)
+                self.accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
+                break
+            if not msg and not fds:
+                complete = True
+                break
+            _consume_message(inbox)
+            if msg[:1] == _MSG_CONNS:
+                taken += fds
+            else:
+                _close_fds(fds)
+        if taken and report:
+            _log.info("child %d had not taken %d connections; they go to %s", child.pid,
+                      len(taken), "the other workers" if len(self.takers) > 1 else
+                      "the next child")
+        self.waiting.extendleft(reversed(taken))
+        child.queued.clear()
+        child.unread = 0
+        child.reclaimed += len(taken)
+        if not complete:
+            if child not in self.take_back:
+                _log.warning("cannot take back all of child %d's queue: out of descriptors; "
+                             "retrying every %g s", child.pid, _ACCEPT_PAUSE)
+                self.take_back.append(child)
+            return False
+        if child in self.take_back:
+            self.take_back.remove(child)
+        if child.state is _State.EXITED:
+            inbox.close()
+            child.inbox = None
+        return True
+
+    def nacked(self, child: _Child) -> None:
+        """The child has no room for the descriptors at the head of its queue:
+        take the queue back (it receives nothing until our b"K") and send it
+        again in smaller messages, after a pause."""
+        child.stalled = True
+        before = child.reclaimed
+        complete = self.reclaim(child, report=False)
+        # Once per child at warning: at its limit it may ask every pause.
+        _log.log(logging.DEBUG if child.nacked else logging.WARNING,
+                 "child %d could not receive %d connections; sending them again",
+                 child.pid, child.reclaimed - before)
+        child.nacked = True
+        if complete:
+            self.resume(child)
+        # else b"K" would queue behind what is left: it goes once that is taken back
+
+    def resume(self, child: _Child) -> None:
+        """The stalled child's queue is empty: b"K", and smaller messages after a pause."""
+        child.stalled = False
+        if child.channel is None:
+            return
+        try:
+            child.channel.send(_MSG_RESUME)
+        except OSError:
+            self._hung_up(child)
+            return
+        child.paused_until = time.monotonic() + _NACK_PAUSE
+        # Smaller messages, or one that never fits would be refused forever.
+        child.batch_limit = max(1, child.batch_limit // 2)
+
+    def exited(self, child: _Child) -> None:
+        """The child is gone: its queue comes back, unless what it forked holds it."""
+        if not self.check_holders(child):
+            self.reclaim(child)
+
+    def check_holders(self, child: _Child) -> bool:
+        """After the child exited: do processes it started still hold its
+        channel?  Then they may still receive from it, and taking the queue
+        back would race with them (peek and receive are two calls): it stays
+        theirs until they are gone.  True while any holds it."""
+        holders = []
+        if child.inbox is not None and _unread_bytes(child.inbox):
+            holders = _processes_holding(os.fstat(child.inbox.fileno()).st_ino)
+        if not holders:
+            self._stop_watching_holders(child)
+            if child in self.deferred:
+                self.deferred.remove(child)
+                self.reclaim(child)
+            return False
+        if child not in self.deferred:
+            self.deferred.append(child)
+            _log.warning("child %d exited, but process %s started by it still holds its "
+                         "channel (does the command fork instead of exec?); what it has not "
+                         "received stays with it until it exits", child.pid,
+                         ", ".join(map(str, holders)))
+        for pid in holders:
+            if pid not in child.holders:
+                child.holders[pid] = self._watch_process(
+                    pid, functools.partial(self._holder_exited, child))
+        for pid in [p for p in child.holders if p not in holders]:
+            self._unwatch_process(child.holders.pop(pid))
+        return True
+
+    def _holder_exited(self, child: _Child, mask: int = 0) -> None:
+        self.check_holders(child)
+
+    def _watch_process(self, pid: int, callback) -> int:
+        """A pidfd that becomes readable when pid exits, in the selector; -1
+        (and a look every second) where pidfds do not exist."""
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            if self.holders_check_at is None:
+                self.holders_check_at = time.monotonic() + 1.0
+            return -1
+        self._sel.register(fd, selectors.EVENT_READ, callback)
+        return fd
+
+    def _unwatch_process(self, fd: int) -> None:
+        if fd >= 0:
+            self._sel.unregister(fd)
+            os.close(fd)
+
+    def _stop_watching_holders(self, child: _Child) -> None:
+        for fd in child.holders.values():
+            self._unwatch_process(fd)
+        child.holders.clear()
+
+    def close(self, children: List[_Child]) -> None:
+        """At exit: what no child took is closed, and so is every inbox."""
+        self.close_listener()
+        if self.waiting:
+            _log.warning("closing %d connections no child took", len(self.waiting))
+        _close_fds(self.waiting)
+        self.waiting.clear()
+        for child in [*children, *self.take_back, *self.deferred]:
+            self._stop_watching_holders(child)
+            if child.inbox is not None:
+                child.inbox.close()     # what it holds, nobody will take now
+                child.inbox = None
+
+
+# ---------------------------------------------------------------------------
+# The daemon: the supervisor
+# ---------------------------------------------------------------------------
+
+
+class _Supervisor:
+    """Starts, restarts and replaces the workers, and routes events between
+    them and the connection queue.
+
+    One selector loop owns everything: the listener (through the queue),
+    each child's channel, and a socketpair that signal.set_wakeup_fd() writes
+    signal numbers to.  Timeouts are deadlines the loop computes its
+    select() timeout from.
     """
 
     def __init__(self, listener: socket.socket, command: List[str], *, cwd: str,
@@ -700,11 +1147,8 @@ class _Supervisor:
                  hang_timeout: Optional[float] = None,
                  on_event: Callable[[str, str], None] = lambda event, detail: None,
                  on_sigusr2: Callable[[], None] = lambda: None,
-                 backlog: int = _DEFAULT_BACKLOG) -> None:
-        self._backlog = backlog
-        self._shutdown_quota = 0     # at shutdown: how many of the backlog are left to accept
+                 backlog: int = _DEFAULT_BACKLOG, workers: int = 1) -> None:
         self._on_sigusr2 = on_sigusr2
-        self._listener: Optional[socket.socket] = listener
         self._forwarding = handoff == "forward"     # else children accept from our listener
         self._command = command
         self._cwd = cwd
@@ -713,46 +1157,41 @@ class _Supervisor:
         self._stop_timeout = stop_timeout
         self._hang_timeout = hang_timeout
         self._on_event = on_event
+        self._workers = workers                  # the size of every new generation
         self._sel = selectors.DefaultSelector()
         self._sel.register(wakeup, selectors.EVENT_READ, self._on_wakeup)
-        self._backlog_poll = select.poll()      # is anything left in the backlog?
-        self._backlog_poll.register(listener, select.POLLIN)
         self._wakeup = wakeup
-        self._listening = False
-        self._children: dict = {}                 # pid -> _Child, until reaped
-        self._take_back: List[_Child] = []        # queues not yet all taken back (short of fds)
-        self._deferred: List[_Child] = []         # exited; others still hold their channel
-        self._holders_check_at: Optional[float] = None   # no pidfd: look for holders again
-        self._serving: Optional[_Child] = None
-        self._starting: Optional[_Child] = None
-        self._waiting: collections.deque = collections.deque()   # accepted fds not yet sent
+        self._queue = _ConnectionQueue(self._sel, listener, forwarding=self._forwarding,
+                                       backlog=backlog, hang_timeout=hang_timeout,
+                                       hung_up=self._channel_closed)
+        self._children: dict = {}                # pid -> _Child, until reaped
+        self._serving: Optional[_Generation] = None
+        self._starting: Optional[_Generation] = None    # begun, not yet complete
+        self._generations = 0
         self._ever_ready = False
         self._restart_again = False
         self._restart_open = False      # a restart began, its outcome not yet reported
         self._stopping = False
         self._stop_deadline: Optional[float] = None
-        self._respawn_at: Optional[float] = None
-        self._accept_paused_until: Optional[float] = None
-        self._accept_error: Optional[str] = None      # logged once until accept works again
         self._next_deadline: Optional[float] = None   # the soonest, as of the last _timeout()
-        self._debug = _log.isEnabledFor(logging.DEBUG)
-        self._backoff = _BACKOFF_MIN
         self._error: Optional[str] = None
-        self.forwarded = 0
         self.restarts = 0
         self.failed_restarts = 0
         self.crashes = 0
         # What systemd meant for the daemon is not for the children.
         self._child_env = {k: v for k, v in os.environ.items() if k not in _DAEMON_ONLY_ENV}
         self._child_env[ENV_HANDOFF] = handoff
-        self._conns_message = _MSG_CONNS + bytes([listener.family])
+
+    @property
+    def forwarded(self) -> int:
+        return self._queue.forwarded
 
     # -- the loop -----------------------------------------------------------
 
     def run(self) -> None:
         """Serve until shut down; raise SocketProtectorError if start-up failed."""
         try:
-            self._spawn()
+            self._start_generation()
             select = self._sel.select
             while self._children or not self._stopping:
                 events = select(self._timeout())
@@ -771,17 +1210,17 @@ class _Supervisor:
 
     def _timeout(self) -> Optional[float]:
         """Seconds until the soonest deadline (None: none), noted in _next_deadline."""
-        pending = [d for d in (self._stop_deadline, self._respawn_at, self._accept_paused_until,
-                               self._holders_check_at) if d is not None]
+        now = time.monotonic()
+        pending = self._queue.deadlines(now)
+        if self._stop_deadline is not None:
+            pending.append(self._stop_deadline)
+        if self._serving is not None and self._serving.respawn_at:
+            pending += self._serving.respawn_at.values()
         for child in self._children.values():
             if child.deadline is not None:
                 pending.append(child.deadline)
             if child.kill_at is not None:
                 pending.append(child.kill_at)
-        now = time.monotonic()
-        serving = self._serving
-        if serving is not None and serving.paused_until > now and self._waiting:
-            pending.append(serving.paused_until)     # a past pause is no deadline: no spin
         if not pending:
             self._next_deadline = None
             return None
@@ -798,48 +1237,47 @@ class _Supervisor:
                 child.signal(signal.SIGKILL)
             if child.deadline is not None and now >= child.deadline:
                 child.deadline = None
-                if child.channel is None and child.state in (_State.STARTING, _State.SERVING):
+                if child.channel is None and child.state in _LIVE_ROLES:
                     self._hung_up(child)
                 elif child.state is _State.STARTING:
                     self._not_ready_in_time(child)
                 elif child.state is _State.SERVING:
-                    self._watch(child, now)
+                    if self._queue.watch(child, now):
+                        self._hung(child)
                 elif child.state is _State.RETIRING:
                     _log.warning("child %d still draining after %g s; stopping it",
                                  child.pid, self._drain_timeout)
                     self._terminate(child)
-        if self._respawn_at is not None and now >= self._respawn_at:
-            self._respawn_at = None
-            self._spawn_replacement()
+        if self._serving is not None:
+            for index, when in list(self._serving.respawn_at.items()):
+                if now >= when:
+                    del self._serving.respawn_at[index]
+                    self._respawn(index)
         if self._stop_deadline is not None and now >= self._stop_deadline:
             self._stop_deadline = None
             self._terminate_all(f"after --stop-timeout {self._stop_timeout:g} s")
-        if self._accept_paused_until is not None and now >= self._accept_paused_until:
-            self._accept_paused_until = None
-            for child in list(self._take_back):     # short of descriptors the last time
-                if self._reclaim(child) and child.stalled:
-                    self._resume(child)
-        if self._holders_check_at is not None and now >= self._holders_check_at:
-            self._holders_check_at = None
-            for child in list(self._deferred):
-                self._check_holders(child)
+        self._queue.check_deadlines(now)
+
+    def _pump(self) -> None:
+        """Send what waits; at shutdown, retire the serving workers once the
+        backlog is all theirs; then decide whether to accept."""
+        queue = self._queue
+        queue.pump()
+        if self._stopping and self._serving is not None and not queue.waiting:
+            queue.update_listening()        # closes the port once the backlog is accepted
+            if queue.listener is None:
+                for child in self._serving.children():
+                    if child.state is _State.SERVING:
+                        self._retire(child)
+        queue.update_listening()
 
     def _close_everything(self) -> None:
-        self._close_listener()
-        if self._waiting:
-            _log.warning("closing %d connections no child took", len(self._waiting))
-        _close_fds(self._waiting)
-        self._waiting.clear()
-        for child in [*self._children.values(), *self._take_back,
-                      *self._deferred]:
+        self._queue.close([*self._children.values()])
+        for child in self._children.values():
             self._close_channel(child)
-            self._stop_watching_holders(child)
             if child.exec_report is not None:
                 os.close(child.exec_report)
                 child.exec_report = None
-            if child.inbox is not None:
-                child.inbox.close()     # what it holds, nobody will take now
-                child.inbox = None
         self._sel.close()
 
     # -- signals ------------------------------------------------------------
@@ -867,6 +1305,10 @@ class _Supervisor:
                 self._log_status()
             elif signum == signal.SIGUSR2:
                 self._on_sigusr2()
+            elif signum == signal.SIGTTIN:
+                self._add_worker()
+            elif signum == signal.SIGTTOU:
+                self._remove_worker()
 
     def _reap(self) -> None:
         while True:
@@ -881,30 +1323,70 @@ class _Supervisor:
                 self._exited(child, status)
 
     def _log_status(self) -> None:
+        _log.info("status: %s", self.status())
+
+    def status(self) -> str:
+        """One line: address, workers, children by role, counters."""
         now = time.monotonic()
-        serving = self._serving
+        ready = self._serving.ready() if self._serving is not None else []
+        starting = [c for c in self._children.values()
+                    if c.state in (_State.STARTING, _State.READY)]
         draining = [c.pid for c in self._children.values()
                     if c.state in (_State.RETIRING, _State.STOPPING)]
-        _log.info("status: listening on %s; serving child %s; starting child %s; "
-                  "draining %s; %d connections forwarded; %d restarts, %d failed; %d crashes",
-                  _format_address(self._listener) if self._listener else "nothing",
-                  f"{serving.pid} up {now - serving.ready_at:.0f} s" if serving else "none",
-                  self._starting.pid if self._starting else "none",
-                  ",".join(map(str, draining)) or "none",
-                  self.forwarded, self.restarts, self.failed_restarts, self.crashes)
+        listener = self._queue.listener
+        return "; ".join([
+            f"listening on {_format_address(listener) if listener else 'nothing'}",
+            f"workers {len(ready)}/{self._workers} ready",
+            "serving " + (", ".join(f"child {c.pid} up {now - c.ready_at:.0f} s"
+                                    for c in ready) or "child none"),
+            "starting " + (", ".join(f"child {c.pid}" for c in starting) or "child none"),
+            "draining " + (",".join(map(str, draining)) or "none"),
+            f"{_plural(self.forwarded, 'connection')} forwarded",
+            f"{_plural(self.restarts, 'restart')}, {self.failed_restarts} failed",
+            _plural(self.crashes, "crash")])
 
-    # -- child transitions --------------------------------------------------
+    # -- naming -------------------------------------------------------------
 
-    def _spawn(self) -> _Child:
-        """Fork and exec the command: a new child in STARTING."""
+    def _name(self, child: _Child) -> str:
+        return f"child {child.pid}" + (f" (worker {child.index})" if self._workers > 1 else "")
+
+    @staticmethod
+    def _describe(children: List[_Child]) -> str:
+        if len(children) == 1:
+            return f"child {children[0].pid}"
+        return "children " + ", ".join(str(c.pid) for c in children) if children else "no child"
+
+    def _serving_detail(self) -> str:
+        ready = self._serving.ready() if self._serving is not None else []
+        if self._workers == 1 and len(ready) == 1:
+            return f"child {ready[0].pid} serving"
+        return f"{len(ready)}/{self._workers} workers serving"
+
+    # -- generations --------------------------------------------------------
+
+    def _start_generation(self) -> None:
+        """A new generation of workers, all starting: the restart's, or the first."""
+        self._generations += 1
+        generation = _Generation(self._generations, self._workers)
+        self._starting = generation
+        try:
+            for index in range(len(generation.slots)):
+                self._spawn(generation, index)
+        except _SpawnError as e:
+            self._generation_failed(generation, None, str(e))
+
+    def _spawn(self, generation: _Generation, index: int) -> _Child:
+        """Fork and exec the command into a slot: a new child in STARTING."""
         executable = _resolve_command(self._command[0], self._cwd)
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as e:
             raise _SpawnError(f"cannot start {self._command[0]!r}: {e.strerror}") from None
+        env = dict(self._child_env)
+        env[ENV_WORKER] = str(index)
         try:
-            pid, report_fd = _fork_exec(executable, self._command, self._cwd,
-                                        dict(self._child_env), theirs.fileno())
+            pid, report_fd = _fork_exec(executable, self._command, self._cwd, env,
+                                        theirs.fileno())
         except BaseException:
             ours.close()
             theirs.close()
@@ -918,67 +1400,152 @@ class _Supervisor:
         else:
             theirs.close()
             theirs = None
-        child = _Child(pid, ours, theirs)
+        child = _Child(pid, index, generation, ours, theirs)
+        child.on_channel = functools.partial(self._on_channel, child)
         child.deadline = child.started + self._ready_timeout
         self._children[pid] = child
-        self._starting = child
-        self._sel.register(ours, selectors.EVENT_READ, functools.partial(self._on_channel, child))
+        generation.slots[index] = child
+        self._sel.register(ours, selectors.EVENT_READ, child.on_channel)
         # Whether exec worked is read from the loop: waiting for it here would
         # stop accepting for milliseconds at every restart.
         child.exec_report = report_fd
         self._sel.register(report_fd, selectors.EVENT_READ,
                            functools.partial(self._on_exec_report, child))
-        _log.info("child %d started: %s", pid, " ".join(self._command))
+        _log.info("%s started: %s", self._name(child), " ".join(self._command))
         return child
 
     def _ready(self, child: _Child) -> None:
-        """STARTING -> SERVING; the previous serving child retires."""
+        """STARTING -> READY, or SERVING if its generation already serves;
+        the generation's last ready child makes it the serving one."""
         if child.state is not _State.STARTING:
             return      # retired or stopped before it got here
-        old = self._serving
-        self._starting = None
-        child.state = _State.SERVING
         child.ready_at = time.monotonic()
         child.deadline = None
-        self._serving = child
-        if not self._forwarding and self._listener is not None:
+        generation = child.generation
+        if generation.serving:      # a replacement
+            self._serve(child)
+            _log.info("%s ready, serving", self._name(child))
+            self._on_event("recovered", self._serving_detail())
+            return
+        child.state = _State.READY
+        if generation.complete():
+            self._promote(generation)
+        else:
+            ready = sum(1 for c in generation.slots if c is not None and c.state is _State.READY)
+            _log.info("%s ready; %d of %d workers ready", self._name(child), ready,
+                      len(generation.slots))
+
+    def _serve(self, child: _Child) -> None:
+        """A ready child of the serving generation: it is sent connections."""
+        child.state = _State.SERVING
+        if not self._forwarding and self._queue.listener is not None:
             self._hand_listener(child)
+        self._update_takers()
+
+    def _promote(self, generation: _Generation) -> None:
+        """Every worker is ready: this generation serves, the previous one retires."""
+        old = self._serving
+        self._starting = None
+        self._serving = generation
+        generation.serving = True
+        for child in generation.children():
+            self._serve(child)
+        new = self._describe(generation.children())
         if old is not None:
             self.restarts += 1
-            self._retire(old)       # before saying so: whoever reads the log may act at once
-            _log.info("child %d ready; child %d retiring", child.pid, old.pid)
+            retiring = old.ready()
+            self._retire_generation(old)    # before saying so: whoever reads the log may act
+            if retiring:
+                _log.info("%s ready; %s retiring", new, self._describe(retiring))
+            else:
+                _log.info("%s ready, serving", new)
         else:
-            _log.info("child %d ready, serving", child.pid)
-        detail = f"child {child.pid} serving"
+            _log.info("%s ready, serving", new)
+        detail = self._serving_detail()
         if not self._ever_ready:
             self._on_event("ready", detail)
         elif self._restart_open:
             self._restart_finished(detail)
         else:
-            self._on_event("recovered", detail)     # a crashed child's replacement
+            self._on_event("recovered", detail)
         self._ever_ready = True
-        if self._stopping:
-            self._retire(child)
-        elif self._restart_again:
+        if self._restart_again:
             self._restart_again = False
             self._request_restart()
 
+    def _retire_generation(self, generation: _Generation) -> None:
+        generation.serving = False
+        generation.respawn_at.clear()
+        for child in generation.children():
+            if child.state is _State.STARTING:
+                self._terminate(child)      # a replacement nobody needs now
+            else:
+                self._retire(child)
+
+    def _generation_failed(self, generation: _Generation, child: Optional[_Child],
+                           why: str) -> None:
+        """A new generation will not serve: stop all of it; the serving one
+        keeps serving (or, at start-up, the daemon gives up).
+
+        ``why`` follows the child's name, or stands alone when there is none.
+        """
+        what = f"{self._name(child)} {why}" if child is not None else why
+        for other in generation.children():
+            if other is not child and other.state in _LIVE_ROLES:
+                self._terminate(other)
+        if self._starting is generation:
+            self._starting = None
+        if self._stopping:
+            _log.info("%s", what)
+            return
+        if self._serving is None:
+            self._fail(what)
+            return
+        self.failed_restarts += 1
+        ready = self._serving.ready()
+        keeps = (f"{self._describe(ready)} {'keeps' if len(ready) == 1 else 'keep'} serving"
+                 if ready else "no child serves until the serving generation's workers "
+                               "are replaced")
+        failure = f"restart failed: {what}; {keeps}"
+        _log.error("%s", failure)
+        self._restart_finished(failure)
+        if self._restart_again:
+            self._restart_again = False
+            self._request_restart()
+
+    def _restart_finished(self, outcome: str) -> None:
+        """The restart a SIGHUP began has ended (an outcome for --reload and systemd)."""
+        if self._restart_open:
+            self._restart_open = False
+            self._on_event("reloaded", outcome)
+
+    # -- one child's transitions --------------------------------------------
+
     def _hand_listener(self, child: _Child) -> None:
-        """Listener mode: the new serving child accepts from our listening socket."""
+        """Listener mode: a serving child accepts from our listening socket."""
         try:
-            _send_fds(child.channel, _MSG_LISTENER, [self._listener.fileno()])
+            _send_fds(child.channel, _MSG_LISTENER, [self._queue.listener.fileno()])
         except OSError as e:
             # A fresh channel has room, so this is a hang-up: the grace
             # period will tell whether it exits.
             _log.warning("cannot hand the listener to child %d: %s", child.pid, e.strerror)
             self._channel_closed(child)
 
+    def _vacate(self, child: _Child) -> None:
+        """The child no longer fills its slot (a replacement may)."""
+        slots = child.generation.slots
+        if child.index < len(slots) and slots[child.index] is child:
+            slots[child.index] = None
+
+    def _update_takers(self) -> None:
+        serving = self._serving
+        self._queue.set_takers(
+            [c for c in serving.slots if c is not None and c.state is _State.SERVING
+             and c.channel is not None] if serving is not None and self._forwarding else [])
+
     def _let_go(self, child: _Child, drain: bool = False) -> None:
-        """No more connections for this child: drop its role and end its stream."""
-        if child is self._serving:
-            self._serving = None
-        if child is self._starting:
-            self._starting = None
+        """No more connections for this child: it leaves its slot and its stream ends."""
+        self._vacate(child)
         if child.channel is not None:
             try:
                 if drain:
@@ -988,13 +1555,14 @@ class _Supervisor:
                 pass
 
     def _retire(self, child: _Child) -> None:
-        """SERVING/STARTING -> RETIRING: end its stream; it finishes and exits."""
+        """A live child -> RETIRING: its stream ends; it finishes and exits."""
         # Listener mode at shutdown: nobody takes over the backlog, so the
         # child accepts it before letting go.
         self._let_go(child, drain=self._stopping and not self._forwarding)
         child.state = _State.RETIRING
         child.deadline = (time.monotonic() + self._drain_timeout
                           if self._drain_timeout is not None else None)
+        self._update_takers()
 
     def _terminate(self, child: _Child) -> None:
         """Any live state -> STOPPING: SIGTERM now, SIGKILL after _KILL_GRACE."""
@@ -1005,74 +1573,86 @@ class _Supervisor:
         child.deadline = None
         child.kill_at = time.monotonic() + _KILL_GRACE
         child.signal(signal.SIGTERM)
+        self._update_takers()
 
     def _exited(self, child: _Child, status: int) -> None:
-        """Any state -> EXITED: what it had not received goes to the next child."""
+        """Any state -> EXITED: what it had not received goes to the others."""
         was = child.state
         how = _describe_status(status)
         child.state = _State.EXITED
         self._close_channel(child)
-        if not self._check_holders(child):
-            self._reclaim(child)
-        if child is self._starting:
-            self._starting = None
+        self._queue.exited(child)
         self._on_exec_report(child)     # a failed exec has written why: read it now
+        generation = child.generation
+        slots = generation.slots
+        in_slot = child.index < len(slots) and slots[child.index] is child
+        self._vacate(child)
+        self._update_takers()
         if child.exec_error:
             _, _, text = child.exec_error.decode(errors="replace").partition(":")
-            self._start_failed(None, f"cannot run {self._command[0]!r}: {text}")
-            return
-        if child is self._serving:
-            self._serving = None
-            self._crashed(child, how)
-            return
-        if was is _State.STARTING:
-            self._start_failed(child, f"{how} before it was ready")
+            why, child_named = f"cannot run {self._command[0]!r}: {text}", None
+        else:
+            why, child_named = (f"{how} before it was ready" if was is _State.STARTING else
+                                f"{how} before all workers were ready"), child
+        if in_slot and generation is self._starting:
+            self._generation_failed(generation, child_named, why)
+        elif in_slot and generation is self._serving and not self._stopping:
+            self._slot_lost(child, was, status, why if child_named is None else
+                            f"{self._name(child)} {why}")
+        elif in_slot and self._stopping and was is _State.SERVING:
+            self.crashes += 1
+            _log.warning("%s %s while shutting down", self._name(child), how)
         else:
             _log.log(logging.INFO if status == 0 else logging.WARNING,
-                     "child %d %s (%s)", child.pid, how, was.value)
+                     "%s %s (%s)", self._name(child), how, was.value)
 
-    def _crashed(self, child: _Child, how: str) -> None:
+    def _slot_lost(self, child: _Child, was: _State, status: int, failure: str) -> None:
+        """A serving generation's child died: a serving one is replaced at
+        once (its unreceived connections went to the others already); one
+        that never got ready, or keeps crashing soon after it does, after a
+        back-off."""
+        generation, index = child.generation, child.index
+        if was is not _State.SERVING:
+            _log.error("%s; %s", failure, self._schedule_respawn(generation, index, backoff=True))
+            return
         self.crashes += 1
-        if self._stopping:
-            _log.warning("child %d %s while shutting down", child.pid, how)
-            return
-        if child.ready_at and time.monotonic() - child.ready_at >= _STABLE_AFTER:
-            self._backoff = _BACKOFF_MIN
-        if self._starting is not None:
-            _log.warning("child %d %s unexpectedly; child %d, starting, will take over",
-                         child.pid, how, self._starting.pid)
-            return
-        _log.warning("child %d %s unexpectedly; %s", child.pid, how, self._schedule_respawn())
-
-    def _start_failed(self, child: Optional[_Child], why: str) -> None:
-        """A new child will not become ready: keep the old one, or retry, or give up.
-
-        ``why`` follows "child PID", or stands alone when there is no child to name.
-        """
-        what = f"child {child.pid} {why}" if child is not None else why
-        if self._stopping:
-            _log.info("%s", what)
-            return
-        if self._serving is not None:
-            self.failed_restarts += 1
-            failure = f"restart failed: {what}; child {self._serving.pid} keeps serving"
-            _log.error("%s", failure)
-            self._restart_finished(failure)
-            if self._restart_again:
-                self._restart_again = False
-                self._request_restart()
-        elif not self._ever_ready:
-            self._fail(what)
+        served = time.monotonic() - child.ready_at
+        if served >= _STABLE_AFTER:
+            generation.backoff.pop(index, None)
+            generation.quick_deaths.pop(index, None)
+        code = os.waitstatus_to_exitcode(status)
+        own_doing = code >= 0 or -code in _CRASH_SIGNALS
+        if own_doing and served < _QUICK_DEATH:
+            generation.quick_deaths[index] = generation.quick_deaths.get(index, 0) + 1
         else:
-            failure = f"{what}; {self._schedule_respawn()}"
-            _log.error("%s", failure)
-            self._restart_finished(f"restart failed: {failure}")
+            generation.quick_deaths[index] = 0
+        crash_loop = generation.quick_deaths[index] >= _CRASH_LOOP
+        plan = self._schedule_respawn(generation, index, backoff=crash_loop)
+        _log.warning("%s %s unexpectedly; %s%s", self._name(child), _describe_status(status),
+                     plan, " (it keeps crashing soon after it is ready)" if crash_loop else "")
+        self._on_event("status", self._serving_detail())
 
-    def _restart_finished(self, outcome: str) -> None:
-        """The restart a SIGHUP began has ended (an outcome for --reload and systemd)."""
-        if self._restart_open:
-            self._restart_open = False
-            self._on_event("reloaded", outcome)
+    def _schedule_respawn(self, generation: _Generation, index: int, backoff: bool) -> str:
+        """Start the slot's next child now, or after its back-off; what was done."""
+        if not backoff:
+            self._respawn(index)
+            return "starting another now"
+        delay = generation.backoff.get(index, _BACKOFF_MIN)
+        generation.backoff[index] = min(delay * 2, _BACKOFF_MAX)
+        generation.respawn_at[index] = time.monotonic() + delay
+        return f"starting another in {delay:g} s"
+
+    def _respawn(self, index: int) -> None:
+        """A new child for an empty slot of the serving generation."""
+        generation = self._serving
+        if (self._stopping or generation is None or index >= len(generation.slots)
+                or generation.slots[index] is not None):
+            return
+        generation.respawn_at.pop(index, None)
+        try:
+            self._spawn(generation, index)
+        except _SpawnError as e:
+            _log.error("%s; %s", e, self._schedule_respawn(generation, index, backoff=True))
 
     def _on_exec_report(self, child: _Child, mask: int = 0) -> None:
         """Read what a failed exec writes (errno:strerror); EOF alone means exec worked."""
@@ -1089,29 +1669,24 @@ class _Supervisor:
             child.exec_report = None
 
     def _hung(self, child: _Child) -> None:
-        """--hang-timeout: the serving child stopped taking the connections sent to it."""
-        _log.warning("child %d took no connection for %g s while %d waited for it; stopping it",
-                     child.pid, self._hang_timeout, sum(child.queued))
-        self._terminate(child)          # what it holds goes to the next child when it exits
-        self._crashed(child, "hung")
+        """--hang-timeout: a serving child stopped taking the connections sent to it."""
+        _log.warning("%s took no connection for %g s while %d waited for it; stopping it",
+                     self._name(child), self._hang_timeout, child.unread)
+        self._terminate(child)          # what it holds goes to the others when it exits
+        self.crashes += 1
+        _log.warning("%s hung; %s", self._name(child),
+                     self._schedule_respawn(child.generation, child.index, backoff=False))
 
     def _not_ready_in_time(self, child: _Child) -> None:
+        generation = child.generation
+        in_slot = child.index < len(generation.slots) and generation.slots[child.index] is child
         self._terminate(child)
-        self._start_failed(child, f"was not ready within {self._ready_timeout:g} s; stopped it")
-
-    def _schedule_respawn(self) -> str:
-        delay = self._backoff
-        self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
-        self._respawn_at = time.monotonic() + delay
-        return f"starting another in {delay:g} s"
-
-    def _spawn_replacement(self) -> None:
-        if self._stopping or self._starting is not None:
-            return
-        try:
-            self._spawn()
-        except _SpawnError as e:
-            self._start_failed(None, str(e))
+        why = f"was not ready within {self._ready_timeout:g} s; stopped it"
+        if in_slot and generation is self._starting:
+            self._generation_failed(generation, child, why)
+        elif in_slot and generation is self._serving:
+            _log.error("%s %s; %s", self._name(child), why,
+                       self._schedule_respawn(generation, child.index, backoff=True))
 
     def _fail(self, why: str) -> None:
         _log.error("%s", why)
@@ -1128,18 +1703,61 @@ class _Supervisor:
             return
         if self._starting is not None:
             self._restart_again = True
-            _log.info("SIGHUP: child %d is still starting; one more restart will follow",
-                      self._starting.pid)
+            _log.info("SIGHUP: %s still starting; one more restart will follow",
+                      self._describe([c for c in self._starting.children()
+                                      if c.state is _State.STARTING]
+                                     or self._starting.children()))
             return
-        self._respawn_at = None
         if self._serving is not None:
-            _log.info("restart: starting a new child to replace child %d", self._serving.pid)
+            _log.info("restart: starting %s to replace %s",
+                      "a new child" if self._workers == 1 else f"{self._workers} new workers",
+                      self._describe(self._serving.children()))
         self._restart_open = True
-        self._on_event("reloading", "starting a new child")
-        try:
-            self._spawn()
-        except _SpawnError as e:
-            self._start_failed(None, str(e))
+        self._on_event("reloading", "starting a new child" if self._workers == 1 else
+                       f"starting {self._workers} new workers")
+        self._start_generation()
+
+    def _add_worker(self) -> None:
+        """SIGTTIN: one worker more, now and in every later generation."""
+        if self._stopping or self._workers >= _MAX_WORKERS:
+            _log.warning("SIGTTIN ignored: %s", "shutting down" if self._stopping else
+                         f"already {_MAX_WORKERS} workers, the most")
+            return
+        self._workers += 1
+        _log.info("SIGTTIN: %d workers", self._workers)
+        for generation in (self._serving, self._starting):
+            if generation is not None:
+                generation.slots.append(None)
+                index = len(generation.slots) - 1
+                if generation is self._serving:
+                    self._respawn(index)
+                else:
+                    try:
+                        self._spawn(generation, index)
+                    except _SpawnError as e:
+                        self._generation_failed(generation, None, str(e))
+
+    def _remove_worker(self) -> None:
+        """SIGTTOU: one worker fewer (never below one): the last slot's child retires."""
+        if self._stopping or self._workers <= 1:
+            _log.warning("SIGTTOU ignored: %s", "shutting down" if self._stopping else
+                         "already down to 1 worker")
+            return
+        self._workers -= 1
+        _log.info("SIGTTOU: %d workers", self._workers)
+        for generation in (self._serving, self._starting):
+            if generation is None:
+                continue
+            child = generation.slots[-1]
+            generation.respawn_at.pop(len(generation.slots) - 1, None)
+            if child is not None:
+                if child.state is _State.SERVING:
+                    self._retire(child)
+                else:
+                    self._terminate(child)
+            del generation.slots[-1]
+        if self._starting is not None and self._starting.complete():
+            self._promote(self._starting)
 
     def _request_stop(self, signame: Optional[str]) -> None:
         if self._stopping:
@@ -1149,259 +1767,34 @@ class _Supervisor:
             return
         self._stopping = True
         self._restart_again = False
-        self._respawn_at = None
+        if self._serving is not None:
+            self._serving.respawn_at.clear()
         if signame:
             _log.info("%s: shutting down", signame)
         self._on_event("stopping", "shutting down")
-        if self._listener is not None:
-            if self._serving is not None and self._forwarding:
-                # What waits in the backlog is served, not reset (see
-                # _pump).  In listener mode each child accepts its backlog
-                # at its end.
-                waiting = _backlog_length(self._listener)
-                self._shutdown_quota = self._backlog if waiting is None else waiting
-            else:
-                self._close_listener()
+        # Forwarding: what waits in the backlog is served, not reset (see
+        # _pump).  In listener mode each child accepts its backlog at its end.
+        self._queue.stop()
         self._stop_deadline = time.monotonic() + self._stop_timeout
         if self._starting is not None:
-            self._retire(self._starting)
+            for child in self._starting.children():
+                if child.state in _LIVE_ROLES:
+                    self._retire(child)
+            self._starting = None
         self._pump()
 
     def _terminate_all(self, why: Optional[str]) -> None:
         live = [c for c in self._children.values() if c.state is not _State.STOPPING]
         if why and live:
-            _log.warning("stopping %s %s",
-                         ", ".join(f"child {c.pid}" for c in live), why)
+            _log.warning("stopping %s %s", self._describe(live), why)
         for child in live:
             self._terminate(child)
-
-    # -- connections --------------------------------------------------------
-
-    def _on_listener(self, mask: int) -> None:
-        if not self._listening:
-            return      # unregistered by an earlier event of the same select()
-        if self._stopping:
-            self._shutdown_quota -= self._accept(min(self._shutdown_quota,
-                                                     _MAX_WAITING - len(self._waiting)))
-        else:
-            self._accept(_MAX_WAITING - len(self._waiting))
-
-    def _accept(self, limit: int) -> int:
-        """Accept up to limit connections into our queue; how many."""
-        before = len(self._waiting)
-        error = _accept_into(self._listener._accept, self._backlog_poll.poll, limit,
-                             self._waiting)     # raw fds: no socket object per connection
-        count = len(self._waiting) - before
-        if error is not None:
-            # The connection stays in the backlog; try again shortly
-            # instead of spinning on a listener that stays readable.
-            if self._accept_error != error.strerror:
-                self._accept_error = error.strerror
-                _log.warning("cannot accept: %s; retrying every %g s",
-                             error.strerror, _ACCEPT_PAUSE)
-            self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
-        elif count and self._accept_error:
-            _log.info("accepting again")
-            self._accept_error = None
-        return count
-
-    def _pump(self) -> None:
-        """Send waiting connections to the serving child; then decide whether to accept."""
-        child = self._serving
-        now = time.monotonic()
-        debug = self._debug
-        while self._waiting and child is not None and child.can_take(now):
-            room = min(len(self._waiting), child.batch_limit)
-            batch = [self._waiting.popleft() for _ in range(room)]
-            try:
-                _send_fds(child.channel, self._conns_message, batch)
-            except (BlockingIOError, InterruptedError):
-                self._waiting.extendleft(reversed(batch))
-                child.blocked = True
-                self._sel.modify(child.channel, selectors.EVENT_READ | selectors.EVENT_WRITE,
-                                 functools.partial(self._on_channel, child))
-                break
-            except OSError as e:
-                self._waiting.extendleft(reversed(batch))
-                if e.errno in (errno.ETOOMANYREFS, errno.ENOBUFS, errno.ENOMEM):
-                    # Too many descriptors in flight, or memory short for
-                    # the moment: the child is fine, try again shortly.
-                    # (Treating it as a hang-up would make us a second
-                    # reader of a queue the child still reads.)
-                    child.paused_until = now + _NACK_PAUSE
-                    break
-                self._channel_closed(child)     # EPIPE, ECONNRESET: it hung up
-                break
-            _close_fds(batch)       # the child's queue holds them now
-            if self._hang_timeout is not None:
-                child.queued.append(room)       # watched: see _watch()
-                if child.deadline is None:
-                    child.waiting_since = now
-                    child.deadline = now + self._hang_timeout / 4
-            self.forwarded += room
-            if debug:
-                _log.debug("sent child %d %d connections (fds %s)", child.pid, len(batch), batch)
-        if self._stopping:
-            # The backlog as it was at the stop is accepted, in steps
-            # as the child takes it; then the port closes.
-            if self._listener is not None and (
-                    self._serving is None or self._shutdown_quota <= 0
-                    or not self._backlog_poll.poll(0)):
-                self._close_listener()
-            if self._serving is not None and not self._waiting and self._listener is None:
-                self._retire(self._serving)
-        self._set_listening(
-            self._forwarding and self._serving is not None
-            and self._serving.can_take(now) and len(self._waiting) < _MAX_WAITING
-            and self._accept_paused_until is None)
-
-    def _close_listener(self) -> None:
-        self._set_listening(False)
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-
-    def _set_listening(self, want: bool) -> None:
-        if want == self._listening or self._listener is None:
-            return
-        if want:
-            self._sel.register(self._listener, selectors.EVENT_READ, self._on_listener)
-        else:
-            self._sel.unregister(self._listener)
-        self._listening = want
-
-    def _reclaim(self, child: _Child, report: bool = True) -> bool:
-        """Take back what waits in a child's queue, to the front of ours.
-
-        Only when nobody will receive from it: the child exited (and nothing
-        it forked holds the channel), hung up, or stalled waiting for our
-        b"K".  True once the queue is empty; False if we ran short of
-        descriptors, and then it is tried again after the accept pause.
-        """
-        inbox = child.inbox
-        if inbox is None:
-            return True
-        taken: List[int] = []
-        complete = False
-        while True:
-            try:
-                msg, fds, truncated = _peek_message(inbox)
-            except BlockingIOError:
-                complete = True
-                break
-            if truncated:       # out of descriptors ourselves: try again shortly
-                _close_fds(fds)
-                self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
-                break
-            if not msg and not fds:
-                complete = True
-                break
-            _consume_message(inbox)
-            if msg[:1] == _MSG_CONNS:
-                taken += fds
-            else:
-                _close_fds(fds)
-        if taken and report:
-            _log.info("child %d had not taken %d connections; they go to the next child",
-                      child.pid, len(taken))
-        self._waiting.extendleft(reversed(taken))
-        child.queued.clear()
-        child.reclaimed += len(taken)
-        if not complete:
-            if child not in self._take_back:
-                _log.warning("cannot take back all of child %d's queue: out of descriptors; "
-                             "retrying every %g s", child.pid, _ACCEPT_PAUSE)
-                self._take_back.append(child)
-            return False
-        if child in self._take_back:
-            self._take_back.remove(child)
-        if child.state is _State.EXITED:
-            inbox.close()
-            child.inbox = None
-        return True
-
-    def _check_holders(self, child: _Child) -> bool:
-        """After the child exited: do processes it started still hold its
-        channel?  Then they may still receive from it, and taking the queue
-        back would race with them (peek and receive are two calls): it stays
-        theirs until they are gone.  True while any holds it."""
-        holders = []
-        if child.inbox is not None and _unread_bytes(child.inbox):
-            holders = _processes_holding(os.fstat(child.inbox.fileno()).st_ino)
-        if not holders:
-            self._stop_watching_holders(child)
-            if child in self._deferred:
-                self._deferred.remove(child)
-                self._reclaim(child)
-            return False
-        if child not in self._deferred:
-            self._deferred.append(child)
-            _log.warning("child %d exited, but process %s started by it still holds its "
-                         "channel (does the command fork instead of exec?); what it has not "
-                         "received stays with it until it exits", child.pid,
-                         ", ".join(map(str, holders)))
-        for pid in holders:
-            if pid not in child.holders:
-                child.holders[pid] = self._watch_process(
-                    pid, functools.partial(self._holder_exited, child))
-        for pid in [p for p in child.holders if p not in holders]:
-            self._unwatch_process(child.holders.pop(pid))
-        return True
-
-    def _holder_exited(self, child: _Child, mask: int = 0) -> None:
-        self._check_holders(child)
-
-    def _watch_process(self, pid: int, callback) -> int:
-        """A pidfd that becomes readable when pid exits, in the selector; -1
-        (and a look every second) where pidfds do not exist."""
-        try:
-            fd = os.pidfd_open(pid)
-        except (AttributeError, OSError):
-            if self._holders_check_at is None:
-                self._holders_check_at = time.monotonic() + 1.0
-            return -1
-        self._sel.register(fd, selectors.EVENT_READ, callback)
-        return fd
-
-    def _unwatch_process(self, fd: int) -> None:
-        if fd >= 0:
-            self._sel.unregister(fd)
-            os.close(fd)
-
-    def _stop_watching_holders(self, child: _Child) -> None:
-        for fd in child.holders.values():
-            self._unwatch_process(fd)
-        child.holders.clear()
-
-    def _sync_queue(self, child: _Child) -> int:
-        """Forget the messages the child has received since last asked; how many."""
-        left = _unread_bytes(child.inbox) // len(self._conns_message)
-        received = 0
-        while len(child.queued) > left:
-            child.queued.popleft()
-            received += 1
-        return received
-
-    def _watch(self, child: _Child, now: float) -> None:
-        """--hang-timeout: is the serving child still receiving what it is sent?"""
-        if child.inbox is None:
-            return
-        if self._sync_queue(child):
-            child.waiting_since = now
-        if not child.queued:
-            return                      # nothing waits: watch again after the next send
-        if now - child.waiting_since >= self._hang_timeout:
-            self._hung(child)
-        else:
-            child.deadline = now + self._hang_timeout / 4
 
     # -- the channel --------------------------------------------------------
 
     def _on_channel(self, child: _Child, mask: int) -> None:
         if mask & selectors.EVENT_WRITE and child.channel is not None:
-            child.blocked = False
-            self._sel.modify(child.channel, selectors.EVENT_READ,
-                             functools.partial(self._on_channel, child))
+            self._queue.unblocked(child)
         if mask & selectors.EVENT_READ:
             self._read_channel(child)
 
@@ -1420,69 +1813,48 @@ class _Supervisor:
                     child.batch_limit = max(1, min(_MAX_BATCH, int.from_bytes(msg[1:], "big")))
                 self._ready(child)
             elif msg == _MSG_NACK and child.inbox is not None:
-                self._nacked(child)
+                self._queue.nacked(child)
             else:
                 self._lose_channel(child, f"sent an invalid message {msg[:16]!r}")
-
-    def _nacked(self, child: _Child) -> None:
-        """The child has no room for the descriptors at the head of its queue:
-        take the queue back (it receives nothing until our b"K") and send it
-        again in smaller messages, after a pause."""
-        child.stalled = True
-        before = child.reclaimed
-        complete = self._reclaim(child, report=False)
-        # Once per child at warning: at its limit it may ask every pause.
-        _log.log(logging.DEBUG if child.nacked else logging.WARNING,
-                 "child %d could not receive %d connections; sending them again",
-                 child.pid, child.reclaimed - before)
-        child.nacked = True
-        if complete:
-            self._resume(child)
-        # else b"K" would queue behind what is left: it goes once that is taken back
-
-    def _resume(self, child: _Child) -> None:
-        """The stalled child's queue is empty: b"K", and smaller messages after a pause."""
-        child.stalled = False
-        if child.channel is None:
-            return
-        try:
-            child.channel.send(_MSG_RESUME)
-        except OSError:
-            self._channel_closed(child)
-            return
-        child.paused_until = time.monotonic() + _NACK_PAUSE
-        # Smaller messages, or one that never fits would be refused forever.
-        child.batch_limit = max(1, child.batch_limit // 2)
 
     def _channel_closed(self, child: _Child) -> None:
         # The child shut its end down: it receives no more, so what waits
         # in its queue is ours again.
         self._close_channel(child)
-        self._reclaim(child)
-        if child.state in (_State.STARTING, _State.SERVING):
+        self._queue.reclaim(child)
+        if child.state in _LIVE_ROLES:
             # Usually it has just exited and SIGCHLD is on its way; wait for
             # that, to report how it ended, before calling it a hang-up.
             child.deadline = time.monotonic() + _EXIT_GRACE
 
     def _hung_up(self, child: _Child) -> None:
-        _log.warning("child %d closed its channel but is still running", child.pid)
-        if child.state is _State.STARTING:
-            self._terminate(child)
-            self._start_failed(child, "closed its channel before it was ready")
-        else:
-            self._retire(child)
-            self._crashed(child, "hung up")
+        _log.warning("%s closed its channel but is still running", self._name(child))
+        self._lost(child, "closed its channel")
 
     def _lose_channel(self, child: _Child, why: str) -> None:
         """The child broke the protocol: no more connections to it."""
-        _log.warning("child %d %s; it gets no more connections", child.pid, why)
+        _log.warning("%s %s; it gets no more connections", self._name(child), why)
         self._close_channel(child)
-        if child.state is _State.STARTING:
+        self._lost(child, "broke the channel protocol")
+
+    def _lost(self, child: _Child, what: str) -> None:
+        """A live child we can no longer talk to: a starting one is stopped
+        (a failed start); a serving one retires and is replaced."""
+        generation = child.generation
+        in_slot = child.index < len(generation.slots) and generation.slots[child.index] is child
+        if child.state in (_State.STARTING, _State.READY):
             self._terminate(child)
-            self._start_failed(child, "broke the channel protocol before it was ready")
-        elif child is self._serving:
+            if in_slot and generation is self._starting:
+                self._generation_failed(generation, child, f"{what} before it was ready")
+            elif in_slot and generation is self._serving and not self._stopping:
+                _log.error("%s %s before it was ready; %s", self._name(child), what,
+                           self._schedule_respawn(generation, child.index, backoff=True))
+        elif child.state is _State.SERVING:
             self._retire(child)
-            self._crashed(child, "broke the channel protocol")
+            self.crashes += 1
+            if in_slot and not self._stopping:
+                _log.warning("%s %s; %s", self._name(child), what,
+                             self._schedule_respawn(generation, child.index, backoff=False))
 
     def _close_channel(self, child: _Child) -> None:
         if child.channel is None:
@@ -1490,6 +1862,16 @@ class _Supervisor:
         self._sel.unregister(child.channel)
         child.channel.close()
         child.channel = None
+        self._update_takers()
+
+
+_LIVE_ROLES = (_State.STARTING, _State.READY, _State.SERVING)
+
+
+def _plural(count: int, noun: str) -> str:
+    if count == 1:
+        return f"1 {noun}"
+    return f"{count} {noun}es" if noun.endswith("sh") else f"{count} {noun}s"
 
 
 def _resolve_command(name: str, cwd: str) -> str:
@@ -2009,7 +2391,7 @@ def _activated_listener() -> Optional[socket.socket]:
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return None
     count = os.environ.get("LISTEN_FDS", "0")
-    for name in _DAEMON_ONLY_ENV[2:]:
+    for name in _ACTIVATION_ENV:
         os.environ.pop(name, None)
     if count != "1":
         raise SocketProtectorError(f"socket activation passed {count} sockets; expected one")
@@ -2070,6 +2452,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _worker_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= _MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {_MAX_WORKERS}: "
+                                         f"{text!r}")
+    return value
+
+
 def _build_parser() -> _Parser:
     parser = _Parser(
         prog="socketprotector.py", usage=_USAGE, allow_abbrev=False,
@@ -2097,6 +2490,10 @@ def _build_parser() -> _Parser:
                         help="forward: the daemon accepts and passes each connection to the "
                              "child (default); listener: the serving child is handed the "
                              "listening socket and accepts directly")
+    parser.add_argument("-n", "--workers", metavar="N", type=_worker_count, default=1,
+                        help="run N children (workers) at once, each told its index in "
+                             f"${ENV_WORKER}; SIGTTIN/SIGTTOU add or remove one (default 1, "
+                             f"at most {_MAX_WORKERS})")
     parser.add_argument("--ready-timeout", metavar="S", type=_seconds,
                         default=_DEFAULT_READY_TIMEOUT,
                         help="a new child not ready after S seconds is stopped and the old "
@@ -2288,7 +2685,7 @@ def _serve(opts: argparse.Namespace) -> None:
                     listener, opts.command, cwd=cwd, ready_timeout=opts.ready_timeout,
                     drain_timeout=opts.drain_timeout, stop_timeout=opts.stop_timeout,
                     wakeup=wake_r, handoff=opts.handoff, hang_timeout=opts.hang_timeout,
-                    backlog=opts.backlog,
+                    backlog=opts.backlog, workers=opts.workers,
                     on_event=lambda event, detail: [sink(event, detail) for sink in sinks],
                     on_sigusr2=log_file.reopen if log_file else lambda: None)
                 try:
