@@ -1004,9 +1004,9 @@ class _ConnectionQueue:
             else:
                 _close_fds(fds)
         if taken and report:
-            _log.info("child %d had not taken %d connections; they go to %s", child.pid,
-                      len(taken), "the other workers" if len(self.takers) > 1 else
-                      "the next child")
+            _log.info("child %d had not taken %s; they go to %s", child.pid,
+                      _plural(len(taken), "connection"),
+                      "the other workers" if len(self.takers) > 1 else "the next child")
         self.waiting.extendleft(reversed(taken))
         child.queued.clear()
         child.unread = 0
@@ -1669,10 +1669,19 @@ class _Supervisor:
             child.exec_report = None
 
     def _hung(self, child: _Child) -> None:
-        """--hang-timeout: a serving child stopped taking the connections sent to it."""
+        """--hang-timeout: a serving child stopped taking the connections sent
+        to it.  Frozen (SIGSTOP), it cannot receive, so its queue can be
+        taken back at once, for the others; then it is stopped."""
         _log.warning("%s took no connection for %g s while %d waited for it; stopping it",
                      self._name(child), self._hang_timeout, child.unread)
-        self._terminate(child)          # what it holds goes to the others when it exits
+        child.signal(signal.SIGSTOP)
+        readers = {child.pid}   # and whatever else holds its channel (a forked server)
+        if child.inbox is not None:
+            readers.update(_processes_holding(os.fstat(child.inbox.fileno()).st_ino))
+        if all(_frozen(pid) for pid in readers):
+            self._queue.reclaim(child)
+        self._terminate(child)          # else what it holds comes back when it exits
+        child.signal(signal.SIGCONT)    # so that it gets the SIGTERM
         self.crashes += 1
         _log.warning("%s hung; %s", self._name(child),
                      self._schedule_respawn(child.generation, child.index, backoff=False))
@@ -1866,6 +1875,26 @@ class _Supervisor:
 
 
 _LIVE_ROLES = (_State.STARTING, _State.READY, _State.SERVING)
+
+
+def _frozen(pid: int, wait: float = 0.05) -> bool:
+    """Whether every thread of a process we sent SIGSTOP has stopped (it
+    takes effect at once, but not synchronously); False if not within wait."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            states = []
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                    data = f.read()
+                states.append(data[data.rindex(b")") + 2:data.rindex(b")") + 3])
+        except (OSError, ValueError):
+            return False
+        if states and all(state in (b"T", b"t") for state in states):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.0005)
 
 
 def _plural(count: int, noun: str) -> str:

@@ -92,6 +92,9 @@ def main():
     failure = flag("SP_TEST_FAIL")
     if failure:
         sys.exit(int(open(failure).read() or 3))
+    failing = flag("SP_TEST_FAIL_WORKER")   # only the worker whose index it holds exits 1
+    if failing and open(failing).read().strip() == os.environ.get("SOCKETPROTECTOR_WORKER"):
+        sys.exit(1)
     die = flag("SP_TEST_DIE")           # ready, then exit with that status at once
     if die:
         ConnectionReceiver(_batch=1)
@@ -209,21 +212,23 @@ def zombies_of(pid):
     return [p for p in children_of(pid) if (proc_stat(p) or ("",))[0] == "Z"]
 
 
-def signal_when_idle(pid, sig, daemon_pid):
+def signal_when_idle(pid, sig):
     """Signal a test server while its main thread waits for connections.
 
-    Then every connection it has received it has also recorded, so the
-    record is exactly what it took.  The daemon is stopped meanwhile, so
-    nothing can wake the server between the check and the signal.
+    The server is frozen (SIGSTOP) and looked at: if its main thread is in
+    poll(), every connection it has taken it has also recorded, and none
+    can reach it before the signal, in either hand-off mode.  Otherwise it
+    is let go and looked at again.  (SIGSTOP leaves it frozen.)
     """
-    def idle():
-        return not alive(pid) or blocked_in_poll(pid)
-    os.kill(daemon_pid, signal.SIGSTOP)
-    try:
-        wait_until(idle, f"process {pid} to wait in poll()", interval=0.0005)
-        os.kill(pid, sig)
-    finally:
-        os.kill(daemon_pid, signal.SIGCONT)
+    def attempt():
+        os.kill(pid, signal.SIGSTOP)
+        wait_until(lambda: (proc_stat(pid) or ("T",))[0] in "TtZ", f"process {pid} to stop")
+        if not alive(pid) or blocked_in_poll(pid):
+            os.kill(pid, sig)
+            return True
+        os.kill(pid, signal.SIGCONT)
+        return False
+    wait_until(attempt, f"process {pid} to wait in poll()", interval=0.001)
 
 
 def accept_queue(port):
@@ -454,26 +459,35 @@ def fault_shim(test):
     return _shim[0]
 
 
-_poll_syscall = []
+_poll_syscalls = set()
 
 
 def blocked_in_poll(pid, tid=None):
     """Whether a thread (default: the main one) sits in poll(), read from
-    /proc/PID/task/TID/syscall, whose number is calibrated once on a process
-    known to be in poll() (numbers differ between architectures)."""
-    if not _poll_syscall:
+    /proc/PID/task/TID/syscall.  The numbers are calibrated once on a probe
+    known to be in poll(): poll's own, and restart_syscall's, which a poll
+    shows once a stop and continue have interrupted it (both differ
+    between architectures)."""
+    if not _poll_syscalls:
         probe = subprocess.Popen([sys.executable, "-c", "import select, sys; "
                                   "print(flush=True); select.poll().poll()"],
                                  stdout=subprocess.PIPE)
         try:
             probe.stdout.readline()
-            _poll_syscall.append(wait_until(lambda: _syscall_of(probe.pid, probe.pid),
-                                            "the probe to block in poll()"))
+            found = {wait_until(lambda: _syscall_of(probe.pid, probe.pid),
+                                "the probe to block in poll()")}
+            os.kill(probe.pid, signal.SIGSTOP)
+            wait_until(lambda: proc_stat(probe.pid)[0] == "T", "the probe to stop")
+            os.kill(probe.pid, signal.SIGCONT)
+            wait_until(lambda: proc_stat(probe.pid)[0] == "S", "the probe to sleep again")
+            found.add(wait_until(lambda: _syscall_of(probe.pid, probe.pid),
+                                 "the probe to block in poll() again"))
+            _poll_syscalls.update(found)
         finally:
             probe.kill()
             probe.wait()
             probe.stdout.close()
-    return _syscall_of(pid, tid or pid) == _poll_syscall[0]
+    return _syscall_of(pid, tid or pid) in _poll_syscalls
 
 
 def _syscall_of(pid, tid):
@@ -706,6 +720,17 @@ class Daemon:
     def serving(self, start=0):
         return int(self.wait_line(r"child (\d+) ready", start).group(1))
 
+    def generation(self, start=0):
+        """The pids of the next generation that serves, from `start` on."""
+        m = self.wait_line(r"child(?:ren)? ([\d, ]+) ready(?:, serving|; )", start)
+        return [int(pid) for pid in m.group(1).split(", ")]
+
+    def restart_generation(self):
+        """SIGHUP and wait for the new generation to serve; its pids."""
+        mark = self.mark()
+        os.kill(self.pid, signal.SIGHUP)
+        return self.generation(mark)
+
     def restart(self):
         """SIGHUP and wait for the new child to serve; return its pid."""
         mark = self.mark()
@@ -768,7 +793,7 @@ class ProtectorTestCase(unittest.TestCase):
                       for name in ("SP_TEST_FAIL", "SP_TEST_HANG", "SP_TEST_DELAY",
                                    "SP_TEST_NOREAD", "SP_TEST_GARBAGE", "SP_TEST_HANGUP",
                                    "SP_TEST_SLOW", "SP_TEST_ORPHAN", "SP_TEST_NOFILE",
-                                   "SP_TEST_FORK", "SP_TEST_DIE")}
+                                   "SP_TEST_FORK", "SP_TEST_DIE", "SP_TEST_FAIL_WORKER")}
         self.record = os.path.join(self.tmp, "taken")
         self.env = dict(os.environ, SP_TEST_LIBDIR=HERE, PYTHONDONTWRITEBYTECODE="1",
                         SP_TEST_RECORD=self.record, **self.flags)
@@ -871,6 +896,20 @@ class ProtectorTestCase(unittest.TestCase):
         child = int(status.group(1))
         self.assertIn(f"socket:[{listener_inode(daemon.port)}]", fd_links(child),
                       f"serving child {child} does not hold the listening socket")
+
+    def taken(self):
+        """Peer ports of every connection a child took."""
+        try:
+            with open(self.record) as f:
+                return {int(line) for line in f if line.strip()}
+        except FileNotFoundError:
+            return set()
+
+    def assertNoOrphans(self, daemon):
+        """Every child the daemon started is gone once it has exited."""
+        for pid in daemon.child_pids():
+            wait_until(lambda: not alive(pid) or proc_stat(pid)[1] != daemon.pid and
+                       not alive(pid), f"child {pid} to exit")
 
     def assertNoZombies(self, daemon):
         """Every exited child is reaped (at once; the deadline only covers the
@@ -1340,6 +1379,20 @@ class DaemonModeTest(ProtectorTestCase):
         self.clear_flag("SP_TEST_FAIL")
         self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file)[0], 0)
 
+    def test_reload_names_the_worker_of_a_broken_generation(self):
+        """With three workers, --reload exits 1 naming the worker that failed;
+        the old generation keeps serving."""
+        self.assertEqual(self.start_detached("--workers", "3")[0], 0)
+        before = {served_by(self.port) for _ in range(3)}
+        self.set_flag("SP_TEST_FAIL_WORKER", "2")
+        code, lines = self.run_protector("--reload", "--pid-file", self.pid_file)
+        self.assertEqual(code, 1)
+        self.assertOneLineError(lines, r"restart failed: child \d+ \(worker 2\) exited with "
+                                       r"status 1 before it was ready; children [\d, ]+ keep "
+                                       r"serving$")
+        self.assertEqual({served_by(self.port) for _ in range(3)}, before)
+        self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file)[0], 0)
+
     def test_a_pid_file_lock_held_by_another_process_is_not_a_daemon(self):
         """Anyone who can read the pid file can flock it.  A lock held by a
         process other than the one the file names does not stop a new
@@ -1407,6 +1460,14 @@ class CommandLineTest(ProtectorTestCase):
             (["--reload"], r"--reload needs --pid-file"),
             (["--stop", "--pid-file", "p", "4321"], r"--reload and --stop take no PORT"),
             (["--reload", "--stop", "--pid-file", "p"], r"--reload and --stop cannot be combined"),
+            (["--workers", "0", "4321", "--", "true"],
+             r"argument -n/--workers: must be a whole number from 1 to 256: '0'"),
+            (["-n", "-1", "4321", "--", "true"],
+             r"argument -n/--workers: must be a whole number from 1 to 256: '-1'"),
+            (["-n", "abc", "4321", "--", "true"],
+             r"argument -n/--workers: must be a whole number from 1 to 256: 'abc'"),
+            (["-n", "100000", "4321", "--", "true"],
+             r"argument -n/--workers: must be a whole number from 1 to 256: '100000'"),
         ]
         for args, pattern in cases:
             with self.subTest(args=args):
@@ -1560,20 +1621,6 @@ def cpu_seconds(pid):
 class ChaosTest(ProtectorTestCase):
     """Nothing is lost while the server restarts, crashes or hangs."""
 
-    def taken(self):
-        """Peer ports of every connection a child took."""
-        try:
-            with open(self.record) as f:
-                return {int(line) for line in f if line.strip()}
-        except FileNotFoundError:
-            return set()
-
-    def assertNoOrphans(self, daemon):
-        """Every child the daemon started is gone once it has exited."""
-        for pid in daemon.child_pids():
-            wait_until(lambda: not alive(pid) or proc_stat(pid)[1] != daemon.pid and
-                       not alive(pid), f"child {pid} to exit")
-
     def test_sighup_storm_under_load(self):
         """SIGHUP every ~100 ms for seconds under load: not one failed session."""
         daemon, load = self.under_load(threads=4, sessions=20)
@@ -1630,7 +1677,7 @@ class ChaosTest(ProtectorTestCase):
             wait_until(lambda: len([r for r in load.sessions if r[3] is None and r[1]])
                        >= done + 30, "30 more sessions")
             mark = daemon.mark()
-            signal_when_idle(serving, signal.SIGKILL, daemon.pid)
+            signal_when_idle(serving, signal.SIGKILL)
             serving = daemon.serving(mark)
         wait_until(lambda: len(load.sessions) > 300, "300 sessions in all")
         load.stop()
@@ -1682,7 +1729,7 @@ class ChaosTest(ProtectorTestCase):
         load = OpenLoad(daemon.port, rate=200)
         self.addCleanup(load.stop)
         wait_until(lambda: len(load.sessions) >= 40, "load to start")
-        signal_when_idle(first, signal.SIGSTOP, daemon.pid)
+        signal_when_idle(first, signal.SIGSTOP)
         stopped_at = time.monotonic()
         wait_until(lambda: len(load.started_between(stopped_at, float("inf"))) >= 60,
                    "60 sessions to start while the child is stopped")
@@ -1690,7 +1737,7 @@ class ChaosTest(ProtectorTestCase):
         os.kill(first, signal.SIGKILL)
         killed_at = time.monotonic()
         if self.forwarding:     # else they waited in the backlog
-            daemon.wait_line(rf"child {first} had not taken \d+ connections", mark)
+            daemon.wait_line(rf"child {first} had not taken \d+ connections?", mark)
         daemon.serving(mark)
         wait_until(lambda: len(load.started_between(killed_at, float("inf"))) >= 40,
                    "sessions after the kill")
@@ -1783,6 +1830,28 @@ class ChaosTest(ProtectorTestCase):
         self.clear_flag("SP_TEST_DIE")
         second = daemon.serving(daemon.mark())
         self.assertEqual(served_by(daemon.port), second)
+
+    def test_killing_the_only_worker_every_250_ms(self):
+        """One worker, SIGKILLed every 250 ms under open-loop load: each time
+        it is replaced at once, no session times out, and only sessions it
+        had taken fail."""
+        daemon = Daemon(self)
+        serving = daemon.serving()
+        load = OpenLoad(daemon.port, rate=300)
+        self.addCleanup(load.stop)
+        wait_until(lambda: len(load.sessions) >= 30, "load to start")
+        for _ in range(8):
+            mark = daemon.mark()
+            signal_when_idle(serving, signal.SIGKILL)
+            daemon.wait_line(rf"child {serving} killed by SIGKILL unexpectedly; starting "
+                             r"another now", mark)
+            serving = daemon.serving(mark)
+            time.sleep(0.25)    # the pace of the kills, not a wait for anything
+        load.stop()
+        self.assertEqual([r for r in load.failures() if r[3] == "timed out"], [])
+        taken = self.taken()
+        self.assertEqual([r for r in load.failures() if r[2] not in taken], [], daemon.log())
+        self.assertLess(max(r[1] - r[0] for r in load.sessions), 2.0)
 
     def test_sighup_during_startup(self):
         """A SIGHUP before the first child is ready restarts once it is."""
@@ -2058,7 +2127,7 @@ class HostileTest(ProtectorTestCase):
             c.sendall(b"stuck %d\n" % i)
         daemon.wait_line(rf"child {hung} took no connection for 0.5 s while \d+ waited for "
                          r"it; stopping it", mark)
-        daemon.wait_line(rf"child {hung} had not taken \d+ connections", mark)
+        daemon.wait_line(rf"child {hung} had not taken \d+ connections?", mark)
         daemon.serving(mark)
         for i, c in enumerate(clients):
             self.assertEqual(read_line(c), b"stuck %d\n" % i)
@@ -2424,6 +2493,204 @@ class OperationsTest(ProtectorTestCase):
         self.assertEqual(proc.returncode, 1)
         self.assertOneLineError(err.decode().splitlines(),
                                 r"socket activation: fd 3 is not a listening TCP socket$")
+
+
+class WorkersTest(ProtectorTestCase):
+    """--workers 3: a generation of three children behind one port."""
+    OPTIONS = ("--workers", "3")
+
+    def start(self, *options, load=None):
+        """A daemon whose three workers serve: (daemon, their pids)."""
+        daemon = Daemon(self, *options)
+        return daemon, daemon.generation()
+
+    def worker_of(self, pid):
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        return int(env[b"SOCKETPROTECTOR_WORKER"])
+
+    def test_every_worker_knows_its_index_and_serves(self):
+        """Three children, told 0, 1 and 2; all serve, and the status line and
+        the systemd status say 3/3."""
+        daemon, pids = self.start()
+        self.assertEqual(sorted(map(self.worker_of, pids)), [0, 1, 2])
+        for pid in pids:
+            self.assertEqual(daemon.count(rf"child {pid} \(worker {self.worker_of(pid)}\) "
+                                          r"started"), 1)
+        self.assertRegex(daemon.settled().string, r"workers 3/3 ready")
+        if self.forwarding:
+            # All idle: each new connection goes to the next worker in turn.
+            self.assertEqual(sorted(served_by(daemon.port) for _ in range(3)), sorted(pids))
+        else:
+            inode = f"socket:[{listener_inode(daemon.port)}]"
+            for pid in pids:
+                self.assertIn(inode, fd_links(pid), f"worker {pid} has no listener")
+        self.assertEqual(daemon.forwarded() > 0, self.forwarding)
+
+    def test_a_busy_worker_is_passed_over(self):
+        """A worker that is not receiving (stopped here) is sent nothing more
+        while others can take connections: sessions do not wait for it."""
+        if not self.forwarding:
+            self.skipTest("forwarding: in listener mode the kernel hands out accepts")
+        daemon, pids = self.start()
+        stopped = pids[0]
+        os.kill(stopped, signal.SIGSTOP)
+        self.addCleanup(lambda: os.kill(stopped, signal.SIGCONT) if alive(stopped) else None)
+        load = Load(daemon.port, threads=4)
+        self.addCleanup(load.stop)
+        # Were it sent its share, every load thread would soon wait on it.
+        load.wait_for(300)
+        self.assertNotIn(stopped, {served_by(daemon.port) for _ in range(6)})
+        os.kill(stopped, signal.SIGCONT)    # what it was sent first, it serves now
+        load.stop()
+        self.assertEqual(load.failures, [])
+
+    def test_killing_a_worker_every_250_ms_loses_only_what_it_had_taken(self):
+        """SIGKILL one worker at a time under open-loop load: only sessions the
+        killed worker had taken fail; what it had not received goes to the
+        others at once, and each is replaced at once (no back-off)."""
+        daemon, pids = self.start()
+        load = OpenLoad(daemon.port, rate=300)
+        self.addCleanup(load.stop)
+        wait_until(lambda: len(load.sessions) >= 30, "load to start")
+        for n in range(8):
+            victim = json_loads_status(daemon)[n % 3]
+            mark = daemon.mark()
+            signal_when_idle(victim, signal.SIGKILL)
+            daemon.wait_line(rf"child {victim} \(worker \d\) killed by SIGKILL unexpectedly; "
+                             r"starting another now", mark)
+            time.sleep(0.25)    # the pace of the kills, not a wait for anything
+        wait_until(lambda: len(load.sessions) >= 900, "900 sessions in all")
+        load.stop()
+        taken = self.taken()
+        self.assertEqual([r for r in load.failures() if r[2] not in taken], [], daemon.log())
+        longest = max(r[1] - r[0] for r in load.sessions)
+        self.assertLess(longest, 2.0, "a session waited for a replacement")
+        self.assertEqual(daemon.count(r"starting another in"), 0, daemon.log())
+        self.assertNoZombies(daemon)
+
+    def test_a_hung_worker_is_replaced_and_its_queue_redelivered(self):
+        """--hang-timeout with three workers: one stops (SIGSTOP); the others
+        serve on, and once it is found hung what waits in its queue is taken
+        back at once (it is frozen, so cannot receive it meanwhile) and
+        served by the others."""
+        if not self.forwarding:
+            self.skipTest("--hang-timeout watches forwarding queues")
+        daemon, pids = self.start("--hang-timeout", "0.5")
+        load = Load(daemon.port, threads=4)
+        self.addCleanup(load.stop)
+        load.wait_for(20)
+        hung = pids[0]
+        mark = daemon.mark()
+        signal_when_idle(hung, signal.SIGSTOP)
+        daemon.wait_line(rf"child {hung} \(worker \d\) took no connection for 0.5 s", mark)
+        # Taken back at once, before it is even replaced, not when it exits.
+        replaced = daemon.wait_line(rf"child {hung} \(worker \d\) hung; starting another now",
+                                    mark).string
+        reclaimed = daemon.wait_line(rf"child {hung} had not taken \d+ connections?; they go "
+                                     r"to the other workers", mark).string
+        lines = daemon.log().split("\n")
+        self.assertLess(lines.index(reclaimed), lines.index(replaced))
+        load.wait_for(100)
+        load.stop()
+        taken = self.taken()
+        self.assertEqual([f for f in load.failures if f[0] not in taken], [], daemon.log())
+        self.assertRegex(daemon.settled().string, r"workers 3/3 ready")
+
+    def test_sighup_storm_with_workers(self):
+        """SIGHUP every 100 ms under load: each generation of three replaces
+        the last, and no session fails."""
+        daemon, pids = self.start()
+        load = Load(daemon.port, threads=4)
+        self.addCleanup(load.stop)
+        load.wait_for(20)
+        for _ in range(20):
+            daemon.signal(signal.SIGHUP)
+            time.sleep(0.1)     # the storm's pace, not a wait for anything
+        load.wait_for(20)
+        load.stop()
+        self.assertEqual(load.failures, [], daemon.log())
+        status = daemon.settled().string
+        self.assertRegex(status, r"workers 3/3 ready")
+        self.assertGreaterEqual(int(re.search(r"(\d+) restarts?,", status).group(1)), 3)
+        self.assertRegex(status, r", 0 failed")
+        self.assertNoZombies(daemon)
+
+    def test_a_broken_new_generation_keeps_the_old_one(self):
+        """One of three new workers exits 1: the whole new generation is
+        stopped, the old one keeps serving, no session fails, and the log
+        names the worker."""
+        daemon, pids = self.start()
+        load = Load(daemon.port, threads=4)
+        self.addCleanup(load.stop)
+        load.wait_for(20)
+        self.set_flag("SP_TEST_FAIL_WORKER", "1")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(r"restart failed: child \d+ \(worker 1\) exited with status 1 before "
+                         r"it was ready; children [\d, ]+ keep serving", mark)
+        load.wait_for(50)
+        load.stop()
+        self.assertEqual(load.failures, [], daemon.log())
+        self.assertEqual(daemon.settled().string.count("up "), 3)
+        for pid in pids:
+            self.assertTrue(alive(pid), f"old worker {pid} gone")
+        wait_until(lambda: len([p for p in children_of(daemon.pid) if alive(p)]) == 3,
+                   "the new generation's other workers to be stopped")
+
+    def test_slow_new_generation_no_gap(self):
+        """A new generation that needs 1 s: the old one serves all along."""
+        daemon, pids = self.start()
+        load = Load(daemon.port, threads=4)
+        self.addCleanup(load.stop)
+        load.wait_for(20)
+        self.set_flag("SP_TEST_DELAY", "1.0")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        before = load.ok
+        new = daemon.generation(mark)
+        during = load.ok - before
+        self.clear_flag("SP_TEST_DELAY")
+        load.wait_for(20)
+        load.stop()
+        self.assertEqual(load.failures, [])
+        self.assertEqual(len(set(new) & set(pids)), 0)
+        self.assertGreater(during, 50, f"max latency {load.max_latency:.3f} s")
+
+    def test_sigttin_and_sigttou(self):
+        """SIGTTIN adds a worker (index 3), SIGTTOU retires the last one; the
+        count lasts across restarts; never below one."""
+        daemon, pids = self.start()
+        mark = daemon.mark()
+        daemon.signal(signal.SIGTTIN)
+        daemon.wait_line(r"SIGTTIN: 4 workers", mark)
+        added = int(daemon.wait_line(r"child (\d+) \(worker 3\) ready, serving", mark).group(1))
+        self.assertEqual(self.worker_of(added), 3)
+        self.assertRegex(daemon.settled().string, r"workers 4/4 ready")
+        mark = daemon.mark()
+        daemon.restart_generation()
+        self.assertEqual(len(daemon.generation(mark)), 4)
+        for expected in (3, 2, 1):
+            mark = daemon.mark()
+            daemon.signal(signal.SIGTTOU)
+            daemon.wait_line(rf"SIGTTOU: {expected} workers?", mark)
+        wait_until(lambda: re.search(r"workers 1/1 ready", daemon.settled().string),
+                   "one worker left")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGTTOU)
+        daemon.wait_line(r"SIGTTOU ignored: already down to 1 worker", mark)
+        with connect(daemon.port) as s:
+            self.assertEqual(ask(s, b"one left"), b"one left")
+
+
+def json_loads_status(daemon):
+    """The serving workers' pids, from a status line taken once none is starting."""
+    return [int(pid) for pid in re.findall(r"child (\d+) up", daemon.settled().string)]
+
+
+class ListenerWorkersTest(WorkersTest):
+    """The same, with --handoff listener: every worker accepts from the port."""
+    OPTIONS = ("--workers", "3", "--handoff", "listener")
 
 
 class PrivilegeTest(ProtectorTestCase):
