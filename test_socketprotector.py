@@ -2442,6 +2442,14 @@ class OperationsTest(ProtectorTestCase):
         """The same through an abstract NOTIFY_SOCKET (@name)."""
         self.check_notifications(abstract=True)
 
+    def test_systemd_hears_ready_once_every_worker_is(self):
+        """With three workers, READY=1 comes once all three are ready, not at
+        the first."""
+        sock, name = self.notify_socket(False)
+        daemon = Daemon(self, "--workers", "3", env={"NOTIFY_SOCKET": name})
+        daemon.generation()
+        self.assertEqual(sock.recv(4096).decode(), "READY=1\nSTATUS=3/3 workers serving")
+
     def test_children_do_not_see_systemd_variables(self):
         """NOTIFY_SOCKET and LISTEN_* are the daemon's, not the children's."""
         sock, name = self.notify_socket(False)

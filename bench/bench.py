@@ -49,18 +49,26 @@ PAYLOAD = b"x" * 63 + b"\n"
 # reusable one.  That cost falls on whichever configuration runs later and
 # skewed a ratio by 0.1 (measured); both sides still see the close.
 ABORT = struct.pack("ii", 1, 0)
+TIMED_OUT = 5.0         # seconds: an open-loop session still unanswered then has failed
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# How each configuration starts the server (its argv), by name.
+# How each configuration starts the server (its argv), by name; `options`
+# are extra socketprotector options (--workers).
 MODES = {
-    "direct": lambda port, server: server,
-    "forward": lambda port, server: [sys.executable, DAEMON, "-f", "--bind", "127.0.0.1",
-                                     str(port), "--", *server],
-    "listener": lambda port, server: [sys.executable, DAEMON, "-f", "--bind", "127.0.0.1",
-                                      "--handoff", "listener", str(port), "--", *server],
+    "direct": lambda port, server, options: server,
+    "forward": lambda port, server, options: [
+        sys.executable, DAEMON, "-f", "--bind", "127.0.0.1", *options, str(port), "--", *server],
+    "listener": lambda port, server, options: [
+        sys.executable, DAEMON, "-f", "--bind", "127.0.0.1", "--handoff", "listener", *options,
+        str(port), "--", *server],
     # A reference, not socketprotector: the extra hop and nothing else.
-    "bare hop": lambda port, server: [sys.executable, BARE, str(port), *server],
+    "bare hop": lambda port, server, options: [sys.executable, BARE, str(port), *server],
 }
+# The workers rows: CPU-bound requests, one worker against two, at c=32.
+WORKER_CONFIGS = [("direct", 1), ("forward", 1), ("forward", 2), ("listener", 1),
+                  ("listener", 2)]
+# The chaos rows: a worker SIGKILLed every 250 ms under open-loop load.
+CHAOS_CONFIGS = [("forward", 1), ("listener", 1), ("forward", 3), ("listener", 3)]
 
 
 # ---------------------------------------------------------------------------
@@ -123,6 +131,77 @@ def _drive(port, concurrency, duration, start_at, results):
     results.put((latencies, completions, failures))
 
 
+def _drive_open(port, rate, duration, start_at, results):
+    """One open-loop load process: a session begins every 1/rate s, however the
+    earlier ones fare; one that takes longer than TIMED_OUT s counts as failed."""
+    sel = selectors.DefaultSelector()
+    latencies, failures, timeouts = [], 0, 0
+    while time.time() < start_at:
+        time.sleep(0.001)
+    now = next_start = time.monotonic()
+    deadline = now + duration
+    while now < deadline or sel.get_map():
+        while now < deadline and now >= next_start:
+            sock = socket.socket()
+            sock.setblocking(False)
+            if sock.connect_ex(("127.0.0.1", port)) in (0, errno.EINPROGRESS):
+                sel.register(sock, selectors.EVENT_WRITE, [next_start, b""])
+            else:
+                sock.close()
+                failures += 1
+            next_start += 1.0 / rate
+        wait = max(0.0, next_start - now) if now < deadline else 0.05
+        for key, mask in sel.select(wait):
+            sock, state = key.fileobj, key.data
+            try:
+                if mask & selectors.EVENT_WRITE:
+                    sock.send(PAYLOAD)
+                    sel.modify(sock, selectors.EVENT_READ, state)
+                    continue
+                chunk = sock.recv(4096)
+                state[1] += chunk
+                if chunk and len(state[1]) < len(PAYLOAD):
+                    continue
+                ok = state[1] == PAYLOAD
+            except OSError:
+                ok = False
+            sel.unregister(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, ABORT)
+            sock.close()
+            if ok:
+                latencies.append(time.monotonic() - state[0])
+            else:
+                failures += 1
+        now = time.monotonic()
+        for key in list(sel.get_map().values()):
+            if now - key.data[0] > TIMED_OUT:
+                sel.unregister(key.fileobj)
+                key.fileobj.close()
+                timeouts += 1
+    results.put((latencies, failures, timeouts))
+
+
+def run_open_load(port, rate, duration, processes=2):
+    """Open-loop sessions at `rate` per second in all, from several processes."""
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    start_at = time.time() + 0.2
+    procs = [ctx.Process(target=_drive_open, args=(port, rate / processes, duration,
+                                                   start_at, results))
+             for _ in range(processes)]
+    for p in procs:
+        p.start()
+    latencies, failures, timeouts = [], 0, 0
+    for _ in procs:
+        lat, fail, late = results.get()
+        latencies += lat
+        failures += fail
+        timeouts += late
+    for p in procs:
+        p.join()
+    return sorted(latencies), failures, timeouts
+
+
 def run_load(port, concurrency, duration, processes):
     """Closed-loop sessions from several processes; merged results."""
     ctx = multiprocessing.get_context("fork")
@@ -152,11 +231,13 @@ def run_load(port, concurrency, duration, processes):
 class Server:
     """The echo server, on its own or behind socketprotector in one mode."""
 
-    def __init__(self, mode, delay_file):
+    def __init__(self, mode, delay_file, workers=1, work_us=0):
         self.mode = mode
+        self.workers = workers
         self.port = free_port()
-        env = dict(os.environ, BENCH_READY_DELAY_FILE=delay_file)
-        argv = MODES[mode](self.port, [sys.executable, SERVER, str(self.port)])
+        env = dict(os.environ, BENCH_READY_DELAY_FILE=delay_file, BENCH_WORK_US=str(work_us))
+        argv = MODES[mode](self.port, [sys.executable, SERVER, str(self.port)],
+                           ["--workers", str(workers)] if workers > 1 else [])
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
@@ -178,6 +259,11 @@ class Server:
     @property
     def daemon_pid(self):
         return self.proc.pid if self.mode != "direct" else None
+
+    def workers_pids(self):
+        """The daemon's children that serve (all of them: no restart runs here)."""
+        return [pid for pid in _session_members(self.proc.pid) if pid != self.proc.pid
+                and _parent(pid) == self.proc.pid]
 
     def cpu_seconds(self):
         with open(f"/proc/{self.proc.pid}/stat") as f:
@@ -219,6 +305,14 @@ def _session_members(sid):
     return members
 
 
+def _parent(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -249,9 +343,9 @@ def summarize(start_at, latencies, completions, failures, duration):
             "longest_gap_ms": gap * 1e3}
 
 
-def measure(server, concurrency, duration, during=None):
+def measure(server, concurrency, duration, during=None, processes=None):
     """One load run against a server; `during(server)` runs alongside it."""
-    processes = 1 if concurrency == 1 else 2
+    processes = processes or (1 if concurrency == 1 else 2)
     cpu = server.cpu_seconds() if server.daemon_pid else 0
     helper = None
     if during is not None:
@@ -265,6 +359,7 @@ def measure(server, concurrency, duration, during=None):
     if server.daemon_pid:
         used = server.cpu_seconds() - cpu
         result["daemon_cpu_us_per_conn"] = used / max(1, result["sessions"]) * 1e6
+        result["daemon_cpu_share"] = used / duration
     return result
 
 
@@ -287,6 +382,80 @@ def slow_restart(delay_file):
     return restart
 
 
+def kill_a_worker_every(interval, duration):
+    def killer(server):
+        deadline = time.monotonic() + duration
+        turn = 0
+        time.sleep(0.3)
+        while time.monotonic() < deadline:
+            workers = sorted(server.workers_pids())
+            if workers:
+                try:
+                    os.kill(workers[turn % len(workers)], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                turn += 1
+            time.sleep(interval)
+    return killer
+
+
+def measure_open(server, rate, duration, during):
+    """Open-loop load while `during(server)` runs alongside it."""
+    helper = multiprocessing.get_context("fork").Process(target=during, args=(server,))
+    helper.start()
+    latencies, failures, timeouts = run_open_load(server.port, rate, duration)
+    helper.join()
+
+    def pct(p):
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1e3
+    return {"sessions": len(latencies), "failures": failures, "timeouts": timeouts,
+            "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": latencies[-1] * 1e3}
+
+
+def run_workers(args, delay_file):
+    """CPU-bound requests (--work-us each) through one worker and two, and the
+    forwarding ceiling: the most it forwards to two workers that do no work."""
+    servers = {key: Server(key[0], delay_file, workers=key[1], work_us=args.work_us)
+               for key in WORKER_CONFIGS}
+    runs = {key: [] for key in servers}
+    try:
+        for i in range(args.repeat):
+            order = WORKER_CONFIGS[i % len(WORKER_CONFIGS):] + WORKER_CONFIGS[:i % len(
+                WORKER_CONFIGS)]
+            for key in order:
+                runs[key].append(measure(servers[key], 32, args.duration))
+                progress(f"{args.work_us:g} us/request, {key[0]} x{key[1]}: "
+                         f"{runs[key][-1]['per_second']:.0f}/s")
+    finally:
+        for server in servers.values():
+            server.stop()
+    result = {f"{mode} x{n}": median_run(runs[(mode, n)]) for mode, n in WORKER_CONFIGS}
+    ceiling = Server("forward", delay_file, workers=2)
+    try:
+        tries = [measure(ceiling, 64, args.duration, processes=3) for _ in range(args.repeat)]
+    finally:
+        ceiling.stop()
+    result["ceiling"] = median_run(tries)
+    progress(f"forwarding ceiling: {result['ceiling']['per_second']:.0f}/s")
+    return result
+
+
+def run_chaos(args, delay_file):
+    """A worker SIGKILLed every 250 ms under open-loop load (--chaos-rate)."""
+    result = {}
+    for mode, n in CHAOS_CONFIGS:
+        server = Server(mode, delay_file, workers=n)
+        try:
+            m = measure_open(server, args.chaos_rate, max(args.duration, 3.0),
+                             kill_a_worker_every(0.25, max(args.duration, 3.0)))
+        finally:
+            server.stop()
+        result[f"{mode} x{n}"] = m
+        progress(f"chaos {mode} x{n}: {m['sessions']} sessions, {m['failures']} failed, "
+                 f"max {m['max_ms']:.0f} ms")
+    return result
+
+
 def median_run(runs):
     return sorted(runs, key=lambda r: r["per_second"])[len(runs) // 2]
 
@@ -297,6 +466,15 @@ def run_all(args):
     results = {"python": sys.version.split()[0], "cpus": os.cpu_count(),
                "duration_s": args.duration, "repeat": args.repeat,
                "bare_python_rss_kib": bare_interpreter_rss_kib(), "steady": {}, "restarts": {}}
+    if args.workers:
+        results["workers"] = run_workers(args, delay_file)
+        results["work_us"] = args.work_us
+    if args.chaos:
+        results["chaos"] = run_chaos(args, delay_file)
+        results["chaos_rate"] = args.chaos_rate
+    if not args.steady:
+        os.rmdir(tmp)
+        return results
     servers = {mode: Server(mode, delay_file) for mode in MODES}
     try:
         for concurrency in args.concurrency:
@@ -340,6 +518,12 @@ def report(r):
              f"median of {r['repeat']}", ""]
     head = (f"{'load':<18}{'mode':<10}{'sessions/s':>11}{'ratio':>7}{'p50 ms':>8}"
             f"{'p99 ms':>8}{'max ms':>8}{'daemon us/conn':>15}{'fail':>6}")
+    if "workers" in r:
+        lines += _workers_report(r, head)
+    if "chaos" in r:
+        lines += _chaos_report(r)
+    if not r["steady"]:
+        return "\n".join(lines)
     lines += [head, "-" * len(head)]
     for conc, by_mode in r["steady"].items():
         base = by_mode["direct"]["per_second"]
@@ -366,6 +550,39 @@ def report(r):
     return "\n".join(lines)
 
 
+def _workers_report(r, head):
+    w = r["workers"]
+    label = f"{r['work_us']:g}us c=32"
+    lines = [head, "-" * len(head)]
+    for name, m in w.items():
+        if name == "ceiling":
+            continue
+        mode, n = name.split(" x")
+        base = w[f"{mode} x1"]["per_second"] if mode != "direct" else m["per_second"]
+        lines.append(_row(label, f"{mode} x{n}", m, m["per_second"] / base))
+    c = w["ceiling"]
+    lines.append(_row("no work c=64", "forward x2", c, 1.0,
+                      f"  daemon busy {c['daemon_cpu_share'] * 100:.0f}% of a CPU: "
+                      f"at most ~{1e6 / c['daemon_cpu_us_per_conn']:.0f} conn/s"))
+    lines += ["", "workers rows: ratio of N workers over one, same mode (direct: one "
+                  "process, the baseline)", ""]
+    return lines
+
+
+def _chaos_report(r):
+    head = (f"{'chaos':<28}{'sessions':>9}{'fail':>6}{'timeouts':>9}{'p50 ms':>8}"
+            f"{'p99 ms':>8}{'max ms':>8}")
+    lines = [head, "-" * len(head)]
+    for name, m in r["chaos"].items():
+        lines.append(f"{'kill/250ms ' + name:<28}{m['sessions']:>9}{m['failures']:>6}"
+                     f"{m['timeouts']:>9}{m['p50_ms']:>8.2f}{m['p99_ms']:>8.2f}"
+                     f"{m['max_ms']:>8.1f}")
+    lines += ["", f"chaos rows: open-loop {r['chaos_rate']:g} sessions/s; a worker "
+                  "SIGKILLed every 250 ms (in turn); fail: sessions the killed worker had "
+                  f"taken (or refused); timeouts: unanswered after {TIMED_OUT:g} s", ""]
+    return lines
+
+
 def _row(load, mode, m, ratio, extra=""):
     cpu = m.get("daemon_cpu_us_per_conn")
     return (f"{load:<18}{mode:<10}{m['per_second']:>11.0f}{ratio:>7.2f}{m['p50_ms']:>8.2f}"
@@ -382,6 +599,16 @@ def main():
                         default=[1, 32], help="comma-separated concurrencies (1,32)")
     parser.add_argument("--no-restarts", dest="restarts", action="store_false",
                         help="skip the SIGHUP storm and slow-restart runs")
+    parser.add_argument("--no-steady", dest="steady", action="store_false",
+                        help="skip the steady and restart rows (the one-worker echo server)")
+    parser.add_argument("--no-workers", dest="workers", action="store_false",
+                        help="skip the CPU-bound one-against-two-workers rows and the ceiling")
+    parser.add_argument("--no-chaos", dest="chaos", action="store_false",
+                        help="skip the kill-a-worker-every-250-ms rows")
+    parser.add_argument("--work-us", type=float, default=300,
+                        help="workers rows: microseconds of Python each request burns (300)")
+    parser.add_argument("--chaos-rate", type=float, default=2000,
+                        help="chaos rows: open-loop sessions per second (2000)")
     args = parser.parse_args()
     if args.restarts and 32 not in args.concurrency:
         parser.error("the restart runs are compared with concurrency 32: include it, "

@@ -4,7 +4,8 @@
 It uses ConnectionReceiver, so the same code runs through socketprotector
 and on its own (`python3 bench/echo_server.py PORT`).  If the file named by
 $BENCH_READY_DELAY_FILE exists, it first sleeps the seconds it holds (a slow
-new build).
+new build).  $BENCH_WORK_US makes each request burn that many microseconds
+of pure Python first (a CPU-bound application).
 """
 
 import os
@@ -21,6 +22,7 @@ def main():
     if delay_file and os.path.exists(delay_file):
         with open(delay_file) as f:
             time.sleep(float(f.read()))
+    work = float(os.environ.get("BENCH_WORK_US", "0")) / 1e6
     sel = selectors.DefaultSelector()
     receiver = ConnectionReceiver(int(sys.argv[1]), host="127.0.0.1")
     sel.register(receiver, selectors.EVENT_READ)
@@ -38,6 +40,10 @@ def main():
             try:
                 data = conn.recv(65536)
                 if data:
+                    if work:
+                        end = time.perf_counter() + work
+                        while time.perf_counter() < end:
+                            pass
                     conn.send(data)
                     continue
             except OSError:
