@@ -66,7 +66,6 @@ import logging.handlers
 import os
 import pwd
 import select
-import selectors
 import shutil
 import signal
 import socket
@@ -224,13 +223,25 @@ class ConnectionReceiver:
         the next call (which does not wait for fileno()).  Sets ``ended``
         once the daemon has ended the stream; keep calling until it returns [].
         """
+        # Forwarding, fileno() is the channel: called when it is readable,
+        # the first message is taken without asking first (a poll).
+        return self._receive(limit, look=self._poller is not None)
+
+    def _receive(self, limit: Optional[int], look: bool) -> List[socket.socket]:
+        """receive(); with look false, the first message is taken without
+        asking whether one waits (the caller was just told one does)."""
         room = limit if limit is not None else sys.maxsize
         conns: List[socket.socket] = []
+        held = self._held
         # The channel first: a retired child stops accepting at once.
         while self._daemon and len(conns) < room:
-            if self._held:
-                conns.append(self._held.popleft())
-            elif self._stream_over or not self._pending.poll(0) or not self._receive_message():
+            if held:
+                conns.append(held.popleft())
+                continue
+            if self._stream_over or (look and not self._pending.poll(0)):
+                break
+            look = True
+            if not self._receive_message():
                 break
         if self._listener is not None and len(conns) < room:
             if self._stream_over:
@@ -422,8 +433,10 @@ def receive_connections(port: Optional[int] = None, *, host: str = "") -> Iterat
     with ConnectionReceiver(port, host=host, _batch=1) as receiver:
         poller = select.poll()
         poller.register(receiver.fileno(), select.POLLIN)
+        look = True
         while True:
-            conns = receiver.receive(limit=1)
+            conns = receiver._receive(1, look)
+            look = True
             if conns:
                 yield conns[0]
             elif receiver.ended:
@@ -432,6 +445,8 @@ def receive_connections(port: Optional[int] = None, *, host: str = "") -> Iterat
                 time.sleep(_STALL_RETRY)    # the message waits, readable, until the daemon acts
             else:
                 poller.poll(receiver._wait_ms())
+                # Forwarding: the channel is what woke us; take its message.
+                look = receiver._poller is not None or not receiver._daemon
 
 
 # ---------------------------------------------------------------------------
@@ -462,6 +477,8 @@ def _send_fds(sock: socket.socket, msg: bytes, fds: List[int]) -> None:
 
 # Plain ints: on 3.11+ `|` on socket.MSG_* flags is an IntFlag call, slow in a hot path.
 _SEND_FLAGS = int(socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+_close = os.close
+_fd_array = functools.partial(array.array, "i")
 _PEEK_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC | socket.MSG_PEEK)
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
@@ -732,6 +749,41 @@ class _SpawnError(SocketProtectorError):
     """The command could not be started."""
 
 
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+
+
+class _Poller:
+    """The loop's epoll, with one callback per descriptor.
+
+    (selectors builds a key object per event: a few microseconds per
+    wake-up, which forwarding pays once per connection.)  Callbacks get the
+    epoll event mask: _IN (or EPOLLHUP, EPOLLERR: reading finds out) and _OUT.
+    """
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self.handlers: dict = {}
+        self.poll = self._epoll.poll
+
+    def register(self, fileobj, events: int, callback) -> None:
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        self._epoll.register(fd, events)
+        self.handlers[fd] = callback
+
+    def modify(self, fileobj, events: int) -> None:
+        self._epoll.modify(fileobj if isinstance(fileobj, int) else fileobj.fileno(), events)
+
+    def unregister(self, fileobj) -> None:
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        self._epoll.unregister(fd)
+        del self.handlers[fd]
+
+    def close(self) -> None:
+        self._epoll.close()
+
+
 # ---------------------------------------------------------------------------
 # The daemon: the connection queue (forwarding)
 # ---------------------------------------------------------------------------
@@ -749,7 +801,7 @@ class _ConnectionQueue:
     not yet received (ties in turn), so a busy or stuck worker is passed over.
     """
 
-    def __init__(self, sel: selectors.BaseSelector, listener: socket.socket, *,
+    def __init__(self, sel: _Poller, listener: socket.socket, *,
                  forwarding: bool, backlog: int, hang_timeout: Optional[float],
                  hung_up: Callable[[_Child], None]) -> None:
         self._sel = sel
@@ -848,6 +900,9 @@ class _ConnectionQueue:
                 not self.takers or self.shutdown_quota <= 0 or not self._backlog_poll.poll(0)):
             self.close_listener()
         now = time.monotonic()
+        for child in self.takers:
+            if child.paused_until and now >= child.paused_until:
+                child.paused_until = 0.0    # over: forward_at_once() may send again
         self._set_listening(
             self._forwarding and len(self.waiting) < _MAX_WAITING
             and self.accept_paused_until is None
@@ -857,7 +912,7 @@ class _ConnectionQueue:
         if want == self.listening or self.listener is None:
             return
         if want:
-            self._sel.register(self.listener, selectors.EVENT_READ, self.on_listener)
+            self._sel.register(self.listener, _IN, self.on_listener)
         else:
             self._sel.unregister(self.listener)
         self.listening = want
@@ -869,6 +924,47 @@ class _ConnectionQueue:
             self.listener = None
 
     # -- sending ------------------------------------------------------------
+
+    def forward_at_once(self) -> bool:
+        """The common case in one step: the listener is readable, our queue is
+        empty, and one child takes connections and can now, with nothing to
+        track (no --hang-timeout).  Accept what waits and send it at once.
+        False, with nothing lost, where that does not hold: then the general
+        path runs (and meets any accept error itself)."""
+        if (self.waiting or len(self.takers) != 1 or self._track or self.stopping
+                or not self.listening or self._accept_error):
+            return False
+        child = self.takers[0]
+        if child.blocked or child.stalled or child.paused_until:
+            return False
+        accept = self.listener._accept
+        try:
+            fds = [accept()[0]]
+        except BlockingIOError:
+            return True         # someone else's wake-up: nothing to do
+        except OSError:
+            return False
+        limit = child.batch_limit
+        if limit > 1:           # it takes batches: what else waits, in one message
+            more = self._backlog_poll.poll
+            try:
+                while len(fds) < limit and more(0):
+                    fds.append(accept()[0])
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.waiting.extend(fds)
+                return False
+        try:
+            child.channel.sendmsg([self._message], [(_SOL_SOCKET, _SCM_RIGHTS, _fd_array(fds))],
+                                  _SEND_FLAGS)
+        except OSError:
+            self.waiting.extend(fds)    # blocked, paused or gone: the general path decides
+            return False
+        for fd in fds:
+            _close(fd)          # the child's queue holds them now
+        self.forwarded += len(fds)
+        return True
 
     def pump(self) -> None:
         """Send waiting connections to the takers, the least loaded first."""
@@ -914,8 +1010,7 @@ class _ConnectionQueue:
         except (BlockingIOError, InterruptedError):
             waiting.extendleft(reversed(batch))
             child.blocked = True
-            self._sel.modify(child.channel, selectors.EVENT_READ | selectors.EVENT_WRITE,
-                             child.on_channel)
+            self._sel.modify(child.channel, _IN | _OUT)
             return False
         except OSError as e:
             waiting.extendleft(reversed(batch))
@@ -943,7 +1038,7 @@ class _ConnectionQueue:
     def unblocked(self, child: _Child) -> None:
         """EVENT_WRITE: the child's channel has room again."""
         child.blocked = False
-        self._sel.modify(child.channel, selectors.EVENT_READ, child.on_channel)
+        self._sel.modify(child.channel, _IN)
 
     def _sync(self, child: _Child) -> int:
         """Forget what the child has received since last asked; what is left unread."""
@@ -1099,7 +1194,7 @@ class _ConnectionQueue:
             if self.holders_check_at is None:
                 self.holders_check_at = time.monotonic() + 1.0
             return -1
-        self._sel.register(fd, selectors.EVENT_READ, callback)
+        self._sel.register(fd, _IN, callback)
         return fd
 
     def _unwatch_process(self, fd: int) -> None:
@@ -1158,8 +1253,8 @@ class _Supervisor:
         self._hang_timeout = hang_timeout
         self._on_event = on_event
         self._workers = workers                  # the size of every new generation
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(wakeup, selectors.EVENT_READ, self._on_wakeup)
+        self._sel = _Poller()
+        self._sel.register(wakeup, _IN, self._on_wakeup)
         self._wakeup = wakeup
         self._queue = _ConnectionQueue(self._sel, listener, forwarding=self._forwarding,
                                        backlog=backlog, hang_timeout=hang_timeout,
@@ -1192,17 +1287,28 @@ class _Supervisor:
         """Serve until shut down; raise SocketProtectorError if start-up failed."""
         try:
             self._start_generation()
-            select = self._sel.select
+            poll, handlers = self._sel.poll, self._sel.handlers
+            queue, wakeup = self._queue, self._wakeup.fileno()
+            listener = queue.listener.fileno()
+            timeout = self._timeout()
             while self._children or not self._stopping:
-                events = select(self._timeout())
+                events = poll(timeout)
+                # The common case in one step: only a connection to pass on,
+                # to the one child taking them, and no deadline to watch.
+                if (len(events) == 1 and events[0][0] == listener
+                        and self._next_deadline is None and queue.forward_at_once()):
+                    continue
                 if len(events) > 1:
                     # Signals first: after a SIGTERM nothing more is accepted.
-                    events.sort(key=lambda event: event[0].fileobj is not self._wakeup)
-                for key, mask in events:
-                    key.data(mask)
+                    events.sort(key=lambda event: event[0] != wakeup)
+                for fd, mask in events:
+                    handler = handlers.get(fd)
+                    if handler is not None:     # else unregistered by an earlier one
+                        handler(mask)
                 if self._next_deadline is not None and time.monotonic() >= self._next_deadline:
                     self._check_deadlines()
                 self._pump()
+                timeout = self._timeout()
         finally:
             self._close_everything()
         if self._error:
@@ -1405,11 +1511,11 @@ class _Supervisor:
         child.deadline = child.started + self._ready_timeout
         self._children[pid] = child
         generation.slots[index] = child
-        self._sel.register(ours, selectors.EVENT_READ, child.on_channel)
+        self._sel.register(ours, _IN, child.on_channel)
         # Whether exec worked is read from the loop: waiting for it here would
         # stop accepting for milliseconds at every restart.
         child.exec_report = report_fd
-        self._sel.register(report_fd, selectors.EVENT_READ,
+        self._sel.register(report_fd, _IN,
                            functools.partial(self._on_exec_report, child))
         _log.info("%s started: %s", self._name(child), " ".join(self._command))
         return child
@@ -1802,9 +1908,9 @@ class _Supervisor:
     # -- the channel --------------------------------------------------------
 
     def _on_channel(self, child: _Child, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE and child.channel is not None:
+        if mask & _OUT and child.channel is not None:
             self._queue.unblocked(child)
-        if mask & selectors.EVENT_READ:
+        if mask & _READABLE:
             self._read_channel(child)
 
     def _read_channel(self, child: _Child) -> None:

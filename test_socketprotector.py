@@ -103,6 +103,7 @@ def main():
         time.sleep(3600)
     # Read every flag before ready: the test may clear them once it sees ready.
     noread, garbage, hangup = map(flag, ("SP_TEST_NOREAD", "SP_TEST_GARBAGE", "SP_TEST_HANGUP"))
+    queued = int(open(hangup).read() or 0) if hangup else 0
     if noread or garbage or hangup:
         channel = int(os.environ["SOCKETPROTECTOR_FD"])
         # Tells the daemon it is ready, and asks for one connection per
@@ -112,7 +113,6 @@ def main():
         if garbage:
             os.write(channel, b"garbage")
         if hangup:
-            queued = int(open(hangup).read() or 0)
             while socketprotector._unread_bytes(receiver._channel) < 2 * queued:
                 time.sleep(0.01)
             receiver.close()

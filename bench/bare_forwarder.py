@@ -36,13 +36,12 @@ def main():
     try:
         while True:
             waiter.poll()
-            while True:
-                try:
-                    fd, _ = listener._accept()
-                except BlockingIOError:
-                    break
-                ours.sendmsg(header, [(*rights, array.array("i", [fd]))], flags)
-                os.close(fd)
+            try:
+                fd, _ = listener._accept()  # one per wake-up: epoll wakes again for more
+            except BlockingIOError:
+                continue
+            ours.sendmsg(header, [(*rights, array.array("i", [fd]))], flags)
+            os.close(fd)
     finally:
         child.kill()
 

@@ -29,6 +29,7 @@ import json
 import multiprocessing
 import os
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -64,6 +65,10 @@ MODES = {
     # A reference, not socketprotector: the extra hop and nothing else.
     "bare hop": lambda port, server, options: [sys.executable, BARE, str(port), *server],
 }
+# The C++ original, a reference row when its binary is given (--original),
+# and bare_forwarder.c, the hop in compiled code, when a C compiler is there.
+ORIGINAL = "C++ orig"
+BARE_C = "bare hop C"
 # The workers rows: CPU-bound requests, one worker against two, at c=32.
 WORKER_CONFIGS = [("direct", 1), ("forward", 1), ("forward", 2), ("listener", 1),
                   ("listener", 2)]
@@ -231,13 +236,20 @@ def run_load(port, concurrency, duration, processes):
 class Server:
     """The echo server, on its own or behind socketprotector in one mode."""
 
-    def __init__(self, mode, delay_file, workers=1, work_us=0):
+    def __init__(self, mode, delay_file, workers=1, work_us=0, original=None, bare_c=None):
         self.mode = mode
         self.workers = workers
         self.port = free_port()
         env = dict(os.environ, BENCH_READY_DELAY_FILE=delay_file, BENCH_WORK_US=str(work_us))
-        argv = MODES[mode](self.port, [sys.executable, SERVER, str(self.port)],
-                           ["--workers", str(workers)] if workers > 1 else [])
+        server = [sys.executable, SERVER, str(self.port)]
+        if mode == ORIGINAL:
+            env["BENCH_PROTOCOL"] = "original"
+            argv = [original, "-f", str(self.port), "--", *server]
+        elif mode == BARE_C:
+            argv = [bare_c, str(self.port), *server]
+        else:
+            argv = MODES[mode](self.port, server,
+                               ["--workers", str(workers)] if workers > 1 else [])
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
@@ -317,6 +329,18 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def build_bare_c(where):
+    """bare_forwarder.c compiled into `where`, or None without a C compiler."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        progress("no C compiler: no 'bare hop C' row")
+        return None
+    binary = os.path.join(where, "bare_forwarder")
+    subprocess.run([compiler, "-O2", "-o", binary, os.path.join(HERE, "bare_forwarder.c")],
+                   check=True)
+    return binary
 
 
 def bare_interpreter_rss_kib():
@@ -473,15 +497,18 @@ def run_all(args):
         results["chaos"] = run_chaos(args, delay_file)
         results["chaos_rate"] = args.chaos_rate
     if not args.steady:
-        os.rmdir(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         return results
-    servers = {mode: Server(mode, delay_file) for mode in MODES}
+    bare_c = build_bare_c(tmp)
+    modes = [*MODES, *([BARE_C] if bare_c else []), *([ORIGINAL] if args.original else [])]
+    servers = {mode: Server(mode, delay_file, original=args.original, bare_c=bare_c)
+               for mode in modes}
     try:
         for concurrency in args.concurrency:
-            runs = {mode: [] for mode in MODES}
+            runs = {mode: [] for mode in modes}
             for i in range(args.repeat):
                 # Each round in a different order: no configuration always goes first.
-                for mode in list(MODES)[i % len(MODES):] + list(MODES)[:i % len(MODES)]:
+                for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
                     runs[mode].append(measure(servers[mode], concurrency, args.duration))
                     progress(f"c={concurrency} {mode}: {runs[mode][-1]['per_second']:.0f}/s")
             results["steady"][concurrency] = {mode: median_run(r) for mode, r in runs.items()}
@@ -498,9 +525,7 @@ def run_all(args):
     finally:
         for server in servers.values():
             server.stop()
-        if os.path.exists(delay_file):
-            os.unlink(delay_file)
-        os.rmdir(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
     return results
 
 
@@ -541,7 +566,10 @@ def report(r):
     lines += ["", "ratio: sessions/s over the same load on its own (restart rows: over the "
                   "same mode's steady c=32)",
               "bare hop: bench/bare_forwarder.py, accept and pass on, nothing else: "
-              "what the extra hop alone costs here",
+              "what the extra hop alone costs here (bare hop C: the same in C)",
+              "C++ orig: the original (--original), its child side in echo_server.py"
+              if ORIGINAL in r["steady"].get(32, r["steady"].get(1, {})) else
+              "C++ orig: not run (give its binary with --original or $SOCKETPROTECTOR_ORIGINAL)",
               f"daemon peak RSS: forward {r['forward_daemon_peak_rss_kib'] / 1024:.1f} MiB "
               f"(x{r['forward_daemon_peak_rss_kib'] / bare:.2f}), listener "
               f"{r['listener_daemon_peak_rss_kib'] / 1024:.1f} MiB "
@@ -605,6 +633,11 @@ def main():
                         help="skip the CPU-bound one-against-two-workers rows and the ceiling")
     parser.add_argument("--no-chaos", dest="chaos", action="store_false",
                         help="skip the kill-a-worker-every-250-ms rows")
+    parser.add_argument("--original", metavar="PATH",
+                        default=os.environ.get("SOCKETPROTECTOR_ORIGINAL"),
+                        help="the C++ original's binary (github.com/kdt3rd/SocketProtector, "
+                             "built outside this project), for a reference row "
+                             "(default: $SOCKETPROTECTOR_ORIGINAL; without it, no such row)")
     parser.add_argument("--work-us", type=float, default=300,
                         help="workers rows: microseconds of Python each request burns (300)")
     parser.add_argument("--chaos-rate", type=float, default=2000,
