@@ -1098,6 +1098,22 @@ class RestartTest(ProtectorTestCase):
         status = daemon.settled().string
         self.assertRegex(status, r" 2 restarts, 0 failed", daemon.log())
 
+    def test_a_deadline_fires_while_connections_stream_in(self):
+        """While nearly every wake-up is only a connection to pass on (the
+        fast path), a deadline still fires on time: --drain-timeout stops a
+        lingering old child under steady load."""
+        daemon = Daemon(self, "--drain-timeout", "0.3")
+        held, first = self.hold_connection(daemon)
+        load = Load(daemon.port, threads=2)
+        self.addCleanup(load.stop)
+        load.wait_for(20)
+        mark = daemon.mark()
+        daemon.restart()
+        daemon.wait_line(rf"child {first} still draining after 0.3 s; stopping it", mark)
+        load.wait_for(50)
+        load.stop()
+        self.assertEqual(load.failures, [])
+
     def test_a_signal_to_a_new_child_before_exec_is_not_the_daemons(self):
         """A signal that reaches a new child between fork and exec acts on the
         child (here: SIGUSR1 kills it), not on the daemon, whose handlers
@@ -1596,6 +1612,30 @@ print("ended" if receiver.ended else "still waiting")
         proc = subprocess.run([sys.executable, "-c", script, HERE], capture_output=True,
                               timeout=TIMEOUT, env=self.env)
         self.assertEqual(proc.stdout.strip(), b"ended", proc.stderr.decode())
+
+    def test_receive_takes_what_waits_and_nothing_when_nothing_does(self):
+        """receive() on a channel with nothing waiting returns [] (it looks
+        without polling first); with two messages waiting it returns both."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(ours.close)
+        os.environ[socketprotector.ENV_FD] = str(theirs.detach())
+        os.environ[socketprotector.ENV_HANDOFF] = "forward"
+        receiver = socketprotector.ConnectionReceiver()
+        self.addCleanup(receiver.close)
+        self.assertEqual(ours.recv(16)[:1], b"R")
+        self.assertEqual(receiver.receive(), [])
+        pairs = [socket.socketpair() for _ in range(2)]
+        for a, b in pairs:
+            self.addCleanup(a.close)
+            self.addCleanup(b.close)
+            socket.send_fds(ours, [b"C\x01"], [a.fileno()])
+        got = receiver.receive()
+        self.assertEqual(len(got), 2)
+        for conn, (_, b) in zip(got, pairs):
+            conn.sendall(b"x")
+            self.assertEqual(b.recv(1), b"x")
+            conn.close()
+        self.assertEqual(receiver.receive(), [])
 
     def test_import_has_no_side_effects(self):
         """Importing the module installs no handler and configures no logging."""
