@@ -812,6 +812,7 @@ class _ConnectionQueue:
         self._hung_up = hung_up                  # the supervisor's: a child's channel broke
         self._backlog_poll = select.poll()       # is anything left in the backlog?
         self._backlog_poll.register(listener, select.POLLIN)
+        self._accept_fd = listener._accept       # raw fds: no socket object per connection
         self._message = _MSG_CONNS + bytes([listener.family])
         self.waiting: collections.deque = collections.deque()   # accepted fds not yet sent
         self.takers: List[_Child] = []
@@ -865,8 +866,7 @@ class _ConnectionQueue:
     def accept(self, limit: int) -> int:
         """Accept up to limit connections into our queue; how many."""
         before = len(self.waiting)
-        error = _accept_into(self.listener._accept, self._backlog_poll.poll, limit,
-                             self.waiting)      # raw fds: no socket object per connection
+        error = _accept_into(self._accept_fd, self._backlog_poll.poll, limit, self.waiting)
         count = len(self.waiting) - before
         if error is not None:
             # The connection stays in the backlog; try again shortly
@@ -937,7 +937,7 @@ class _ConnectionQueue:
         child = self.takers[0]
         if child.blocked or child.stalled or child.paused_until:
             return False
-        accept = self.listener._accept
+        accept = self._accept_fd
         try:
             fds = [accept()[0]]
         except BlockingIOError:
@@ -1242,8 +1242,10 @@ class _Supervisor:
                  hang_timeout: Optional[float] = None,
                  on_event: Callable[[str, str], None] = lambda event, detail: None,
                  on_sigusr2: Callable[[], None] = lambda: None,
-                 backlog: int = _DEFAULT_BACKLOG, workers: int = 1) -> None:
+                 backlog: int = _DEFAULT_BACKLOG, workers: int = 1,
+                 envdir: Optional[str] = None) -> None:
         self._on_sigusr2 = on_sigusr2
+        self._envdir = envdir
         self._forwarding = handoff == "forward"     # else children accept from our listener
         self._command = command
         self._cwd = cwd
@@ -1489,7 +1491,14 @@ class _Supervisor:
         except OSError as e:
             raise _SpawnError(f"cannot start {self._command[0]!r}: {e.strerror}") from None
         env = dict(self._child_env)
+        if self._envdir:
+            for name, value in _read_envdir(self._envdir).items():
+                if value is None:
+                    env.pop(name, None)
+                else:
+                    env[name] = value
         env[ENV_WORKER] = str(index)
+        env["PWD"] = self._cwd
         try:
             pid, report_fd = _fork_exec(executable, self._command, self._cwd, env,
                                         theirs.fileno())
@@ -2013,9 +2022,11 @@ def _resolve_command(name: str, cwd: str) -> str:
     """The executable to run, or _SpawnError saying why there is none."""
     if "/" in name:
         path = os.path.join(cwd, name)
-        if not os.path.exists(path):
-            raise _SpawnError(f"cannot run {name!r}: No such file or directory")
-        if os.path.isdir(path):
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:    # missing, or a directory on the way we may not enter
+            raise _SpawnError(f"cannot run {name!r}: {e.strerror}") from None
+        if stat.S_ISDIR(mode):
             raise _SpawnError(f"cannot run {name!r}: is a directory")
         if not os.access(path, os.X_OK):
             raise _SpawnError(f"cannot run {name!r}: not executable")
@@ -2644,6 +2655,12 @@ def _build_parser() -> _Parser:
                         default=_DEFAULT_STOP_TIMEOUT,
                         help="on shutdown, children still running after S seconds get "
                              f"SIGTERM, then SIGKILL (default {_DEFAULT_STOP_TIMEOUT:g})")
+    parser.add_argument("--chdir", metavar="DIR",
+                        help="run the children in DIR (default: where the daemon was started, "
+                             "as $PWD names it), resolved again for each new child")
+    parser.add_argument("--envdir", metavar="DIR",
+                        help="set the children's environment from the files in DIR, read "
+                             "again for each new child (as daemontools' envdir)")
     parser.add_argument("--log-file", metavar="PATH",
                         help="log here (detached: the children's output too); SIGUSR2 "
                              "reopens it (default: stderr with -f, else syslog)")
@@ -2779,8 +2796,10 @@ def _ignore_signal(signum, frame) -> None:
 def _serve(opts: argparse.Namespace) -> None:
     """Everything after parsing, in order: what needs root (pid file, port, log
     file), then detach, then drop privileges, then supervise."""
-    cwd = os.getcwd()
+    cwd = _working_directory(opts.chdir)
     _resolve_command(opts.command[0], cwd)      # fail before detaching
+    if opts.envdir:
+        _read_envdir(opts.envdir)
     user = _resolve_user(opts.user) if opts.user else None
     log_file = (_LogFile(opts.log_file, (user[0].pw_uid, user[1]) if user else None)
                 if opts.log_file else None)
@@ -2820,7 +2839,7 @@ def _serve(opts: argparse.Namespace) -> None:
                     listener, opts.command, cwd=cwd, ready_timeout=opts.ready_timeout,
                     drain_timeout=opts.drain_timeout, stop_timeout=opts.stop_timeout,
                     wakeup=wake_r, handoff=opts.handoff, hang_timeout=opts.hang_timeout,
-                    backlog=opts.backlog, workers=opts.workers,
+                    backlog=opts.backlog, workers=opts.workers, envdir=opts.envdir,
                     on_event=lambda event, detail: [sink(event, detail) for sink in sinks],
                     on_sigusr2=log_file.reopen if log_file else lambda: None)
                 try:
@@ -2844,19 +2863,69 @@ def _serve(opts: argparse.Namespace) -> None:
             log_file.close()
 
 
+def _working_directory(chdir: Optional[str]) -> str:
+    """Where the children run, as the user named it: --chdir (relative to
+    the start directory), else the start directory itself.  $PWD names it
+    when it is the same directory: it may go through a symbolic link that
+    a deploy switches (/srv/app/current -> releases/42), and each new child
+    resolves it again.  SocketProtectorError if it does not exist."""
+    here = os.getcwd()
+    logical = os.environ.get("PWD", "")
+    try:
+        if os.path.isabs(logical) and os.path.samefile(logical, here):
+            here = logical
+    except OSError:
+        pass
+    where = os.path.join(here, chdir) if chdir else here
+    try:
+        if not stat.S_ISDIR(os.stat(where).st_mode):
+            raise SocketProtectorError(f"--chdir {chdir}: not a directory")
+    except OSError as e:
+        raise SocketProtectorError(f"cannot enter {where}: {e.strerror}") from None
+    return where
+
+
+def _read_envdir(path: str) -> dict:
+    """--envdir, read again for every new child: {NAME: value, or None to
+    remove NAME}.  As daemontools' envdir: one variable per file, the file's
+    name its name, its first line (trailing blanks removed) its value; an
+    empty file removes the variable."""
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as e:
+        raise _SpawnError(f"cannot read --envdir {path}: {e.strerror}") from None
+    env: dict = {}
+    for name in names:
+        if name.startswith(".") or "=" in name:
+            continue
+        try:
+            with open(os.path.join(path, name), "rb") as f:
+                data = f.read(65536)
+        except IsADirectoryError:
+            continue
+        except OSError as e:
+            raise _SpawnError(f"cannot read --envdir {path}/{name}: {e.strerror}") from None
+        if not data:
+            env[name] = None
+            continue
+        value = data.split(b"\n", 1)[0].rstrip(b" \t").replace(b"\0", b"\n")
+        env[name] = os.fsdecode(value)
+    return env
+
+
 def _resolve_user(spec: str) -> tuple:
     """USER[:GROUP] (names or numbers) as (name, uid, gid); the user's group by default."""
     name, _, group = spec.partition(":")
     try:
         entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
     except KeyError:
-        raise SocketProtectorError(f"--user: unknown user {name!r}") from None
+        raise UsageError(f"--user: unknown user {name!r}") from None
     gid = entry.pw_gid
     if group:
         try:
             gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
         except KeyError:
-            raise SocketProtectorError(f"--user: unknown group {group!r}") from None
+            raise UsageError(f"--user: unknown group {group!r}") from None
     if os.geteuid() != 0 and os.geteuid() != entry.pw_uid:
         raise SocketProtectorError(f"--user {spec}: only root can switch users")
     return entry, gid
@@ -2878,15 +2947,18 @@ def _drop_privileges(entry, gid: int) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the daemon; return the exit code (0 ok, 1 runtime failure, 2 usage)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if sys.version_info < (3, 9):
+        print(f"socketprotector: needs Python 3.9 or newer, not "
+              f"{sys.version_info[0]}.{sys.version_info[1]}", file=sys.stderr)
+        return EXIT_FAILURE
     try:
         opts = _parse_args(argv)
-    except UsageError as e:
-        print(f"socketprotector: {e}\nusage: {_USAGE} (see --help)", file=sys.stderr)
-        return EXIT_USAGE
-    try:
         if opts.reload or opts.stop:
             return _control(opts)
         _serve(opts)
+    except UsageError as e:
+        print(f"socketprotector: {e}\nusage: {_USAGE} (see --help)", file=sys.stderr)
+        return EXIT_USAGE
     except SocketProtectorError as e:
         print(f"socketprotector: {e}", file=sys.stderr)
         return EXIT_FAILURE

@@ -511,7 +511,17 @@ def run_all(args):
                 for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
                     runs[mode].append(measure(servers[mode], concurrency, args.duration))
                     progress(f"c={concurrency} {mode}: {runs[mode][-1]['per_second']:.0f}/s")
-            results["steady"][concurrency] = {mode: median_run(r) for mode, r in runs.items()}
+            results["steady"][concurrency] = by_mode = {mode: median_run(r)
+                                                        for mode, r in runs.items()}
+            # Ranges over the rounds: each round's ratio is against that round's direct run.
+            for mode, m in by_mode.items():
+                ratios = [a["per_second"] / b["per_second"]
+                          for a, b in zip(runs[mode], runs["direct"])]
+                m["ratio_range"] = [min(ratios), max(ratios)]
+                cpus = [r["daemon_cpu_us_per_conn"] for r in runs[mode]
+                        if "daemon_cpu_us_per_conn" in r]
+                if cpus:
+                    m["cpu_range"] = [min(cpus), max(cpus)]
         for mode in ("forward", "listener"):
             results[f"{mode}_daemon_peak_rss_kib"] = servers[mode].peak_rss_kib()
         for mode in ("forward", "listener") if args.restarts else ():
@@ -553,7 +563,12 @@ def report(r):
     for conc, by_mode in r["steady"].items():
         base = by_mode["direct"]["per_second"]
         for mode, m in by_mode.items():
-            lines.append(_row(f"steady c={conc}", mode, m, m["per_second"] / base))
+            ranges = ""
+            if mode != "direct" and len(m.get("ratio_range", ())) == 2:
+                ranges = "  ratio {:.2f}-{:.2f}".format(*m["ratio_range"])
+                if "cpu_range" in m:
+                    ranges += ", us/conn {:.1f}-{:.1f}".format(*m["cpu_range"])
+            lines.append(_row(f"steady c={conc}", mode, m, m["per_second"] / base, ranges))
     for mode, by_load in r["restarts"].items():
         steady = r["steady"][32][mode]
         for load, m in by_load.items():
@@ -564,7 +579,7 @@ def report(r):
                               f"longest gap {m['longest_gap_ms']:.0f} ms"))
     bare = r["bare_python_rss_kib"]
     lines += ["", "ratio: sessions/s over the same load on its own (restart rows: over the "
-                  "same mode's steady c=32)",
+                  "same mode's steady c=32); after each steady row, the range over the rounds",
               "bare hop: bench/bare_forwarder.py, accept and pass on, nothing else: "
               "what the extra hop alone costs here (bare hop C: the same in C)",
               "C++ orig: the original (--original), its child side in echo_server.py"
