@@ -61,6 +61,7 @@ import errno
 import fcntl
 import functools
 import grp
+import json
 import logging
 import logging.handlers
 import os
@@ -111,6 +112,9 @@ _DEFAULT_READY_TIMEOUT = 30.0
 _DEFAULT_STOP_TIMEOUT = 10.0
 _DEFAULT_BACKLOG = 1024
 _KILL_GRACE = 5.0          # seconds from SIGTERM to SIGKILL
+_RELOAD_SETTLE = 1.0         # --reload: how long retired children may take to exit unmentioned
+_DRAIN_REPORT_FIRST = 10.0   # a retired child still running: a line after this long,
+_DRAIN_REPORT_EVERY = 60.0   # then this often
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 30.0
 _STABLE_AFTER = 10.0       # a child ready this long resets the crash backoff
@@ -130,7 +134,7 @@ _DAEMON_ONLY_ENV = (ENV_FD, ENV_WORKER, "NOTIFY_SOCKET", *_ACTIVATION_ENV)
 _PR_SET_CHILD_SUBREAPER = 36
 
 _USAGE = ("socketprotector.py [options] PORT -- COMMAND [ARG...]\n"
-          "       socketprotector.py --reload|--stop --pid-file PATH")
+          "       socketprotector.py --reload|--stop|--status --pid-file PATH")
 
 _log = logging.getLogger("socketprotector")
 
@@ -682,6 +686,8 @@ class _Child:
         self.state = _State.STARTING
         self.started = time.monotonic()
         self.ready_at = 0.0
+        self.retired_at = 0.0                    # when it was told to take no more
+        self.report_at: Optional[float] = None   # retired: the next "still draining" line
         self.deadline: Optional[float] = None    # ready, hang or drain timeout, by state
         self.kill_at: Optional[float] = None     # SIGKILL after SIGTERM
         self.paused_until = 0.0                  # after a NACK or a transient send error
@@ -1243,8 +1249,13 @@ class _Supervisor:
                  on_event: Callable[[str, str], None] = lambda event, detail: None,
                  on_sigusr2: Callable[[], None] = lambda: None,
                  backlog: int = _DEFAULT_BACKLOG, workers: int = 1,
-                 envdir: Optional[str] = None) -> None:
+                 envdir: Optional[str] = None,
+                 on_state: Callable[[dict], None] = lambda snapshot: None,
+                 output: Optional[str] = None) -> None:
         self._on_sigusr2 = on_sigusr2
+        self._on_state = on_state
+        self._published: Optional[dict] = None
+        self._output = output   # where a detached child's output goes, for a failed start
         self._envdir = envdir
         self._forwarding = handoff == "forward"     # else children accept from our listener
         self._command = command
@@ -1310,6 +1321,7 @@ class _Supervisor:
                 if self._next_deadline is not None and time.monotonic() >= self._next_deadline:
                     self._check_deadlines()
                 self._pump()
+                self._publish()
                 timeout = self._timeout()
         finally:
             self._close_everything()
@@ -1329,6 +1341,8 @@ class _Supervisor:
                 pending.append(child.deadline)
             if child.kill_at is not None:
                 pending.append(child.kill_at)
+            if child.report_at is not None:
+                pending.append(child.report_at)
         if not pending:
             self._next_deadline = None
             return None
@@ -1343,6 +1357,9 @@ class _Supervisor:
                              child.pid, _KILL_GRACE)
                 child.kill_at = None
                 child.signal(signal.SIGKILL)
+            if child.report_at is not None and now >= child.report_at:
+                child.report_at = now + _DRAIN_REPORT_EVERY
+                self._report_draining(child, now)
             if child.deadline is not None and now >= child.deadline:
                 child.deadline = None
                 if child.channel is None and child.state in _LIVE_ROLES:
@@ -1431,27 +1448,30 @@ class _Supervisor:
                 self._exited(child, status)
 
     def _log_status(self) -> None:
-        _log.info("status: %s", self.status())
+        _log.info("status: %s", _format_status(self.snapshot()))
 
-    def status(self) -> str:
-        """One line: address, workers, children by role, counters."""
-        now = time.monotonic()
+    def snapshot(self) -> dict:
+        """What the status line says, as data (times: CLOCK_MONOTONIC ns)."""
         ready = self._serving.ready() if self._serving is not None else []
-        starting = [c for c in self._children.values()
-                    if c.state in (_State.STARTING, _State.READY)]
-        draining = [c.pid for c in self._children.values()
-                    if c.state in (_State.RETIRING, _State.STOPPING)]
         listener = self._queue.listener
-        return "; ".join([
-            f"listening on {_format_address(listener) if listener else 'nothing'}",
-            f"workers {len(ready)}/{self._workers} ready",
-            "serving " + (", ".join(f"child {c.pid} up {now - c.ready_at:.0f} s"
-                                    for c in ready) or "child none"),
-            "starting " + (", ".join(f"child {c.pid}" for c in starting) or "child none"),
-            "draining " + (",".join(map(str, draining)) or "none"),
-            f"{_plural(self.forwarded, 'connection')} forwarded",
-            f"{_plural(self.restarts, 'restart')}, {self.failed_restarts} failed",
-            _plural(self.crashes, "crash")])
+        return {
+            "listening": _format_address(listener) if listener else None,
+            "workers": self._workers,
+            "serving": [[c.pid, int(c.ready_at * 1e9)] for c in ready],
+            "starting": [c.pid for c in self._children.values()
+                         if c.state in (_State.STARTING, _State.READY)],
+            "draining": [[c.pid, int(c.retired_at * 1e9)] for c in self._children.values()
+                         if c.state in (_State.RETIRING, _State.STOPPING)],
+            "forwarded": self.forwarded, "restarts": self.restarts,
+            "failed": self.failed_restarts, "crashes": self.crashes}
+
+    def _publish(self) -> None:
+        """Hand the state to on_state when more than the counters changed."""
+        snapshot = self.snapshot()
+        shape = {k: v for k, v in snapshot.items() if k != "forwarded"}
+        if shape != self._published:
+            self._published = shape
+            self._on_state(snapshot)
 
     # -- naming -------------------------------------------------------------
 
@@ -1598,7 +1618,7 @@ class _Supervisor:
                 self._retire(child)
 
     def _generation_failed(self, generation: _Generation, child: Optional[_Child],
-                           why: str) -> None:
+                           why: str, late: bool = False) -> None:
         """A new generation will not serve: stop all of it; the serving one
         keeps serving (or, at start-up, the daemon gives up).
 
@@ -1614,7 +1634,7 @@ class _Supervisor:
             _log.info("%s", what)
             return
         if self._serving is None:
-            self._fail(what)
+            self._fail(what + self._start_hint(late))
             return
         self.failed_restarts += 1
         ready = self._serving.ready()
@@ -1627,6 +1647,17 @@ class _Supervisor:
         if self._restart_again:
             self._restart_again = False
             self._request_restart()
+
+    def _start_hint(self, late: bool) -> str:
+        """For a first start that failed: what ready means (if the child was
+        late), and where a detached child's output went."""
+        hints = []
+        if late:
+            hints.append("ready means the server has called receive_connections() or "
+                         "created a ConnectionReceiver")
+        if self._output:
+            hints.append(self._output)
+        return f" ({'; '.join(hints)})" if hints else ""
 
     def _restart_finished(self, outcome: str) -> None:
         """The restart a SIGHUP began has ended (an outcome for --reload and systemd)."""
@@ -1675,8 +1706,10 @@ class _Supervisor:
         # child accepts it before letting go.
         self._let_go(child, drain=self._stopping and not self._forwarding)
         child.state = _State.RETIRING
-        child.deadline = (time.monotonic() + self._drain_timeout
-                          if self._drain_timeout is not None else None)
+        child.retired_at = now = time.monotonic()
+        child.deadline = now + self._drain_timeout if self._drain_timeout is not None else None
+        if child.ready_at and not self._stopping:
+            child.report_at = now + _DRAIN_REPORT_FIRST
         self._update_takers()
 
     def _terminate(self, child: _Child) -> None:
@@ -1685,6 +1718,8 @@ class _Supervisor:
             return
         self._let_go(child)
         child.state = _State.STOPPING
+        child.retired_at = child.retired_at or time.monotonic()
+        child.report_at = None
         child.deadline = None
         child.kill_at = time.monotonic() + _KILL_GRACE
         child.signal(signal.SIGTERM)
@@ -1783,6 +1818,17 @@ class _Supervisor:
             os.close(child.exec_report)
             child.exec_report = None
 
+    def _report_draining(self, child: _Child, now: float) -> None:
+        """A retired child still runs: say so, and why (keep-alive clients
+        pin the old code: HTTP users want a --drain-timeout)."""
+        sockets = _count_sockets(child.pid)
+        _log.info("%s retired %.0f s ago and still runs%s; %s", self._name(child),
+                  now - child.retired_at,
+                  f" with {_plural(sockets, 'socket')} open" if sockets is not None else "",
+                  "no --drain-timeout: it may run as long as its clients stay connected"
+                  if self._drain_timeout is None else
+                  f"stopped at --drain-timeout {self._drain_timeout:g} s")
+
     def _hung(self, child: _Child) -> None:
         """--hang-timeout: a serving child stopped taking the connections sent
         to it.  Frozen (SIGSTOP), it cannot receive, so its queue can be
@@ -1807,7 +1853,7 @@ class _Supervisor:
         self._terminate(child)
         why = f"was not ready within {self._ready_timeout:g} s; stopped it"
         if in_slot and generation is self._starting:
-            self._generation_failed(generation, child, why)
+            self._generation_failed(generation, child, why, late=True)
         elif in_slot and generation is self._serving:
             _log.error("%s %s; %s", self._name(child), why,
                        self._schedule_respawn(generation, child.index, backoff=True))
@@ -1992,6 +2038,15 @@ class _Supervisor:
 _LIVE_ROLES = (_State.STARTING, _State.READY, _State.SERVING)
 
 
+def _count_sockets(pid: int) -> Optional[int]:
+    """How many sockets a process has open; None if we may not look."""
+    try:
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        return None
+    return sum(1 for link in links if link.startswith("socket:"))
+
+
 def _frozen(pid: int, wait: float = 0.05) -> bool:
     """Whether every thread of a process we sent SIGSTOP has stopped (it
     takes effect at once, but not synchronously); False if not within wait."""
@@ -2010,6 +2065,24 @@ def _frozen(pid: int, wait: float = 0.05) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.0005)
+
+
+def _format_status(snapshot: dict, now_ns: Optional[int] = None) -> str:
+    """The status line, from a snapshot (here or read from the state file)."""
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if now_ns is None else now_ns
+    serving, draining = snapshot["serving"], snapshot["draining"]
+    return "; ".join([
+        f"listening on {snapshot['listening'] or 'nothing'}",
+        f"workers {len(serving)}/{snapshot['workers']} ready",
+        "serving " + (", ".join(f"child {pid} up {(now - since) / 1e9:.0f} s"
+                                for pid, since in serving) or "child none"),
+        "starting " + (", ".join(f"child {pid}" for pid in snapshot["starting"])
+                       or "child none"),
+        "draining " + (", ".join(f"child {pid} for {(now - since) / 1e9:.0f} s"
+                                 for pid, since in draining) or "none"),
+        f"{_plural(snapshot['forwarded'], 'connection')} forwarded",
+        f"{_plural(snapshot['restarts'], 'restart')}, {snapshot['failed']} failed",
+        _plural(snapshot["crashes"], "crash")])
 
 
 def _plural(count: int, noun: str) -> str:
@@ -2251,9 +2324,10 @@ def _unlink_quietly(path: str) -> None:
 class _Launcher:
     """Detaches the daemon and makes the launching process wait for its verdict."""
 
-    def __init__(self) -> None:
+    def __init__(self, ready_timeout: float) -> None:
         self._report = -1
         self._reported = False
+        self._ready_timeout = ready_timeout
 
     def detach(self) -> None:
         """Return in the detached daemon; the launcher exits from here."""
@@ -2261,9 +2335,13 @@ class _Launcher:
         pid = os.fork()
         if pid > 0:
             os.close(self._report)
+            print(f"socketprotector: starting; waiting up to {self._ready_timeout:g} s for "
+                  f"the first child to be ready", flush=True)
             os.waitpid(pid, 0)
             verdict = _read_all(read_end).decode(errors="replace")
             if verdict.startswith("ready"):
+                print(f"socketprotector: started: {verdict.partition(' ')[2].strip()}",
+                      flush=True)
                 code = EXIT_OK
             else:
                 reason = verdict.partition(" ")[2].strip() or "daemon exited before it was ready"
@@ -2286,7 +2364,7 @@ class _Launcher:
 
     def on_event(self, event: str, detail: str) -> None:
         if event == "ready":
-            self._send("ready")
+            self._send(f"ready {detail} (daemon pid {os.getpid()})")
             os.close(self._report)      # the launcher returns now
             self._report = -1
         elif event == "failed":
@@ -2344,13 +2422,20 @@ class _StateFile:
     files there.  Removed on exit.
     """
 
-    def __init__(self, pid_file: str) -> None:
+    def __init__(self, pid_file: str, drain_timeout: Optional[float] = None) -> None:
         self.path = pid_file + ".state"
         self._restarts: collections.deque = collections.deque(maxlen=8)
         self._seq = 0
         self._stopping = False
+        self._last = "starting"
+        self._snapshot: dict = {}
+        self._drain_timeout = drain_timeout
         self._fd = _open_checked(self.path, os.O_RDWR | os.O_CREAT, 0o644, "state file")
-        self._write("starting")
+        self._write(self._last)
+
+    def on_state(self, snapshot: dict) -> None:
+        self._snapshot = dict(snapshot, drain_timeout=self._drain_timeout)
+        self._write(self._last)
 
     def on_event(self, event: str, detail: str) -> None:
         if event == "reloading":
@@ -2361,11 +2446,13 @@ class _StateFile:
             self._restarts[-1][2] = detail
         elif event == "stopping":
             self._stopping = True
+        self._last = detail
         self._write(detail)
 
     def _write(self, last: str) -> None:
         lines = [f"restart {seq} {start} {outcome}" for seq, start, outcome in self._restarts]
-        lines += [f"stopping {int(self._stopping)}", f"last {last}", "end", ""]
+        lines += [f"stopping {int(self._stopping)}", f"last {last}",
+                  f"status {json.dumps(self._snapshot, separators=(',', ':'))}", "end", ""]
         try:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, "\n".join(lines).encode(), 0)
@@ -2403,7 +2490,7 @@ def _read_state(path: str) -> Optional[dict]:
         text = os.read(fd, 65536).decode(errors="replace")
     finally:
         os.close(fd)
-    record: dict = {"restarts": [], "stopping": False, "last": ""}
+    record: dict = {"restarts": [], "stopping": False, "last": "", "status": {}}
     for line in text.split("\n"):
         key, _, value = line.partition(" ")
         if key == "restart":
@@ -2413,6 +2500,11 @@ def _read_state(path: str) -> Optional[dict]:
             record["stopping"] = value == "1"
         elif key == "last":
             record["last"] = value
+        elif key == "status":
+            try:
+                record["status"] = json.loads(value)
+            except ValueError:
+                return None
         elif key == "end":
             return record
     return None
@@ -2464,46 +2556,84 @@ def _signal_daemon(pid: int, sig: int) -> None:
 
 
 def _control(opts: argparse.Namespace) -> int:
-    """--reload / --stop: signal the daemon named by the pid file and wait for the outcome."""
+    """--reload / --stop / --status: act on the daemon the pid file names.
+
+    --reload and --stop say on stdout what they wait for (and how long at
+    most), then how it ended; a failure goes to stderr (exit 1).
+    """
     pid = _running_pid(opts.pid_file)
     if pid is None:
         if opts.stop:
             print("socketprotector: not running", file=sys.stderr)
             return EXIT_OK
         raise SocketProtectorError(f"not running (no daemon holds {opts.pid_file})")
+    path = opts.pid_file + ".state"
+    if opts.status:
+        record = _read_state_settled(path)
+        print(f"socketprotector: daemon {pid}: {_format_status(record['status'])}"
+              if record["status"] else f"socketprotector: daemon {pid}: {record['last']}")
+        return EXIT_OK
     if opts.stop:
+        wait = opts.stop_timeout + 2 * _KILL_GRACE
+        _say(f"stopping daemon {pid}; waiting up to {wait:g} s for it and its children "
+             f"to exit")
         _signal_daemon(pid, signal.SIGTERM)
         # It lets go of the pid file just before it exits: wait for both.
         _await(lambda: _running_pid(opts.pid_file) != pid and _process_gone(pid),
-               time.monotonic() + opts.stop_timeout + 2 * _KILL_GRACE,
-               f"daemon {pid} still running after SIGTERM")
+               time.monotonic() + wait, f"daemon {pid} still running after SIGTERM")
+        _say(f"stopped daemon {pid}")
         return EXIT_OK
-    path = opts.pid_file + ".state"
-    deadline = time.monotonic() + opts.ready_timeout + 2 * _KILL_GRACE
-    # A record being rewritten reads as incomplete (None): ask again.
-    if _await(lambda: _read_state(path), deadline, f"cannot read daemon state {path}")["stopping"]:
+    wait = opts.ready_timeout + 2 * _KILL_GRACE
+    deadline = time.monotonic() + wait
+    if _read_state_settled(path, deadline)["stopping"]:
         raise SocketProtectorError(f"daemon {pid} is shutting down")
     # Our restart is the first the daemon begins after this instant: a
     # restart already under way does not count, and a SIGHUP it folds into
     # "one more restart" begins later.
     asked = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    _say(f"reloading daemon {pid}; waiting up to {wait:g} s for the new children to be ready")
     _signal_daemon(pid, signal.SIGHUP)
+    record = {}
 
     def outcome():
-        record = _read_state(path)
-        if record is None:
-            return None
-        for _, start, result in record["restarts"]:
+        record.update(_read_state(path) or {})
+        for _, start, result in record.get("restarts", ()):
             if start >= asked and result != "running":
                 return result
-        return "stopping" if record["stopping"] else None
+        return "stopping" if record.get("stopping") else None
     result = _await(outcome, deadline,
                     f"daemon {pid}: restart not finished after {opts.ready_timeout:g} s")
     if result == "stopping":
         raise SocketProtectorError(f"daemon {pid} began shutting down before it restarted")
     if result.startswith("restart failed"):
         raise SocketProtectorError(result)
+    # A retired child with nothing open exits at once: wait a moment for
+    # that before saying that some are still running.
+    settle = time.monotonic() + _RELOAD_SETTLE
+    while True:
+        draining = (_read_state(path) or record).get("status", {}).get("draining", [])
+        if not draining or time.monotonic() > settle:
+            break
+        time.sleep(0.02)
+    if draining:
+        limit = record["status"].get("drain_timeout")
+        result += (f"; {len(draining)} retired "
+                   f"{'child' if len(draining) == 1 else 'children'} still finishing open "
+                   f"connections " + (f"(stopped after --drain-timeout {limit:g} s)" if limit
+                                      else "(no --drain-timeout: for as long as their "
+                                           "clients stay connected)"))
+    _say(f"reloaded: {result}")
     return EXIT_OK
+
+
+def _read_state_settled(path: str, deadline: Optional[float] = None) -> dict:
+    """The state file's record, asking again while it is being rewritten."""
+    return _await(lambda: _read_state(path), deadline or time.monotonic() + _KILL_GRACE,
+                  f"cannot read daemon state {path}")
+
+
+def _say(line: str) -> None:
+    print(f"socketprotector: {line}", flush=True)
 
 
 def _process_gone(pid: int) -> bool:
@@ -2622,6 +2752,8 @@ def _build_parser() -> _Parser:
                              "exit 1 if the new child failed (the old one still serves)")
     parser.add_argument("--stop", action="store_true",
                         help="with --pid-file: stop the running daemon and wait until it is gone")
+    parser.add_argument("--status", action="store_true",
+                        help="with --pid-file: print the running daemon's status line")
     parser.add_argument("port", metavar="PORT", nargs="?",
                         help="TCP port to listen on (0 picks a free one and logs it)")
     parser.add_argument("-f", "--foreground", action="store_true",
@@ -2686,13 +2818,14 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
         opts.pid_file = os.path.abspath(opts.pid_file)
     if opts.log_file:
         opts.log_file = os.path.abspath(opts.log_file)
-    if opts.reload or opts.stop:
-        if opts.reload and opts.stop:
-            raise UsageError("--reload and --stop cannot be combined")
+    actions = [name for name in ("reload", "stop", "status") if getattr(opts, name)]
+    if actions:
+        if len(actions) > 1:
+            raise UsageError(f"--{actions[0]} and --{actions[1]} cannot be combined")
         if not opts.pid_file:
-            raise UsageError(f"{'--reload' if opts.reload else '--stop'} needs --pid-file")
+            raise UsageError(f"--{actions[0]} needs --pid-file")
         if opts.port is not None or command is not None:
-            raise UsageError("--reload and --stop take no PORT or command")
+            raise UsageError(f"--{actions[0]} takes no PORT or command")
         return opts
     if opts.port is None:
         raise UsageError("the following arguments are required: PORT")
@@ -2814,13 +2947,13 @@ def _serve(opts: argparse.Namespace) -> None:
         with listener:
             listener.setblocking(False)
             if not opts.foreground:
-                launcher = _Launcher()
+                launcher = _Launcher(opts.ready_timeout)
                 launcher.detach()
                 if log_file is not None:
                     log_file.take_stdio()
             if pid_file is not None:
                 pid_file.write(os.getpid())
-                state_file = _StateFile(pid_file.path)
+                state_file = _StateFile(pid_file.path, opts.drain_timeout)
             _become_subreaper()     # imports ctypes: before --user may lose access to it
             if user is not None:
                 _drop_privileges(*user)
@@ -2841,7 +2974,11 @@ def _serve(opts: argparse.Namespace) -> None:
                     wakeup=wake_r, handoff=opts.handoff, hang_timeout=opts.hang_timeout,
                     backlog=opts.backlog, workers=opts.workers, envdir=opts.envdir,
                     on_event=lambda event, detail: [sink(event, detail) for sink in sinks],
-                    on_sigusr2=log_file.reopen if log_file else lambda: None)
+                    on_sigusr2=log_file.reopen if log_file else lambda: None,
+                    on_state=state_file.on_state if state_file else lambda snapshot: None,
+                    output=None if opts.foreground else
+                    f"its output is in {log_file.path}" if log_file else
+                    "its output went to /dev/null: pass --log-file to keep it")
                 try:
                     supervisor.run()
                 finally:
@@ -2953,7 +3090,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_FAILURE
     try:
         opts = _parse_args(argv)
-        if opts.reload or opts.stop:
+        if opts.reload or opts.stop or opts.status:
             return _control(opts)
         _serve(opts)
     except UsageError as e:

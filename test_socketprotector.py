@@ -11,6 +11,7 @@ sleeps a fixed time to let something happen.
 import atexit
 import errno
 import faulthandler
+import glob
 import os
 import re
 import resource
@@ -42,6 +43,8 @@ SESSIONS = set()        # process groups (sessions) tests started and not yet ki
 #   "pid"   -> its pid, to tell which child served a connection
 #   "cork"  -> the connection's TCP_CORK option
 #   "close" -> "bye", then the server closes (as an HTTP/1.0 server does)
+#   "release" -> the first line of the file RELEASE in its directory
+#   "env NAME" -> the value of that environment variable, or "-" if unset
 # Files named by environment variables switch on failures: SP_TEST_FAIL
 # (exit with the status it holds, default 3, before ready), SP_TEST_HANG
 # (never ready), SP_TEST_DELAY (sleep the seconds it holds before ready),
@@ -81,6 +84,11 @@ def converse(conn):
             elif command == b"close":
                 conn.sendall(b"bye\n")
                 return
+            elif command == b"release":
+                with open("RELEASE", "rb") as f:
+                    conn.sendall(f.readline().strip() + b"\n")
+            elif command.startswith(b"env "):
+                conn.sendall(os.environb.get(command[4:], b"-") + b"\n")
             else:
                 conn.sendall(line)
 
@@ -648,14 +656,14 @@ class Daemon:
     """socketprotector in the foreground, in its own session, on 127.0.0.1:0."""
 
     def __init__(self, test, *options, command=None, env=None, preexec_fn=None, prefix=(),
-                 bind="127.0.0.1"):
+                 bind="127.0.0.1", cwd=None):
         self.test = test
         command = command or [sys.executable, test.app]
         argv = [*prefix, sys.executable, DAEMON, "-f", *(["--bind", bind] if bind else []),
                 *test.OPTIONS, *options, "0", "--", *command]
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, start_new_session=True, cwd=test.tmp,
+            stderr=subprocess.PIPE, start_new_session=True, cwd=cwd or test.tmp,
             env=dict(test.env, **(env or {})), preexec_fn=preexec_fn)
         SESSIONS.add(self.proc.pid)
         test.addCleanup(self.cleanup)
@@ -818,9 +826,11 @@ class ProtectorTestCase(unittest.TestCase):
         os.unlink(self.flags[name])
 
     def run_protector(self, *args, timeout=TIMEOUT * 2):
-        """Run socketprotector.py to completion; return (exit code, stderr lines)."""
+        """Run socketprotector.py to completion; return (exit code, stderr lines).
+        What it printed on stdout is in self.stdout (lines)."""
         proc = subprocess.run([sys.executable, DAEMON, *args], stdin=subprocess.DEVNULL,
                               capture_output=True, timeout=timeout, cwd=self.tmp, env=self.env)
+        self.stdout = proc.stdout.decode().splitlines()
         return proc.returncode, proc.stderr.decode().splitlines()
 
     def assertOneLineError(self, lines, pattern, line=-1):
@@ -1356,6 +1366,8 @@ class DaemonModeTest(ProtectorTestCase):
         first = served_by(self.port)
         code, lines = self.run_protector("--reload", "--pid-file", self.pid_file)
         self.assertEqual((code, lines), (0, []))
+        # The old child had nothing open and exited: nothing said of it.
+        self.assertRegex(self.stdout[-1], r"^socketprotector: reloaded: child \d+ serving$")
         second = served_by(self.port)       # no wait: it serves already
         self.assertNotEqual(second, first)
         self.set_flag("SP_TEST_FAIL")
@@ -1438,12 +1450,63 @@ class DaemonModeTest(ProtectorTestCase):
         self.assertFalse(alive(daemon))
         self.assertTrue(alive(victim.pid))
 
+    def test_start_reload_stop_and_status_say_what_they_do(self):
+        """A detached start, --reload and --stop print (on stdout) what they
+        wait for and how long at most, then the outcome; --status prints the
+        status line.  --reload says when retired children keep running."""
+        code, lines = self.start_detached()
+        self.assertEqual((code, lines), (0, []))
+        pid = read_pid(self.pid_file)
+        self.assertEqual(self.stdout[0], "socketprotector: starting; waiting up to 30 s for "
+                                         "the first child to be ready")
+        self.assertRegex(self.stdout[1], rf"^socketprotector: started: child \d+ serving "
+                                         rf"\(daemon pid {pid}\)$")
+        held = connect(self.port)
+        self.addCleanup(held.close)
+        first = int(ask(held, b"pid"))
+        self.assertEqual(self.run_protector("--reload", "--pid-file", self.pid_file), (0, []))
+        self.assertEqual(self.stdout[0], f"socketprotector: reloading daemon {pid}; waiting up "
+                                         f"to 40 s for the new children to be ready")
+        self.assertRegex(self.stdout[1], r"^socketprotector: reloaded: child \d+ serving; 1 "
+                                         r"retired child still finishing open connections \(no "
+                                         r"--drain-timeout: for as long as their clients stay "
+                                         r"connected\)$")
+        self.assertEqual(self.run_protector("--status", "--pid-file", self.pid_file), (0, []))
+        self.assertRegex(self.stdout[0], rf"^socketprotector: daemon {pid}: listening on "
+                                         rf"127\.0\.0\.1:{self.port}; workers 1/1 ready; "
+                                         rf"serving child \d+ up \d+ s; starting child none; "
+                                         rf"draining child {first} for \d+ s; \d+ connections? "
+                                         rf"forwarded; 1 restart, 0 failed; 0 crashes$")
+        held.close()
+        self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file), (0, []))
+        self.assertEqual(self.stdout, [
+            f"socketprotector: stopping daemon {pid}; waiting up to 20 s for it and its "
+            f"children to exit", f"socketprotector: stopped daemon {pid}"])
+        code, lines = self.run_protector("--status", "--pid-file", self.pid_file)
+        self.assertEqual(code, 1)
+        self.assertOneLineError(lines, r"not running \(no daemon holds .*sp\.pid\)$")
+
+    def test_a_retired_child_that_keeps_running_is_reported(self):
+        """A retired child still running 10 s after its retirement (a
+        keep-alive client holds it) gets a log line saying so and why."""
+        self.assertEqual(self.start_detached()[0], 0)
+        held = connect(self.port)
+        self.addCleanup(held.close)
+        first = int(ask(held, b"pid"))
+        self.assertEqual(self.run_protector("--reload", "--pid-file", self.pid_file)[0], 0)
+        wait_until(lambda: re.search(rf"child {first} retired 1\d s ago and still runs with "
+                                     r"1 socket open; no --drain-timeout: it may run as long "
+                                     r"as its clients stay connected", self.read_log()),
+                   "the report on the retired child", timeout=15)
+        self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file)[0], 0)
+
     def test_child_failing_at_start_fails_the_launcher(self):
         """The launcher reports a child that died before it was ready; nothing is left."""
         self.set_flag("SP_TEST_FAIL")
         code, lines = self.start_detached()
         self.assertEqual(code, 1)
-        self.assertOneLineError(lines, r"child \d+ exited with status 3 before it was ready$")
+        self.assertOneLineError(lines, r"child \d+ exited with status 3 before it was ready "
+                                       r"\(its output is in .*/sp\.log\)$")
         self.assertFalse(os.path.exists(self.pid_file))
 
 
@@ -1473,7 +1536,9 @@ class CommandLineTest(ProtectorTestCase):
                                                              r"must be a positive number"),
             (["--backlog", "x", "4321", "--", "true"], r"argument --backlog: must be a positive"),
             (["--reload"], r"--reload needs --pid-file"),
-            (["--stop", "--pid-file", "p", "4321"], r"--reload and --stop take no PORT"),
+            (["--stop", "--pid-file", "p", "4321"], r"--stop takes no PORT or command"),
+            (["--status", "--reload", "--pid-file", "p"],
+             r"--reload and --status cannot be combined"),
             (["--reload", "--stop", "--pid-file", "p"], r"--reload and --stop cannot be combined"),
             (["--workers", "0", "4321", "--", "true"],
              r"argument -n/--workers: must be a whole number from 1 to 256: '0'"),
@@ -1635,6 +1700,18 @@ print("ended" if receiver.ended else "still waiting")
             self.assertEqual(b.recv(1), b"x")
             conn.close()
         self.assertEqual(receiver.receive(), [])
+
+    def test_an_older_python_is_refused_in_one_line(self):
+        """Under Python 3.8 the daemon refuses to start, naming 3.9."""
+        old = os.path.expanduser("~/.pyenv/versions")
+        pythons = sorted(glob.glob(os.path.join(old, "3.8.*", "bin", "python3")))
+        if not pythons:
+            self.skipTest("no Python 3.8 here (pyenv) to try")
+        proc = subprocess.run([pythons[-1], DAEMON, "-f", "0", "--", "true"],
+                              capture_output=True, timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(proc.stderr.decode(),
+                         "socketprotector: needs Python 3.9 or newer, not 3.8\n")
 
     def test_import_has_no_side_effects(self):
         """Importing the module installs no handler and configures no logging."""
@@ -2740,6 +2817,155 @@ class ListenerWorkersTest(WorkersTest):
     OPTIONS = ("--workers", "3", "--handoff", "listener")
 
 
+class DeploymentTest(ProtectorTestCase):
+    """How people deploy: release symlinks, --chdir, --envdir, and what the
+    commands say."""
+
+    def releases(self):
+        """releases/1 and releases/2, each with the test server and a RELEASE
+        file naming it, and current -> releases/1: (the current link, a
+        function that points it at a release)."""
+        for n in ("1", "2"):
+            os.makedirs(os.path.join(self.tmp, "releases", n))
+            shutil.copy(self.app, os.path.join(self.tmp, "releases", n, "app.py"))
+            with open(os.path.join(self.tmp, "releases", n, "RELEASE"), "w") as f:
+                f.write(f"release {n}\n")
+        current = os.path.join(self.tmp, "current")
+
+        def point(n):       # as a deploy tool does: a new link renamed over the old
+            os.symlink(os.path.join("releases", n), current + ".new")
+            os.replace(current + ".new", current)
+        point("1")
+        return current, point
+
+    def test_reload_follows_a_switched_release_symlink(self):
+        """Started in /srv/app/current (a symlink to a release), after the link
+        is switched a reload runs the new release, in the new directory."""
+        current, point = self.releases()
+        daemon = Daemon(self, command=[sys.executable, "app.py"], cwd=current,
+                        env={"PWD": current})
+        daemon.serving()
+        with connect(daemon.port) as s:
+            self.assertEqual(ask(s, b"release"), b"release 1")
+        point("2")
+        daemon.restart()
+        with connect(daemon.port) as s:
+            self.assertEqual(ask(s, b"release"), b"release 2")
+            self.assertEqual(ask(s, b"env PWD"), current.encode())
+
+    def test_chdir_runs_the_children_there(self):
+        """--chdir current: the children run there (resolved again for each)."""
+        current, point = self.releases()
+        daemon = Daemon(self, "--chdir", "current", command=[sys.executable, "app.py"])
+        daemon.serving()
+        with connect(daemon.port) as s:
+            self.assertEqual(ask(s, b"release"), b"release 1")
+        point("2")
+        daemon.restart()
+        with connect(daemon.port) as s:
+            self.assertEqual(ask(s, b"release"), b"release 2")
+        code, lines = self.run_protector("-f", "--chdir", "nowhere", "0", "--", "true")
+        self.assertEqual(code, 1)
+        self.assertOneLineError(lines, r"cannot enter .*/nowhere: No such file or directory$")
+
+    def test_envdir_is_read_again_for_each_new_child(self):
+        """--envdir: one variable per file, read again at each restart; an
+        empty file removes the variable."""
+        envdir = os.path.join(self.tmp, "env")
+        os.mkdir(envdir)
+
+        def setenv(name, value):
+            with open(os.path.join(envdir, name), "w") as f:
+                f.write(value)
+        setenv("SP_GREETING", "hello  \nignored second line\n")
+        setenv("HOME", "")          # removed from the children's environment
+        daemon = Daemon(self, "--envdir", envdir)
+        daemon.serving()
+        with connect(daemon.port) as s:
+            self.assertEqual(ask(s, b"env SP_GREETING"), b"hello")
+            self.assertEqual(ask(s, b"env HOME"), b"-")
+        setenv("SP_GREETING", "goodbye")
+        daemon.restart()
+        with connect(daemon.port) as s:
+            self.assertEqual(ask(s, b"env SP_GREETING"), b"goodbye")
+
+    def test_a_child_never_ready_at_start_is_explained(self):
+        """A first child that never becomes ready (a server not written for
+        socketprotector): the error says what ready means."""
+        self.set_flag("SP_TEST_HANG")
+        code, lines = self.run_protector("-f", "--ready-timeout", "0.5", "--bind", "127.0.0.1",
+                                         "0", "--", sys.executable, self.app)
+        self.assertEqual(code, 1)
+        self.assertOneLineError(lines, r"child \d+ was not ready within 0.5 s; stopped it "
+                                       r"\(ready means the server has called "
+                                       r"receive_connections\(\) or created a "
+                                       r"ConnectionReceiver\)$")
+
+
+class SampleTest(ProtectorTestCase):
+    """sample_client.py, the pattern to copy."""
+
+    def run_sample(self, *args, signal_after_ready=None):
+        proc = self.start_session([sys.executable, SAMPLE, *args], stdout=subprocess.PIPE)
+        return proc
+
+    def test_a_busy_port_is_one_line_and_exit_1(self):
+        with socket.socket() as busy:
+            busy.bind(("", 0))
+            busy.listen()
+            proc = subprocess.run([sys.executable, SAMPLE, str(busy.getsockname()[1])],
+                                  capture_output=True, timeout=TIMEOUT, env=self.env)
+        self.assertEqual(proc.returncode, 1)
+        lines = proc.stderr.decode().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertRegex(lines[0], r"^sample_client\[\d+\]: cannot listen on \*:\d+: "
+                                   r"Address already in use$")
+
+    def test_whole_lines_under_load_and_quiet_without_v(self):
+        """With -v every connection is logged, each line whole even with
+        many threads; without -v nothing is logged per connection."""
+        for verbose in (True, False):
+            with self.subTest(verbose=verbose):
+                daemon = Daemon(self, command=[sys.executable, SAMPLE,
+                                               *(["-v"] if verbose else [])])
+                daemon.serving()
+                load = Load(daemon.port, threads=8)
+                self.addCleanup(load.stop)
+                load.wait_for(300)
+                load.stop()
+                daemon.signal(signal.SIGTERM)
+                self.assertEqual(daemon.wait(), 0)
+                lines = [line for line in daemon.log().split("\n")
+                         if not line.startswith("socketprotector[")]
+                whole = re.compile(r"^sample_client\[\d+\]: (open|close) \('127\.0\.0\.1', "
+                                   r"\d+\)$")
+                ending = re.compile(r"^sample_client\[\d+\]: no more connections; "
+                                    r"finishing \d+ open$")
+                lines = [line for line in lines if not ending.match(line)]
+                if verbose:
+                    self.assertGreaterEqual(len(lines), 600)
+                    self.assertEqual([line for line in lines if not whole.match(line)], [])
+                else:
+                    self.assertEqual(lines, [])
+
+    def test_ctrl_c_on_its_own_exits_cleanly(self):
+        """Run on its own, Ctrl-C (SIGINT) ends it with exit 0 and no traceback."""
+        port = free_port()
+        proc = self.start_session([sys.executable, SAMPLE, str(port)])
+        wait_until(lambda: served_or_refused(port), "the sample to listen")
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertNotIn(b"Traceback", proc.stderr.read())
+
+
+def served_or_refused(port):
+    try:
+        with connect(port) as s:
+            return ask(s, b"hi") == b"hi"
+    except ConnectionRefusedError:
+        return False
+
+
 class PrivilegeTest(ProtectorTestCase):
     SYSTEM_PYTHON = "/usr/bin/python3"      # outside /root, so "nobody" can run it
 
@@ -2831,6 +3057,61 @@ class PrivilegeTest(ProtectorTestCase):
                 self.assertOneLineError(lines, rf"cannot signal daemon {daemon.pid}: "
                                                r"Operation not permitted$")
         self.assertTrue(alive(daemon.pid))
+
+    def test_log_file_belongs_to_the_user_and_survives_rotation(self):
+        """As root with --user nobody, the log file (here one root had
+        created) is handed to nobody, so after logrotate moves it the daemon,
+        now nobody, starts a new one."""
+        run = self.service_user_dir()
+        os.chmod(self.tmp, 0o755)
+        if not os.path.exists(self.SYSTEM_PYTHON) or not all(
+                os.stat(d).st_mode & 0o001 for p in (HERE, self.tmp) for d in _ancestors(p)):
+            self.skipTest("no python and test files that user nobody can reach")
+        os.chmod(self.app, 0o644)
+        del self.env["SP_TEST_RECORD"]        # nobody cannot create it here
+        log = os.path.join(run, "sp.log")
+        with open(log, "w") as f:
+            f.write("an earlier run, as root\n")
+        pid_file = os.path.join(run, "sp.pid")
+        code, lines = self.run_protector("--user", "nobody", "--pid-file", pid_file,
+                                         "--log-file", log, "--bind", "127.0.0.1", "0", "--",
+                                         self.SYSTEM_PYTHON, self.app)
+        self.assertEqual(code, 0, lines)
+        pid = read_pid(pid_file)
+        self.addCleanup(kill_session, proc_stat(pid)[2])
+        st = os.stat(log)
+        self.assertEqual((st.st_uid, st.st_mode & 0o777), (65534, 0o640))
+        os.rename(log, log + ".1")
+        os.kill(pid, signal.SIGUSR2)
+        wait_until(lambda: os.path.exists(log) and "reopened log file" in open(log).read(),
+                   "the daemon to start a new log file")
+        self.assertEqual(os.stat(log).st_uid, 65534)
+        self.assertEqual(self.run_protector("--stop", "--pid-file", pid_file)[0], 0)
+
+    def test_a_command_the_user_cannot_reach_is_reported_so(self):
+        """With --user nobody, a new build in a directory nobody may not
+        enter: the restart fails with 'Permission denied', not 'No such
+        file or directory'."""
+        run = self.service_user_dir()
+        os.chmod(self.tmp, 0o755)
+        if not os.path.exists(self.SYSTEM_PYTHON) or not all(
+                os.stat(d).st_mode & 0o001 for p in (HERE, self.tmp) for d in _ancestors(p)):
+            self.skipTest("no python and test files that user nobody can reach")
+        build = os.path.join(self.tmp, "build")
+        os.mkdir(build, 0o755)
+        server = os.path.join(build, "server")
+        with open(server, "w") as f:
+            f.write(f"#!/bin/sh\nexec {self.SYSTEM_PYTHON} {self.app} \"$@\"\n")
+        os.chmod(server, 0o755)
+        os.chmod(self.app, 0o644)
+        del self.env["SP_TEST_RECORD"]        # nobody cannot create it here
+        daemon = Daemon(self, "--user", "nobody", command=[server], cwd=run)
+        first = daemon.serving()
+        os.chmod(build, 0o700)      # root's alone now
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(rf"restart failed: cannot run '{re.escape(server)}': Permission "
+                         rf"denied; child {first} keeps serving", mark)
 
     def test_user_runs_daemon_and_children_unprivileged(self):
         """As root with --user nobody: the port (a privileged one) and the pid file
