@@ -182,8 +182,9 @@ class ConnectionReceiver:
         self.ended = False
         self._held: collections.deque = collections.deque()   # received, not yet returned
         self._channel: Optional[socket.socket] = None
-        self._listener: Optional[socket.socket] = None   # ours, or handed over by the daemon
-        self._listener_poll = None  # is anything left in the listener's backlog?
+        # Ours, or handed over by the daemon, each with a poll: anything left
+        # in its backlog?
+        self._listeners: List[tuple] = []
         self._poller = None     # listener mode: epoll over the channel and the listener
         self._family = socket.AF_INET                    # of the connections the daemon sends
         self._stream_over = False   # the daemon ended the stream (or is gone)
@@ -204,7 +205,7 @@ class ConnectionReceiver:
                 self._poller.register(self._channel.fileno(), select.EPOLLIN)
             self._send(_MSG_READY + max(1, min(_batch, _MAX_BATCH)).to_bytes(2, "big"))
         elif port is not None:
-            self._set_listener(_listen(host or None, port, backlog))
+            self._add_listener(_listen(host or None, port, backlog))
         else:
             raise SocketProtectorError(
                 f"receive_connections: ${ENV_FD} is not set (not started by "
@@ -214,7 +215,8 @@ class ConnectionReceiver:
         """The descriptor to wait on for readability (-1 once closed)."""
         if self._poller is not None:
             return self._poller.fileno()
-        sock = self._channel if self._daemon else self._listener
+        sock = self._channel if self._daemon else (
+            self._listeners[0][0] if self._listeners else None)
         return sock.fileno() if sock is not None else -1
 
     def receive(self, limit: Optional[int] = None) -> List[socket.socket]:
@@ -247,7 +249,7 @@ class ConnectionReceiver:
             look = True
             if not self._receive_message():
                 break
-        if self._listener is not None and len(conns) < room:
+        if self._listeners and len(conns) < room:
             if self._stream_over:
                 self._drain()       # at shutdown: the backlog, into _held
                 while self._held and len(conns) < room:
@@ -256,11 +258,11 @@ class ConnectionReceiver:
                 conns += self._accept(min(room - len(conns), _MAX_BATCH))
         return conns
 
-    def _set_listener(self, listener: socket.socket) -> None:
+    def _add_listener(self, listener: socket.socket) -> None:
         listener.setblocking(False)
-        self._listener = listener
-        self._listener_poll = select.poll()
-        self._listener_poll.register(listener, select.POLLIN)
+        waiting = select.poll()
+        waiting.register(listener, select.POLLIN)
+        self._listeners.append((listener, waiting.poll))
         if self._poller is not None:
             self._poller.register(listener.fileno(), select.EPOLLIN)
 
@@ -272,13 +274,18 @@ class ConnectionReceiver:
                 if self._poller is not None:
                     self._poller.poll(0)    # consume the edge that woke the caller
                 return conns
-        error = _accept_into(self._listener.accept, self._listener_poll.poll, limit, conns)
+        error = None
+        if len(self._listeners) > 1:      # start with each in turn, so none starves
+            self._listeners.append(self._listeners.pop(0))
+        for listener, more in self._listeners:
+            error = _accept_into(listener.accept, more, limit - len(conns), conns) or error
+            if len(conns) >= limit:
+                break
         if error is not None:
             self._pause_accepting(error)
         elif self._accept_paused_until:
             self._accept_paused_until = 0.0
-            if self._poller is not None:
-                self._poller.modify(self._listener.fileno(), select.EPOLLIN)
+            self._listen_edge(False)
         return conns
 
     def _pause_accepting(self, error: OSError) -> None:
@@ -288,11 +295,17 @@ class ConnectionReceiver:
         if not self._accept_paused_until:
             _log.warning("socketprotector: cannot accept: %s; pausing %g s",
                          error.strerror, _ACCEPT_PAUSE)
-            if self._poller is not None:
-                self._poller.modify(self._listener.fileno(), select.EPOLLIN | select.EPOLLET)
+            self._listen_edge(True)
         self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
         if self._poller is not None:
             self._poller.poll(0)
+
+    def _listen_edge(self, edge: bool) -> None:
+        """While paused, the listeners wake the caller only for new connections."""
+        if self._poller is not None:
+            for listener, _ in self._listeners:
+                self._poller.modify(listener.fileno(),
+                                    select.EPOLLIN | (select.EPOLLET if edge else 0))
 
     def _wait_ms(self) -> int:
         """For a blocking wait on fileno(): milliseconds until accepting resumes, or -1."""
@@ -310,14 +323,15 @@ class ConnectionReceiver:
             self._release_listener()
 
     def _release_listener(self) -> None:
-        if self._listener is not None:
-            if self._poller is not None:
-                self._poller.unregister(self._listener.fileno())
-                if self._channel is not None and self._drain_at_end:
-                    # Readable at its end: the caller's loop wakes and sees ``ended``.
-                    self._poller.register(self._channel.fileno(), select.EPOLLIN)
-            self._listener.close()
-            self._listener = self._listener_poll = None
+        if self._listeners:
+            for listener, _ in self._listeners:
+                if self._poller is not None:
+                    self._poller.unregister(listener.fileno())
+                listener.close()
+            self._listeners = []
+            if self._poller is not None and self._channel is not None and self._drain_at_end:
+                # Readable at its end: the caller's loop wakes and sees ``ended``.
+                self._poller.register(self._channel.fileno(), select.EPOLLIN)
         self.ended = True
 
     def _receive_message(self) -> bool:
@@ -349,13 +363,18 @@ class ConnectionReceiver:
             # Family and type given, so socket() needs no getsockopt() calls;
             # accepted descriptors are blocking already.
             family = self._family
-            self._held.extend(socket.socket(family, socket.SOCK_STREAM, 0, fd) for fd in fds)
+            if family:
+                self._held.extend(socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                                  for fd in fds)
+            else:       # listeners of several families: each socket says its own
+                self._held.extend(socket.socket(fileno=fd) for fd in fds)
             return True
         if msg == _MSG_DRAIN and not fds:
             self._drain_at_end = True
             return True
-        if msg == _MSG_LISTENER and len(fds) == 1 and self._poller:
-            self._set_listener(socket.socket(fileno=fds[0]))
+        if msg == _MSG_LISTENER and fds and self._poller:
+            for fd in fds:
+                self._add_listener(socket.socket(fileno=fd))
             return True
         _close_fds(fds)
         raise ProtocolError(f"unexpected message from socketprotector: {msg!r} "
@@ -387,10 +406,12 @@ class ConnectionReceiver:
                 self._channel.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
-        for resource in (self._listener, self._channel, self._poller):
+        for resource in (*(listener for listener, _ in self._listeners), self._channel,
+                         self._poller):
             if resource is not None:
                 resource.close()
-        self._listener = self._channel = self._poller = self._listener_poll = None
+        self._listeners = []
+        self._channel = self._poller = None
 
     def __enter__(self) -> "ConnectionReceiver":
         return self
@@ -414,7 +435,7 @@ class ConnectionReceiver:
         so an event loop waiting on fileno() wakes up and sees ``ended``.
         """
         self._stream_over = True
-        if self._listener is None or self._poller is None:
+        if not self._listeners or self._poller is None:
             self.ended = True
         elif self._drain_at_end:
             # While the backlog drains, only the listener may wake the
@@ -626,6 +647,9 @@ def _listen(host: Optional[str], port: int, backlog: int) -> socket.socket:
 
 
 def _format_address(sock: socket.socket) -> str:
+    if sock.family == socket.AF_UNIX:
+        name = sock.getsockname()
+        return f"unix:{os.fsdecode(name) if name else '(unnamed)'}"
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -795,10 +819,23 @@ class _Poller:
 # ---------------------------------------------------------------------------
 
 
+class _Listener:
+    """One of the daemon's listening sockets, with what accepting from it needs."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.accept = sock._accept          # raw fds: no socket object per connection
+        waiting = select.poll()             # is anything left in the backlog?
+        waiting.register(sock, select.POLLIN)
+        self.more = waiting.poll
+        self.quota = 0                      # at shutdown: how many are left to accept
+
+
 class _ConnectionQueue:
     """Accepts connections and hands them to the children that may take them.
 
-    It owns the listening socket, the daemon's own queue of accepted
+    It owns the listening sockets, the daemon's own queue of accepted
     connections, and, as the ledger of what each child has not received,
     each child's channel queue: a child that exits, hangs up or stalls gives
     what it had not received back to this queue.  It knows which children
@@ -807,19 +844,20 @@ class _ConnectionQueue:
     not yet received (ties in turn), so a busy or stuck worker is passed over.
     """
 
-    def __init__(self, sel: _Poller, listener: socket.socket, *,
+    def __init__(self, sel: _Poller, listeners: List[socket.socket], *,
                  forwarding: bool, backlog: int, hang_timeout: Optional[float],
                  hung_up: Callable[[_Child], None]) -> None:
         self._sel = sel
-        self.listener: Optional[socket.socket] = listener
+        self.listeners = [_Listener(sock) for sock in listeners]
+        self.by_fd = {listener.fd: listener for listener in self.listeners}
         self._forwarding = forwarding
         self._backlog = backlog
         self._hang_timeout = hang_timeout
         self._hung_up = hung_up                  # the supervisor's: a child's channel broke
-        self._backlog_poll = select.poll()       # is anything left in the backlog?
-        self._backlog_poll.register(listener, select.POLLIN)
-        self._accept_fd = listener._accept       # raw fds: no socket object per connection
-        self._message = _MSG_CONNS + bytes([listener.family])
+        families = {sock.family for sock in listeners}
+        # One family: the message names it, and the child need not ask
+        # each socket; several: 0, and it does.
+        self._message = _MSG_CONNS + bytes([families.pop() if len(families) == 1 else 0])
         self.waiting: collections.deque = collections.deque()   # accepted fds not yet sent
         self.takers: List[_Child] = []
         self._turn = 0                           # where the next tie-break starts
@@ -828,12 +866,17 @@ class _ConnectionQueue:
         self.accept_paused_until: Optional[float] = None
         self._accept_error: Optional[str] = None      # logged once until accept works again
         self.stopping = False
-        self.shutdown_quota = 0      # at shutdown: how many of the backlog are left to accept
         self.take_back: List[_Child] = []        # queues not yet all taken back (short of fds)
         self.deferred: List[_Child] = []         # exited; others still hold their channel
         self.holders_check_at: Optional[float] = None   # no pidfd: look for holders again
         self.forwarded = 0
         self._debug = _log.isEnabledFor(logging.DEBUG)
+
+    def addresses(self) -> List[str]:
+        return [_format_address(listener.sock) for listener in self.listeners]
+
+    def sockets(self) -> List[socket.socket]:
+        return [listener.sock for listener in self.listeners]
 
     def set_takers(self, takers: List[_Child]) -> None:
         self.takers = takers
@@ -860,19 +903,19 @@ class _ConnectionQueue:
 
     # -- accepting ----------------------------------------------------------
 
-    def on_listener(self, mask: int) -> None:
+    def on_listener(self, listener: _Listener, mask: int) -> None:
         if not self.listening:
-            return      # unregistered by an earlier event of the same select()
+            return      # unregistered by an earlier event of the same poll
+        room = _MAX_WAITING - len(self.waiting)
         if self.stopping:
-            self.shutdown_quota -= self.accept(min(self.shutdown_quota,
-                                                   _MAX_WAITING - len(self.waiting)))
+            listener.quota -= self.accept(listener, min(listener.quota, room))
         else:
-            self.accept(_MAX_WAITING - len(self.waiting))
+            self.accept(listener, room)
 
-    def accept(self, limit: int) -> int:
+    def accept(self, listener: _Listener, limit: int) -> int:
         """Accept up to limit connections into our queue; how many."""
         before = len(self.waiting)
-        error = _accept_into(self._accept_fd, self._backlog_poll.poll, limit, self.waiting)
+        error = _accept_into(listener.accept, listener.more, limit, self.waiting)
         count = len(self.waiting) - before
         if error is not None:
             # The connection stays in the backlog; try again shortly
@@ -888,23 +931,23 @@ class _ConnectionQueue:
         return count
 
     def stop(self) -> None:
-        """Shutting down: accept the backlog as it is now (forwarding, with a
-        taker), in steps as the children take it; then close the port."""
+        """Shutting down: accept each backlog as it is now (forwarding, with a
+        taker), in steps as the children take it; then close the ports."""
         self.stopping = True
-        if self.listener is None:
+        if not (self._forwarding and self.takers):
+            self.close_listeners()
             return
-        if self._forwarding and self.takers:
-            waiting = _backlog_length(self.listener)
-            self.shutdown_quota = self._backlog if waiting is None else waiting
-        else:
-            self.close_listener()
+        for listener in self.listeners:
+            waiting = _backlog_length(listener.sock)
+            listener.quota = self._backlog if waiting is None else waiting
 
     def update_listening(self) -> None:
         """Accept while some taker can take and our queue has room; at
-        shutdown, close the port once the old backlog is all accepted."""
-        if self.stopping and self.listener is not None and (
-                not self.takers or self.shutdown_quota <= 0 or not self._backlog_poll.poll(0)):
-            self.close_listener()
+        shutdown, close each port once its old backlog is all accepted."""
+        if self.stopping:
+            for listener in [each for each in self.listeners
+                             if not self.takers or each.quota <= 0 or not each.more(0)]:
+                self._close(listener)
         now = time.monotonic()
         for child in self.takers:
             if child.paused_until and now >= child.paused_until:
@@ -915,23 +958,31 @@ class _ConnectionQueue:
             and any(c.can_take(now) for c in self.takers))
 
     def _set_listening(self, want: bool) -> None:
-        if want == self.listening or self.listener is None:
+        if want == self.listening:
             return
-        if want:
-            self._sel.register(self.listener, _IN, self.on_listener)
-        else:
-            self._sel.unregister(self.listener)
+        for listener in self.listeners:
+            if want:
+                self._sel.register(listener.fd, _IN,
+                                   functools.partial(self.on_listener, listener))
+            else:
+                self._sel.unregister(listener.fd)
         self.listening = want
 
-    def close_listener(self) -> None:
-        self._set_listening(False)
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
+    def _close(self, listener: _Listener) -> None:
+        if self.listening:
+            self._sel.unregister(listener.fd)
+        self.listeners.remove(listener)
+        del self.by_fd[listener.fd]
+        listener.sock.close()
+
+    def close_listeners(self) -> None:
+        for listener in list(self.listeners):
+            self._close(listener)
+        self.listening = False
 
     # -- sending ------------------------------------------------------------
 
-    def forward_at_once(self) -> bool:
+    def forward_at_once(self, listener: _Listener) -> bool:
         """The common case in one step: the listener is readable, our queue is
         empty, and one child takes connections and can now, with nothing to
         track (no --hang-timeout).  Accept what waits and send it at once.
@@ -943,7 +994,7 @@ class _ConnectionQueue:
         child = self.takers[0]
         if child.blocked or child.stalled or child.paused_until:
             return False
-        accept = self._accept_fd
+        accept = listener.accept
         try:
             fds = [accept()[0]]
         except BlockingIOError:
@@ -952,7 +1003,7 @@ class _ConnectionQueue:
             return False
         limit = child.batch_limit
         if limit > 1:           # it takes batches: what else waits, in one message
-            more = self._backlog_poll.poll
+            more = listener.more
             try:
                 while len(fds) < limit and more(0):
                     fds.append(accept()[0])
@@ -1215,7 +1266,7 @@ class _ConnectionQueue:
 
     def close(self, children: List[_Child]) -> None:
         """At exit: what no child took is closed, and so is every inbox."""
-        self.close_listener()
+        self.close_listeners()
         if self.waiting:
             _log.warning("closing %d connections no child took", len(self.waiting))
         _close_fds(self.waiting)
@@ -1242,7 +1293,7 @@ class _Supervisor:
     select() timeout from.
     """
 
-    def __init__(self, listener: socket.socket, command: List[str], *, cwd: str,
+    def __init__(self, listeners: List[socket.socket], command: List[str], *, cwd: str,
                  ready_timeout: float, drain_timeout: Optional[float],
                  stop_timeout: float, wakeup: socket.socket, handoff: str = "forward",
                  hang_timeout: Optional[float] = None,
@@ -1269,7 +1320,7 @@ class _Supervisor:
         self._sel = _Poller()
         self._sel.register(wakeup, _IN, self._on_wakeup)
         self._wakeup = wakeup
-        self._queue = _ConnectionQueue(self._sel, listener, forwarding=self._forwarding,
+        self._queue = _ConnectionQueue(self._sel, listeners, forwarding=self._forwarding,
                                        backlog=backlog, hang_timeout=hang_timeout,
                                        hung_up=self._channel_closed)
         self._children: dict = {}                # pid -> _Child, until reaped
@@ -1302,14 +1353,15 @@ class _Supervisor:
             self._start_generation()
             poll, handlers = self._sel.poll, self._sel.handlers
             queue, wakeup = self._queue, self._wakeup.fileno()
-            listener = queue.listener.fileno()
+            listeners = queue.by_fd
             timeout = self._timeout()
             while self._children or not self._stopping:
                 events = poll(timeout)
                 # The common case in one step: only a connection to pass on,
                 # to the one child taking them, and no deadline to watch.
-                if (len(events) == 1 and events[0][0] == listener
-                        and self._next_deadline is None and queue.forward_at_once()):
+                if (len(events) == 1 and events[0][0] in listeners
+                        and self._next_deadline is None
+                        and queue.forward_at_once(listeners[events[0][0]])):
                     continue
                 if len(events) > 1:
                     # Signals first: after a SIGTERM nothing more is accepted.
@@ -1389,8 +1441,8 @@ class _Supervisor:
         queue = self._queue
         queue.pump()
         if self._stopping and self._serving is not None and not queue.waiting:
-            queue.update_listening()        # closes the port once the backlog is accepted
-            if queue.listener is None:
+            queue.update_listening()        # closes the ports once the backlogs are accepted
+            if not queue.listeners:
                 for child in self._serving.children():
                     if child.state is _State.SERVING:
                         self._retire(child)
@@ -1453,9 +1505,8 @@ class _Supervisor:
     def snapshot(self) -> dict:
         """What the status line says, as data (times: CLOCK_MONOTONIC ns)."""
         ready = self._serving.ready() if self._serving is not None else []
-        listener = self._queue.listener
         return {
-            "listening": _format_address(listener) if listener else None,
+            "listening": ", ".join(self._queue.addresses()) or None,
             "workers": self._workers,
             "serving": [[c.pid, int(c.ready_at * 1e9)] for c in ready],
             "starting": [c.pid for c in self._children.values()
@@ -1573,7 +1624,7 @@ class _Supervisor:
     def _serve(self, child: _Child) -> None:
         """A ready child of the serving generation: it is sent connections."""
         child.state = _State.SERVING
-        if not self._forwarding and self._queue.listener is not None:
+        if not self._forwarding and self._queue.listeners:
             self._hand_listener(child)
         self._update_takers()
 
@@ -1668,9 +1719,10 @@ class _Supervisor:
     # -- one child's transitions --------------------------------------------
 
     def _hand_listener(self, child: _Child) -> None:
-        """Listener mode: a serving child accepts from our listening socket."""
+        """Listener mode: a serving child accepts from our listening sockets."""
         try:
-            _send_fds(child.channel, _MSG_LISTENER, [self._queue.listener.fileno()])
+            _send_fds(child.channel, _MSG_LISTENER, [sock.fileno() for sock in
+                                                     self._queue.sockets()])
         except OSError as e:
             # A fresh channel has room, so this is a hang-up: the grace
             # period will tell whether it exits.
@@ -2182,6 +2234,122 @@ def _read_all(fd: int) -> bytes:
 
 
 # ---------------------------------------------------------------------------
+# Listening addresses
+# ---------------------------------------------------------------------------
+
+
+def _parse_bind(spec: str, port: Optional[int]) -> tuple:
+    """A --bind value as ("tcp", host, port) or ("unix", path, None); UsageError if wrong.
+
+    HOST and bare IPv6 addresses take PORT; HOST:PORT and [IPV6]:PORT name
+    their own; unix:PATH is a Unix stream socket.
+    """
+    if spec.startswith("unix:"):
+        path = spec[5:]
+        if not path:
+            raise UsageError("--bind unix: needs a path")
+        return "unix", os.path.abspath(path), None
+    host, own = spec, None
+    if spec.startswith("["):
+        host, bracket, rest = spec[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise UsageError(f"--bind {spec}: write an IPv6 address as [ADDR] or [ADDR]:PORT")
+        own = rest[1:] if rest else None
+    elif spec.count(":") == 1:
+        host, own = spec.split(":")
+    if own is not None:
+        try:
+            own_port = int(own, 10)
+        except ValueError:
+            raise UsageError(f"--bind {spec}: port must be a number, not {own!r}") from None
+        if not 0 <= own_port <= 65535:
+            raise UsageError(f"--bind {spec}: port must be between 0 and 65535")
+        return "tcp", host or None, own_port
+    if port is None:
+        raise UsageError(f"--bind {spec} names no port: give PORT, or HOST:PORT")
+    return "tcp", host or None, port
+
+
+def _open_listeners(opts: argparse.Namespace, owner: Optional[tuple],
+                    made: List[tuple]) -> List[socket.socket]:
+    """Every address to listen on; on any failure, those opened are closed.
+    The Unix sockets made are added to ``made``, for _remove_unix_paths()."""
+    binds = opts.binds or [("tcp", None, opts.port)]
+    listeners: List[socket.socket] = []
+    try:
+        for kind, where, port in binds:
+            if kind == "unix":
+                listeners.append(_listen_unix(where, opts.backlog, opts.socket_mode, owner,
+                                              made))
+            else:
+                listeners.append(_listen(where, port, opts.backlog))
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        _remove_unix_paths(made)
+        raise
+    return listeners
+
+
+def _listen_unix(path: str, backlog: int, mode: Optional[int], owner: Optional[tuple],
+                 made: List[tuple]) -> socket.socket:
+    """A listening Unix stream socket at path.  A stale socket file there (no
+    server answers) is replaced; a live one, or anything else, is refused.
+    With mode, it is created with that mode; with owner (uid, gid), given to it."""
+    where = f"unix:{path}"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise SocketProtectorError(f"cannot listen on {where}: {e.strerror}") from None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SocketProtectorError(f"cannot listen on {where}: something that is not a "
+                                       f"socket is there")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+                live = True
+            except (ConnectionRefusedError, FileNotFoundError):
+                live = False        # nobody listens: left by a server that died
+            except OSError as e:
+                raise SocketProtectorError(f"cannot listen on {where}: {e.strerror}") from None
+        if live:
+            raise SocketProtectorError(f"cannot listen on {where}: a server already listens "
+                                       f"there")
+        _unlink_quietly(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mask = os.umask(0o777 & ~mode) if mode is not None else None
+    try:
+        sock.bind(path)
+        st = os.lstat(path)
+        if owner is not None and os.geteuid() == 0:
+            os.chown(path, *owner, follow_symlinks=False)
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        raise SocketProtectorError(f"cannot listen on {where}: {e.strerror}") from None
+    finally:
+        if mask is not None:
+            os.umask(mask)
+    made.append((path, st.st_dev, st.st_ino))
+    return sock
+
+
+def _remove_unix_paths(made: List[tuple]) -> None:
+    """At exit: the Unix sockets we made lose their paths, if still ours."""
+    for path, dev, ino in made:
+        try:
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                os.unlink(path)
+        except OSError:
+            pass
+    made.clear()
+
+
+# ---------------------------------------------------------------------------
 # Pid file and detaching
 # ---------------------------------------------------------------------------
 
@@ -2662,27 +2830,35 @@ def _await(condition: Callable[[], object], deadline: float, failure: str):
         time.sleep(0.02)
 
 
-def _activated_listener() -> Optional[socket.socket]:
-    """The listening socket systemd passed (socket activation), or None."""
+def _activated_listeners() -> List[socket.socket]:
+    """The listening sockets systemd passed (socket activation: fds 3, 4, ...),
+    or [] if none were passed to this process."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return None
+        return []
     count = os.environ.get("LISTEN_FDS", "0")
     for name in _ACTIVATION_ENV:
         os.environ.pop(name, None)
-    if count != "1":
-        raise SocketProtectorError(f"socket activation passed {count} sockets; expected one")
-    try:
-        sock = socket.socket(fileno=3)
-    except OSError as e:
-        raise SocketProtectorError(f"socket activation: fd 3: {e.strerror}") from None
-    listening = (sock.type == socket.SOCK_STREAM
-                 and sock.family in (socket.AF_INET, socket.AF_INET6)
-                 and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-    if not listening:
-        sock.detach()
-        raise SocketProtectorError("socket activation: fd 3 is not a listening TCP socket")
-    os.set_inheritable(3, False)
-    return sock
+    if not count.isdigit() or not 1 <= int(count) <= 64:
+        raise SocketProtectorError(f"socket activation passed {count!r} sockets; expected 1 "
+                                   f"to 64")
+    listeners: List[socket.socket] = []
+    for fd in range(3, 3 + int(count)):
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as e:
+            raise SocketProtectorError(f"socket activation: fd {fd}: {e.strerror}") from None
+        listening = (sock.type == socket.SOCK_STREAM
+                     and sock.family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
+                     and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        if not listening:
+            sock.detach()
+            for other in listeners:
+                other.detach()
+            raise SocketProtectorError(f"socket activation: fd {fd} is not a listening stream "
+                                       f"socket")
+        os.set_inheritable(fd, False)
+        listeners.append(sock)
+    return listeners
 
 
 def _become_subreaper() -> None:
@@ -2728,6 +2904,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _file_mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"must be octal permissions such as 660: {text!r}")
+    return value
+
+
 def _worker_count(text: str) -> int:
     try:
         value = int(text)
@@ -2760,8 +2946,13 @@ def _build_parser() -> _Parser:
                         help="stay attached and log to stderr (default: detach)")
     parser.add_argument("--pid-file", metavar="PATH",
                         help="write the daemon's pid here, locked while it runs")
-    parser.add_argument("--bind", metavar="ADDR",
-                        help="address to listen on (default: every interface, IPv6 and IPv4)")
+    parser.add_argument("--bind", metavar="ADDR", action="append",
+                        help="address to listen on, again for several: HOST (with PORT), "
+                             "HOST:PORT, [IPV6]:PORT or unix:PATH (default: every interface, "
+                             "IPv6 and IPv4, on PORT)")
+    parser.add_argument("--socket-mode", metavar="MODE", type=_file_mode,
+                        help="permissions of the Unix sockets --bind makes, in octal "
+                             "(default: as the umask allows)")
     parser.add_argument("--backlog", metavar="N", type=_positive_int, default=_DEFAULT_BACKLOG,
                         help=f"listen backlog (default {_DEFAULT_BACKLOG})")
     parser.add_argument("--handoff", choices=("forward", "listener"), default="forward",
@@ -2827,14 +3018,16 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
         if opts.port is not None or command is not None:
             raise UsageError(f"--{actions[0]} takes no PORT or command")
         return opts
-    if opts.port is None:
+    if opts.port is not None:
+        try:
+            opts.port = int(opts.port, 10)
+        except ValueError:
+            raise UsageError(f"PORT must be a number, not {opts.port!r}") from None
+        if not 0 <= opts.port <= 65535:
+            raise UsageError(f"PORT must be between 0 and 65535, not {opts.port}")
+    opts.binds = [_parse_bind(spec, opts.port) for spec in opts.bind or ()]
+    if opts.port is None and not opts.binds:
         raise UsageError("the following arguments are required: PORT")
-    try:
-        opts.port = int(opts.port, 10)
-    except ValueError:
-        raise UsageError(f"PORT must be a number, not {opts.port!r}") from None
-    if not 0 <= opts.port <= 65535:
-        raise UsageError(f"PORT must be between 0 and 65535, not {opts.port}")
     if command is None:
         raise UsageError("missing '--' between PORT and the command to run")
     if not command:
@@ -2939,57 +3132,63 @@ def _serve(opts: argparse.Namespace) -> None:
     _configure_logging(opts, log_file)
     pid_file = _PidFile(opts.pid_file) if opts.pid_file else None
     launcher = notifier = state_file = None
+    listeners: List[socket.socket] = []
+    made: List[tuple] = []          # Unix sockets we created, to remove at exit
     try:
-        listener = _activated_listener()
-        activated = listener is not None
-        if listener is None:
-            listener = _listen(opts.bind, opts.port, opts.backlog)
-        with listener:
-            listener.setblocking(False)
-            if not opts.foreground:
-                launcher = _Launcher(opts.ready_timeout)
-                launcher.detach()
-                if log_file is not None:
-                    log_file.take_stdio()
-            if pid_file is not None:
-                pid_file.write(os.getpid())
-                state_file = _StateFile(pid_file.path, opts.drain_timeout)
-            _become_subreaper()     # imports ctypes: before --user may lose access to it
-            if user is not None:
-                _drop_privileges(*user)
-            if os.environ.get("NOTIFY_SOCKET"):
-                notifier = _SystemdNotifier(os.environ["NOTIFY_SOCKET"])
-            sinks = [sink.on_event for sink in (launcher, notifier, state_file)
-                     if sink is not None]
-            _log.info("listening on %s%s", _format_address(listener),
-                      " (socket activation)" if activated else "")
-            wake_r, wake_w = socket.socketpair()
-            with wake_r, wake_w:
-                wake_r.setblocking(False)
-                wake_w.setblocking(False)
-                _install_signals(wake_w)
-                supervisor = _Supervisor(
-                    listener, opts.command, cwd=cwd, ready_timeout=opts.ready_timeout,
-                    drain_timeout=opts.drain_timeout, stop_timeout=opts.stop_timeout,
-                    wakeup=wake_r, handoff=opts.handoff, hang_timeout=opts.hang_timeout,
-                    backlog=opts.backlog, workers=opts.workers, envdir=opts.envdir,
-                    on_event=lambda event, detail: [sink(event, detail) for sink in sinks],
-                    on_sigusr2=log_file.reopen if log_file else lambda: None,
-                    on_state=state_file.on_state if state_file else lambda snapshot: None,
-                    output=None if opts.foreground else
-                    f"its output is in {log_file.path}" if log_file else
-                    "its output went to /dev/null: pass --log-file to keep it")
-                try:
-                    supervisor.run()
-                finally:
-                    signal.set_wakeup_fd(-1)
-            _log.info("stopped")
+        listeners = _activated_listeners()
+        activated = bool(listeners)
+        if not listeners:
+            listeners = _open_listeners(opts, (user[0].pw_uid, user[1]) if user else None,
+                                        made)
+        for sock in listeners:
+            sock.setblocking(False)
+        if not opts.foreground:
+            launcher = _Launcher(opts.ready_timeout)
+            launcher.detach()
+            if log_file is not None:
+                log_file.take_stdio()
+        if pid_file is not None:
+            pid_file.write(os.getpid())
+            state_file = _StateFile(pid_file.path, opts.drain_timeout)
+        _become_subreaper()     # imports ctypes: before --user may lose access to it
+        if user is not None:
+            _drop_privileges(*user)
+        if os.environ.get("NOTIFY_SOCKET"):
+            notifier = _SystemdNotifier(os.environ["NOTIFY_SOCKET"])
+        sinks = [sink.on_event for sink in (launcher, notifier, state_file)
+                 if sink is not None]
+        _log.info("listening on %s%s", ", ".join(map(_format_address, listeners)),
+                  " (socket activation)" if activated else "")
+        wake_r, wake_w = socket.socketpair()
+        with wake_r, wake_w:
+            wake_r.setblocking(False)
+            wake_w.setblocking(False)
+            _install_signals(wake_w)
+            supervisor = _Supervisor(
+                listeners, opts.command, cwd=cwd, ready_timeout=opts.ready_timeout,
+                drain_timeout=opts.drain_timeout, stop_timeout=opts.stop_timeout,
+                wakeup=wake_r, handoff=opts.handoff, hang_timeout=opts.hang_timeout,
+                backlog=opts.backlog, workers=opts.workers, envdir=opts.envdir,
+                on_event=lambda event, detail: [sink(event, detail) for sink in sinks],
+                on_sigusr2=log_file.reopen if log_file else lambda: None,
+                on_state=state_file.on_state if state_file else lambda snapshot: None,
+                output=None if opts.foreground else
+                f"its output is in {log_file.path}" if log_file else
+                "its output went to /dev/null: pass --log-file to keep it")
+            try:
+                supervisor.run()
+            finally:
+                signal.set_wakeup_fd(-1)
+        _log.info("stopped")
     except SocketProtectorError as e:
         for sink in (launcher, notifier):
             if sink is not None:
                 sink.on_event("failed", str(e))
         raise
     finally:
+        for sock in listeners:
+            sock.close()
+        _remove_unix_paths(made)
         if notifier is not None:
             notifier.close()
         if state_file is not None:

@@ -8,6 +8,7 @@ Tests wait on conditions (a log line, a pid, a reply) with deadlines; none
 sleeps a fixed time to let something happen.
 """
 
+import ast
 import atexit
 import errno
 import faulthandler
@@ -20,6 +21,7 @@ import selectors
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -45,6 +47,7 @@ SESSIONS = set()        # process groups (sessions) tests started and not yet ki
 #   "close" -> "bye", then the server closes (as an HTTP/1.0 server does)
 #   "release" -> the first line of the file RELEASE in its directory
 #   "env NAME" -> the value of that environment variable, or "-" if unset
+#   "local" -> the connection's own address (getsockname), as repr()
 # Files named by environment variables switch on failures: SP_TEST_FAIL
 # (exit with the status it holds, default 3, before ready), SP_TEST_HANG
 # (never ready), SP_TEST_DELAY (sleep the seconds it holds before ready),
@@ -87,6 +90,8 @@ def converse(conn):
             elif command == b"release":
                 with open("RELEASE", "rb") as f:
                     conn.sendall(f.readline().strip() + b"\n")
+            elif command == b"local":
+                conn.sendall(repr(conn.getsockname()).encode() + b"\n")
             elif command.startswith(b"env "):
                 conn.sendall(os.environb.get(command[4:], b"-") + b"\n")
             else:
@@ -141,7 +146,7 @@ def main():
     port = int(sys.argv[1]) if len(sys.argv) > 1 else None
     fork = flag("SP_TEST_FORK")
     for conn in receive_connections(port, host="127.0.0.1"):
-        if record_fd >= 0:
+        if record_fd >= 0 and conn.family != socket.AF_UNIX:
             try:
                 os.write(record_fd, b"%d\n" % conn.getpeername()[1])
             except OSError:
@@ -672,8 +677,10 @@ class Daemon:
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.address = self.wait_line(r"listening on (\S+):(\d+)")
-        self.port = int(self.address.group(2))
+        line = self.wait_line(r"listening on (.*)").group(1)
+        # The first TCP address: (host, port) in a match, as tests read it.
+        self.address = re.search(r"(\S+?):(\d+)(?:,|$| )", line)
+        self.port = int(self.address.group(2)) if self.address else None
 
     def _read(self):
         for raw in self.proc.stderr:
@@ -890,7 +897,7 @@ class ProtectorTestCase(unittest.TestCase):
                 self.assertEqual(read_line(c), lines.pop(c))
                 c.close()
 
-    def assertHandoff(self, daemon, child=None):
+    def assertHandoff(self, daemon, child=None, connect_to=None):
         """What only the hand-off mode in use can cause.  Forwarding: the
         daemon has passed connections on.  Listener mode: it has passed
         none, and the serving child holds the daemon's listening socket.
@@ -904,7 +911,7 @@ class ProtectorTestCase(unittest.TestCase):
         if child is not None:
             self.assertEqual(int(status.group(1)), child, "not the serving child")
         child = int(status.group(1))
-        self.assertIn(f"socket:[{listener_inode(daemon.port)}]", fd_links(child),
+        self.assertIn(f"socket:[{listener_inode(connect_to or daemon.port)}]", fd_links(child),
                       f"serving child {child} does not hold the listening socket")
 
     def taken(self):
@@ -1539,6 +1546,13 @@ class CommandLineTest(ProtectorTestCase):
             (["--stop", "--pid-file", "p", "4321"], r"--stop takes no PORT or command"),
             (["--status", "--reload", "--pid-file", "p"],
              r"--reload and --status cannot be combined"),
+            (["--bind", "127.0.0.1", "--", "true"], r"--bind 127.0.0.1 names no port"),
+            (["--bind", "127.0.0.1:http", "--", "true"],
+             r"--bind 127.0.0.1:http: port must be a number, not 'http'"),
+            (["--bind", "[::1", "--", "true"], r"--bind \[::1: write an IPv6 address as"),
+            (["--bind", "unix:", "--", "true"], r"--bind unix: needs a path"),
+            (["--socket-mode", "999", "--bind", "unix:s", "--", "true"],
+             r"argument --socket-mode: must be octal permissions such as 660: '999'"),
             (["--reload", "--stop", "--pid-file", "p"], r"--reload and --stop cannot be combined"),
             (["--workers", "0", "4321", "--", "true"],
              r"argument -n/--workers: must be a whole number from 1 to 256: '0'"),
@@ -2575,16 +2589,38 @@ class OperationsTest(ProtectorTestCase):
             "time.sleep(60)"])
         self.assertEqual(daemon.wait_line(r"^env (.*)$").group(1), "[]")
 
-    def activated(self, listener, *extra, check=True):
-        """socketprotector started as systemd would with `listener` as fd 3."""
-        fd = listener.fileno()
-        shim = ("import os, sys; fd = int(sys.argv[1])\n"
-                "if fd != 3: os.dup2(fd, 3); os.close(fd)\n"
-                "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
+    def activated(self, *listeners, extra=()):
+        """socketprotector started as systemd would, the listeners as fds 3, 4, ..."""
+        fds = [listener.fileno() for listener in listeners]
+        shim = ("import os, sys; fds = [int(fd) for fd in sys.argv[1].split(',')]\n"
+                "copies = [os.dup(fd) for fd in fds]\n"
+                "for n, fd in enumerate(copies): os.dup2(fd, 3 + n); os.close(fd)\n"
+                "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))\n"
                 "os.execv(sys.executable, [sys.executable] + sys.argv[2:])")
-        argv = [sys.executable, "-c", shim, str(fd), DAEMON, "-f", *extra, "0", "--",
-                sys.executable, self.app]
-        return self.start_session(argv, pass_fds=(fd,))
+        argv = [sys.executable, "-c", shim, ",".join(map(str, fds)), DAEMON, "-f", *extra,
+                "0", "--", sys.executable, self.app]
+        return self.start_session(argv, pass_fds=fds)
+
+    def test_socket_activation_with_several_sockets(self):
+        """systemd passes two sockets (TCP and Unix): both are served."""
+        tcp = socket.socket()
+        self.addCleanup(tcp.close)
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen(64)
+        path = os.path.join(self.tmp, "activated.sock")
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(unix.close)
+        unix.bind(path)
+        unix.listen(64)
+        proc = self.activated(tcp, unix)
+        line = proc.stderr.readline().decode()
+        self.assertRegex(line, rf"listening on 127\.0\.0\.1:{tcp.getsockname()[1]}, "
+                               rf"unix:{re.escape(path)} \(socket activation\)")
+        wait_until(lambda: served_by_or_none(tcp.getsockname()[1]), "the TCP socket to serve")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(TIMEOUT)
+            conn.connect(path)
+            self.assertEqual(ask(conn, b"via unix"), b"via unix")
 
     def test_socket_activation_survives_a_daemon_restart(self):
         """With the listening socket held by systemd, clients that connect while
@@ -2616,7 +2652,7 @@ class OperationsTest(ProtectorTestCase):
         _, err = proc.communicate(timeout=TIMEOUT)
         self.assertEqual(proc.returncode, 1)
         self.assertOneLineError(err.decode().splitlines(),
-                                r"socket activation: fd 3 is not a listening TCP socket$")
+                                r"socket activation: fd 3 is not a listening stream socket$")
 
 
 class WorkersTest(ProtectorTestCase):
@@ -2902,6 +2938,85 @@ class DeploymentTest(ProtectorTestCase):
                                        r"ConnectionReceiver\)$")
 
 
+class AddressesTest(ProtectorTestCase):
+    """--bind several times, and Unix sockets."""
+
+    def addresses(self, daemon):
+        """The daemon's listening addresses, from its log: [(host, port) or path]."""
+        found = []
+        line = daemon.wait_line(r"listening on (.*)").group(1)
+        for address in line.split(", "):
+            if address.startswith("unix:"):
+                found.append(address[5:])
+            else:
+                host, _, port = address.rpartition(":")
+                found.append((host.strip("[]"), int(port)))
+        return found
+
+    def test_several_addresses_and_a_unix_socket(self):
+        """Two TCP addresses and a Unix socket (mode 600): each is served, the
+        child can tell by getsockname() which one a connection came to, and
+        the socket's path is gone after the daemon."""
+        path = os.path.join(self.tmp, "app.sock")
+        daemon = Daemon(self, "--bind", "127.0.0.1:0", "--bind", "[::1]:0", "--bind",
+                        f"unix:{path}", "--socket-mode", "600", bind=None)
+        daemon.serving()
+        tcp4, tcp6, unix = self.addresses(daemon)
+        self.assertEqual(unix, path)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        for family, address in ((socket.AF_INET, tcp4), (socket.AF_INET6, tcp6),
+                                (socket.AF_UNIX, path)):
+            with self.subTest(address=address):
+                try:
+                    conn = socket.socket(family, socket.SOCK_STREAM)
+                    conn.settimeout(TIMEOUT)
+                    conn.connect(address)
+                except OSError as e:
+                    if family == socket.AF_INET6 and e.errno in (errno.EADDRNOTAVAIL,
+                                                                 errno.ENETUNREACH):
+                        continue        # IPv6 loopback not configured
+                    raise
+                with conn:
+                    self.assertEqual(ask(conn, b"hello"), b"hello")
+                    local = ast.literal_eval(ask(conn, b"local").decode())
+                    self.assertEqual(local if family == socket.AF_UNIX else local[:2],
+                                     address if family == socket.AF_UNIX else
+                                     (address[0], address[1]))
+        self.assertHandoff(daemon, connect_to=tcp4[1])
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+        self.assertFalse(os.path.exists(path), "the socket's path is left behind")
+
+    def test_a_stale_unix_socket_is_replaced_and_anything_else_refused(self):
+        """A socket file nobody listens on (left by a crash) is replaced; one a
+        server listens on, or a file that is not a socket, is refused."""
+        path = os.path.join(self.tmp, "app.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+            stale.bind(path)            # closed without unlink: stale
+        daemon = Daemon(self, "--bind", f"unix:{path}", bind=None)
+        daemon.serving()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(TIMEOUT)
+            conn.connect(path)
+            self.assertEqual(ask(conn, b"fresh"), b"fresh")
+        code, lines = self.run_protector("-f", "--bind", f"unix:{path}", "--", "true")
+        self.assertEqual(code, 1)
+        self.assertOneLineError(lines, rf"cannot listen on unix:{re.escape(path)}: a server "
+                                       r"already listens there$")
+        plain = os.path.join(self.tmp, "plain")
+        open(plain, "w").close()
+        code, lines = self.run_protector("-f", "--bind", f"unix:{plain}", "--", "true")
+        self.assertEqual(code, 1)
+        self.assertOneLineError(lines, rf"cannot listen on unix:{re.escape(plain)}: "
+                                       r"something that is not a socket is there$")
+        self.assertTrue(os.path.exists(plain))
+
+
+class ListenerAddressesTest(AddressesTest):
+    """The same, with --handoff listener: the child gets every listener."""
+    OPTIONS = ("--handoff", "listener")
+
+
 class SampleTest(ProtectorTestCase):
     """sample_client.py, the pattern to copy."""
 
@@ -3112,6 +3227,24 @@ class PrivilegeTest(ProtectorTestCase):
         daemon.signal(signal.SIGHUP)
         daemon.wait_line(rf"restart failed: cannot run '{re.escape(server)}': Permission "
                          rf"denied; child {first} keeps serving", mark)
+
+    def test_a_unix_socket_belongs_to_the_user(self):
+        """As root with --user nobody, a Unix socket --bind makes belongs to
+        nobody, and the daemon (as nobody) removes it at exit."""
+        run = self.service_user_dir()
+        os.chmod(self.tmp, 0o755)       # so that nobody can reach run/ to remove it
+        path = os.path.join(run, "app.sock")
+        daemon = Daemon(self, "--user", "nobody", "--bind", f"unix:{path}",
+                        "--socket-mode", "660", bind=None, command=["sleep", "60"])
+        daemon.wait_line(r"child \d+ started")
+        st = os.stat(path)
+        self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)),
+                         (65534, 65534, 0o660))
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_line(r"SIGTERM: shutting down")
+        daemon.signal(signal.SIGTERM)       # the child is no server: stop it at once
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+        self.assertFalse(os.path.exists(path))
 
     def test_user_runs_daemon_and_children_unprivileged(self):
         """As root with --user nobody: the port (a privileged one) and the pid file
