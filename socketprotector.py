@@ -71,6 +71,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import sys
 import termios
 import time
@@ -730,6 +731,9 @@ class _Child:
         self.holders: dict = {}                  # pid -> pidfd (-1: none, checked by timer)
         self.exec_report: Optional[int] = None   # pipe: "errno:strerror" if exec failed
         self.exec_error = b""
+        # --handoff activation: its NOTIFY_SOCKET, and --ready-delay's deadline.
+        self.notify: Optional[socket.socket] = None
+        self.assume_ready_at: Optional[float] = None
 
     def can_take(self, now: float) -> bool:
         return (self.channel is not None and not self.blocked and not self.stalled
@@ -1302,13 +1306,17 @@ class _Supervisor:
                  backlog: int = _DEFAULT_BACKLOG, workers: int = 1,
                  envdir: Optional[str] = None,
                  on_state: Callable[[dict], None] = lambda snapshot: None,
-                 output: Optional[str] = None) -> None:
+                 output: Optional[str] = None, ready_delay: Optional[float] = None,
+                 stop_signal: int = signal.SIGTERM) -> None:
         self._on_sigusr2 = on_sigusr2
         self._on_state = on_state
         self._published: Optional[dict] = None
         self._output = output   # where a detached child's output goes, for a failed start
         self._envdir = envdir
         self._forwarding = handoff == "forward"     # else children accept from our listener
+        self._activation = handoff == "activation"  # children get it as systemd passes it
+        self._ready_delay = ready_delay
+        self._stop_signal = stop_signal
         self._command = command
         self._cwd = cwd
         self._ready_timeout = ready_timeout
@@ -1395,6 +1403,8 @@ class _Supervisor:
                 pending.append(child.kill_at)
             if child.report_at is not None:
                 pending.append(child.report_at)
+            if child.assume_ready_at is not None:
+                pending.append(child.assume_ready_at)
         if not pending:
             self._next_deadline = None
             return None
@@ -1412,9 +1422,16 @@ class _Supervisor:
             if child.report_at is not None and now >= child.report_at:
                 child.report_at = now + _DRAIN_REPORT_EVERY
                 self._report_draining(child, now)
+            if child.assume_ready_at is not None and now >= child.assume_ready_at:
+                child.assume_ready_at = None
+                if child.state is _State.STARTING:
+                    _log.info("%s has run %g s (--ready-delay): taking it as ready",
+                              self._name(child), self._ready_delay)
+                    self._ready(child)
             if child.deadline is not None and now >= child.deadline:
                 child.deadline = None
-                if child.channel is None and child.state in _LIVE_ROLES:
+                if (child.channel is None and child.state in _LIVE_ROLES
+                        and not self._activation):
                     self._hung_up(child)
                 elif child.state is _State.STARTING:
                     self._not_ready_in_time(child)
@@ -1452,6 +1469,7 @@ class _Supervisor:
         self._queue.close([*self._children.values()])
         for child in self._children.values():
             self._close_channel(child)
+            self._close_notify(child)
             if child.exec_report is not None:
                 os.close(child.exec_report)
                 child.exec_report = None
@@ -1557,19 +1575,13 @@ class _Supervisor:
     def _spawn(self, generation: _Generation, index: int) -> _Child:
         """Fork and exec the command into a slot: a new child in STARTING."""
         executable = _resolve_command(self._command[0], self._cwd)
+        if self._activation:
+            return self._spawn_activated(generation, index, executable)
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as e:
             raise _SpawnError(f"cannot start {self._command[0]!r}: {e.strerror}") from None
-        env = dict(self._child_env)
-        if self._envdir:
-            for name, value in _read_envdir(self._envdir).items():
-                if value is None:
-                    env.pop(name, None)
-                else:
-                    env[name] = value
-        env[ENV_WORKER] = str(index)
-        env["PWD"] = self._cwd
+        env = self._environment(index)
         try:
             pid, report_fd = _fork_exec(executable, self._command, self._cwd, env,
                                         theirs.fileno())
@@ -1588,10 +1600,59 @@ class _Supervisor:
             theirs = None
         child = _Child(pid, index, generation, ours, theirs)
         child.on_channel = functools.partial(self._on_channel, child)
-        child.deadline = child.started + self._ready_timeout
-        self._children[pid] = child
-        generation.slots[index] = child
         self._sel.register(ours, _IN, child.on_channel)
+        return self._started(child, report_fd)
+
+    def _spawn_activated(self, generation: _Generation, index: int, executable: str) -> _Child:
+        """--handoff activation: the child gets our listening sockets as fds 3,
+        4, ... with LISTEN_* set as systemd sets them, and a notification
+        socket of its own (NOTIFY_SOCKET) on which READY=1 makes it ready."""
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        name = f"socketprotector/{os.getpid()}/{os.urandom(8).hex()}"
+        try:
+            notify.bind("\0" + name)
+            notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            notify.setblocking(False)
+        except OSError as e:
+            notify.close()
+            raise _SpawnError(f"cannot start {self._command[0]!r}: notification socket: "
+                              f"{e.strerror}") from None
+        listeners = self._queue.sockets()
+        env = self._environment(index)
+        env.update(LISTEN_FDS=str(len(listeners)),
+                   LISTEN_FDNAMES=":".join(["socketprotector"] * len(listeners)),
+                   NOTIFY_SOCKET="@" + name)
+        try:
+            pid, report_fd = _fork_exec(executable, self._command, self._cwd, env, None,
+                                        [sock.fileno() for sock in listeners])
+        except BaseException:
+            notify.close()
+            raise
+        child = _Child(pid, index, generation, None, None)
+        child.notify = notify
+        self._sel.register(notify, _IN, functools.partial(self._on_notify, child))
+        if self._ready_delay is not None:
+            child.assume_ready_at = child.started + self._ready_delay
+        return self._started(child, report_fd)
+
+    def _environment(self, index: int) -> dict:
+        """A new child's environment: ours (less the daemon's own), --envdir, its slot."""
+        env = dict(self._child_env)
+        if self._envdir:
+            for name, value in _read_envdir(self._envdir).items():
+                if value is None:
+                    env.pop(name, None)
+                else:
+                    env[name] = value
+        env[ENV_WORKER] = str(index)
+        env["PWD"] = self._cwd
+        return env
+
+    def _started(self, child: _Child, report_fd: int) -> _Child:
+        """A child just forked: in its slot, with its ready deadline, its exec report read."""
+        child.deadline = child.started + self._ready_timeout
+        self._children[child.pid] = child
+        child.generation.slots[child.index] = child
         # Whether exec worked is read from the loop: waiting for it here would
         # stop accepting for milliseconds at every restart.
         child.exec_report = report_fd
@@ -1624,7 +1685,7 @@ class _Supervisor:
     def _serve(self, child: _Child) -> None:
         """A ready child of the serving generation: it is sent connections."""
         child.state = _State.SERVING
-        if not self._forwarding and self._queue.listeners:
+        if not self._forwarding and not self._activation and self._queue.listeners:
             self._hand_listener(child)
         self._update_takers()
 
@@ -1703,9 +1764,13 @@ class _Supervisor:
         """For a first start that failed: what ready means (if the child was
         late), and where a detached child's output went."""
         hints = []
-        if late:
+        if late and self._activation:
+            hints.append("with --handoff activation, ready means it sent READY=1 to "
+                         "$NOTIFY_SOCKET, or --ready-delay passed")
+        elif late:
             hints.append("ready means the server has called receive_connections() or "
-                         "created a ConnectionReceiver")
+                         "created a ConnectionReceiver; for a server that takes a "
+                         "listening socket instead, see --handoff activation")
         if self._output:
             hints.append(self._output)
         return f" ({'; '.join(hints)})" if hints else ""
@@ -1757,6 +1822,8 @@ class _Supervisor:
         # Listener mode at shutdown: nobody takes over the backlog, so the
         # child accepts it before letting go.
         self._let_go(child, drain=self._stopping and not self._forwarding)
+        if self._activation and child.state is not _State.RETIRING:
+            child.signal(self._stop_signal)     # as a server asked to stop gracefully
         child.state = _State.RETIRING
         child.retired_at = now = time.monotonic()
         child.deadline = now + self._drain_timeout if self._drain_timeout is not None else None
@@ -1783,6 +1850,7 @@ class _Supervisor:
         how = _describe_status(status)
         child.state = _State.EXITED
         self._close_channel(child)
+        self._close_notify(child)
         self._queue.exited(child)
         self._on_exec_report(child)     # a failed exec has written why: read it now
         generation = child.generation
@@ -1805,7 +1873,10 @@ class _Supervisor:
             self.crashes += 1
             _log.warning("%s %s while shutting down", self._name(child), how)
         else:
-            _log.log(logging.INFO if status == 0 else logging.WARNING,
+            # Dying of the signal we sent to stop it is how it was asked to end.
+            expected = status == 0 or (was is _State.RETIRING and self._activation and
+                                       os.waitstatus_to_exitcode(status) == -self._stop_signal)
+            _log.log(logging.INFO if expected else logging.WARNING,
                      "%s %s (%s)", self._name(child), how, was.value)
 
     def _slot_lost(self, child: _Child, was: _State, status: int, failure: str) -> None:
@@ -2078,6 +2149,35 @@ class _Supervisor:
                 _log.warning("%s %s; %s", self._name(child), what,
                              self._schedule_respawn(generation, child.index, backoff=False))
 
+    def _close_notify(self, child: _Child) -> None:
+        if child.notify is not None:
+            self._sel.unregister(child.notify)
+            child.notify.close()
+            child.notify = None
+
+    def _on_notify(self, child: _Child, mask: int) -> None:
+        """A datagram on the child's NOTIFY_SOCKET (sd_notify(3)): READY=1
+        makes it ready.  Only the child and processes it started may say so:
+        the kernel tells us who sent it (SO_PASSCRED)."""
+        while child.notify is not None:
+            try:
+                data, ancdata, _, _ = child.notify.recvmsg(4096, _CREDENTIALS_ROOM)
+            except (BlockingIOError, InterruptedError):
+                return
+            sender = _sender_pid(ancdata)
+            if sender is None or not _descends_from(sender, child.pid):
+                _log.warning("ignored a notification for %s from process %s, which is not "
+                             "it or started by it", self._name(child), sender)
+                continue
+            for line in data.decode(errors="replace").split("\n"):
+                key, _, value = line.partition("=")
+                if line == "READY=1":
+                    self._ready(child)
+                elif key == "STATUS":
+                    _log.info("%s: %s", self._name(child), value)
+                elif line == "STOPPING=1":
+                    _log.info("%s is stopping", self._name(child))
+
     def _close_channel(self, child: _Child) -> None:
         if child.channel is None:
             return
@@ -2088,6 +2188,33 @@ class _Supervisor:
 
 
 _LIVE_ROLES = (_State.STARTING, _State.READY, _State.SERVING)
+
+
+_CREDENTIALS_ROOM = socket.CMSG_SPACE(struct.calcsize("3i"))
+
+
+def _sender_pid(ancdata) -> Optional[int]:
+    """The sending process, from SCM_CREDENTIALS (struct ucred: pid, uid, gid)."""
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= 12:
+            return struct.unpack("3i", data[:12])[0]
+    return None
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """Whether pid is ancestor or a process it started (through its parents)."""
+    for _ in range(64):
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                data = f.read()
+            pid = int(data[data.rindex(b")") + 2:].split()[1])
+        except (OSError, ValueError):
+            return False
+    return False
 
 
 def _count_sockets(pid: int) -> Optional[int]:
@@ -2162,10 +2289,13 @@ def _resolve_command(name: str, cwd: str) -> str:
     return os.path.join(cwd, found)
 
 
-def _fork_exec(executable: str, argv: List[str], cwd: str, env: dict, channel_fd: int):
-    """Start the command with channel_fd as its channel: (pid, the read end of a
+def _fork_exec(executable: str, argv: List[str], cwd: str, env: dict,
+               channel_fd: Optional[int], listen_fds: List[int] = ()):
+    """Start the command with channel_fd as its channel, or (socket
+    activation) with listen_fds as its fds 3, 4, ...: (pid, the read end of a
     non-blocking close-on-exec pipe: EOF once exec succeeds, "errno:strerror" if not)."""
-    env[ENV_FD] = str(channel_fd)
+    if channel_fd is not None:
+        env[ENV_FD] = str(channel_fd)
     try:
         err_r, err_w = os.pipe()
     except OSError as e:
@@ -2184,7 +2314,7 @@ def _fork_exec(executable: str, argv: List[str], cwd: str, env: dict, channel_fd
             if pid != 0:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if pid == 0:
-            _exec_child(executable, argv, env, cwd, channel_fd, err_w, mask)
+            _exec_child(executable, argv, env, cwd, channel_fd, err_w, mask, listen_fds)
         os.close(err_w)
         err_w = -1
         try:
@@ -2202,7 +2332,7 @@ def _fork_exec(executable: str, argv: List[str], cwd: str, env: dict, channel_fd
 
 
 def _exec_child(executable: str, argv: List[str], env: dict, cwd: str,
-                channel_fd: int, err_w: int, mask) -> None:
+                channel_fd: Optional[int], err_w: int, mask, listen_fds: List[int]) -> None:
     """In the forked child: exec the command or report why not; never returns."""
     try:
         signal.set_wakeup_fd(-1)
@@ -2214,7 +2344,18 @@ def _exec_child(executable: str, argv: List[str], env: dict, cwd: str,
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
-        os.set_inheritable(channel_fd, True)
+        if channel_fd is not None:
+            os.set_inheritable(channel_fd, True)
+        if listen_fds:
+            # To fds 3, 4, ... as systemd passes them: first out of the way
+            # (close-on-exec copies above the range), then into place.
+            top = 3 + len(listen_fds)
+            moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in listen_fds]
+            if err_w < top:
+                err_w = fcntl.fcntl(err_w, fcntl.F_DUPFD_CLOEXEC, top)
+            for n, fd in enumerate(moved):
+                os.dup2(fd, 3 + n)      # inheritable
+            env["LISTEN_PID"] = str(os.getpid())    # known only now, as systemd sets it
         os.execve(executable, argv, env)
     except OSError as e:
         os.write(err_w, f"{e.errno}:{e.strerror}".encode())
@@ -2904,6 +3045,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _signal(text: str) -> signal.Signals:
+    name = text.upper()
+    try:
+        return signal.Signals(int(name)) if name.isdigit() else signal.Signals[
+            name if name.startswith("SIG") else "SIG" + name]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a signal: {text!r}") from None
+
+
 def _file_mode(text: str) -> int:
     try:
         value = int(text, 8)
@@ -2955,10 +3105,19 @@ def _build_parser() -> _Parser:
                              "(default: as the umask allows)")
     parser.add_argument("--backlog", metavar="N", type=_positive_int, default=_DEFAULT_BACKLOG,
                         help=f"listen backlog (default {_DEFAULT_BACKLOG})")
-    parser.add_argument("--handoff", choices=("forward", "listener"), default="forward",
+    parser.add_argument("--handoff", choices=("forward", "listener", "activation"),
+                        default="forward",
                         help="forward: the daemon accepts and passes each connection to the "
                              "child (default); listener: the serving child is handed the "
-                             "listening socket and accepts directly")
+                             "listening socket and accepts directly; activation: the child "
+                             "gets the listening sockets as systemd passes them (fd 3, "
+                             "LISTEN_FDS): for servers not written for socketprotector")
+    parser.add_argument("--ready-delay", metavar="S", type=_seconds,
+                        help="--handoff activation: a child that has sent no READY=1 counts "
+                             "as ready once it has run S seconds (a guess; READY=1 is better)")
+    parser.add_argument("--stop-signal", metavar="SIG", type=_signal, default=signal.SIGTERM,
+                        help="--handoff activation: the signal that asks a retiring child to "
+                             "stop gracefully (default SIGTERM; nginx wants SIGQUIT)")
     parser.add_argument("-n", "--workers", metavar="N", type=_worker_count, default=1,
                         help="run N children (workers) at once, each told its index in "
                              f"${ENV_WORKER}; SIGTTIN/SIGTTOU add or remove one (default 1, "
@@ -3026,6 +3185,11 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
         if not 0 <= opts.port <= 65535:
             raise UsageError(f"PORT must be between 0 and 65535, not {opts.port}")
     opts.binds = [_parse_bind(spec, opts.port) for spec in opts.bind or ()]
+    if opts.handoff != "activation":
+        for name, given in (("--ready-delay", opts.ready_delay is not None),
+                            ("--stop-signal", opts.stop_signal != signal.SIGTERM)):
+            if given:
+                raise UsageError(f"{name} is for --handoff activation")
     if opts.port is None and not opts.binds:
         raise UsageError("the following arguments are required: PORT")
     if command is None:
@@ -3141,7 +3305,8 @@ def _serve(opts: argparse.Namespace) -> None:
             listeners = _open_listeners(opts, (user[0].pw_uid, user[1]) if user else None,
                                         made)
         for sock in listeners:
-            sock.setblocking(False)
+            # Activation: the children get them as systemd passes them, blocking.
+            sock.setblocking(opts.handoff == "activation")
         if not opts.foreground:
             launcher = _Launcher(opts.ready_timeout)
             launcher.detach()
@@ -3174,7 +3339,8 @@ def _serve(opts: argparse.Namespace) -> None:
                 on_state=state_file.on_state if state_file else lambda snapshot: None,
                 output=None if opts.foreground else
                 f"its output is in {log_file.path}" if log_file else
-                "its output went to /dev/null: pass --log-file to keep it")
+                "its output went to /dev/null: pass --log-file to keep it",
+                ready_delay=opts.ready_delay, stop_signal=opts.stop_signal)
             try:
                 supervisor.run()
             finally:

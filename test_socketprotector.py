@@ -1553,6 +1553,14 @@ class CommandLineTest(ProtectorTestCase):
             (["--bind", "unix:", "--", "true"], r"--bind unix: needs a path"),
             (["--socket-mode", "999", "--bind", "unix:s", "--", "true"],
              r"argument --socket-mode: must be octal permissions such as 660: '999'"),
+            (["--handoff", "activation", "--ready-delay", "-1", "4321", "--", "true"],
+             r"argument --ready-delay: must be a positive number of seconds: '-1'"),
+            (["--handoff", "activation", "--ready-delay", "soon", "4321", "--", "true"],
+             r"argument --ready-delay: not a number of seconds: 'soon'"),
+            (["--handoff", "activation", "--stop-signal", "NOPE", "4321", "--", "true"],
+             r"argument --stop-signal: not a signal: 'NOPE'"),
+            (["--ready-delay", "1", "4321", "--", "true"], r"--ready-delay is for --handoff "
+                                                           r"activation"),
             (["--reload", "--stop", "--pid-file", "p"], r"--reload and --stop cannot be combined"),
             (["--workers", "0", "4321", "--", "true"],
              r"argument -n/--workers: must be a whole number from 1 to 256: '0'"),
@@ -2935,7 +2943,9 @@ class DeploymentTest(ProtectorTestCase):
         self.assertOneLineError(lines, r"child \d+ was not ready within 0.5 s; stopped it "
                                        r"\(ready means the server has called "
                                        r"receive_connections\(\) or created a "
-                                       r"ConnectionReceiver\)$")
+                                       r"ConnectionReceiver; for a server that takes a "
+                                       r"listening socket instead, see --handoff "
+                                       r"activation\)$")
 
 
 class AddressesTest(ProtectorTestCase):
@@ -3079,6 +3089,169 @@ def served_or_refused(port):
             return ask(s, b"hi") == b"hi"
     except ConnectionRefusedError:
         return False
+
+
+# A server not written for socketprotector: it takes its listening sockets the
+# way systemd passes them (LISTEN_PID, LISTEN_FDS, fds 3...), says READY=1 on
+# $NOTIFY_SOCKET (unless SP_TEST_SILENT exists), and on SIGTERM (or the signal
+# SP_TEST_STOP names) stops accepting, finishes its connections and exits 0,
+# printing "stopped by SIGNAME pid PID".  It echoes lines; "pid" -> its pid; "env X" ->
+# that variable.
+ACTIVATED_APP = r'''
+import os, selectors, signal, socket, sys, threading
+def flag(name):
+    path = os.environ.get(name)
+    return path if path and os.path.exists(path) else None
+assert os.environ.pop("LISTEN_PID") == str(os.getpid()), "LISTEN_PID is not ours"
+count = int(os.environ.pop("LISTEN_FDS"))
+names = os.environ.pop("LISTEN_FDNAMES", "")
+listeners = [socket.socket(fileno=3 + n) for n in range(count)]
+stopping, got = threading.Event(), []
+stop = flag("SP_TEST_STOP")
+stop_signal = getattr(signal, open(stop).read().strip()) if stop else signal.SIGTERM
+def on_stop(signum, frame):
+    got.append(signum)
+    stopping.set()
+signal.signal(stop_signal, on_stop)
+def serve(conn):
+    with conn, conn.makefile("rb") as lines:
+        try:
+            for line in lines:
+                command = line.strip()
+                if command == b"pid":
+                    conn.sendall(b"%d\n" % os.getpid())
+                elif command.startswith(b"env "):
+                    conn.sendall(os.environb.get(command[4:], b"-") + b"\n")
+                elif command == b"fdnames":
+                    conn.sendall(names.encode() + b"\n")
+                else:
+                    conn.sendall(line)
+        except OSError:
+            pass
+notify = os.environ.get("NOTIFY_SOCKET")
+if notify and not flag("SP_TEST_SILENT"):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(b"READY=1\nSTATUS=accepting", "\0" + notify[1:] if notify[0] == "@" else notify)
+sel = selectors.DefaultSelector()
+for listener in listeners:
+    listener.setblocking(False)
+    sel.register(listener, selectors.EVENT_READ)
+while not stopping.is_set():
+    for key, _ in sel.select(0.05):
+        try:
+            conn, _ = key.fileobj.accept()
+        except BlockingIOError:
+            continue
+        conn.setblocking(True)
+        threading.Thread(target=serve, args=(conn,)).start()
+for listener in listeners:
+    listener.close()
+print("stopped by", signal.Signals(got[0]).name, "pid", os.getpid(), file=sys.stderr,
+      flush=True)
+'''
+
+
+class ActivationTest(ProtectorTestCase):
+    """--handoff activation: servers that take a listening socket as systemd
+    passes it, with no library."""
+    OPTIONS = ("--handoff", "activation")
+
+    def setUp(self):
+        super().setUp()
+        self.app = os.path.join(self.tmp, "activated.py")
+        with open(self.app, "w") as f:
+            f.write(ACTIVATED_APP)
+        self.flags.update(SP_TEST_SILENT=os.path.join(self.tmp, "silent"),
+                          SP_TEST_STOP=os.path.join(self.tmp, "stop"))
+        self.env.update(self.flags)
+
+    def test_restarts_under_load_lose_nothing(self):
+        """The child gets fd 3 with LISTEN_PID (its own pid), LISTEN_FDS and
+        LISTEN_FDNAMES and no channel; READY=1 makes it ready; SIGHUPs under
+        load start new ones first and SIGTERM the old, with no failed session;
+        the daemon accepts nothing itself."""
+        daemon = Daemon(self)
+        first = daemon.serving()
+        with connect(daemon.port) as s:
+            self.assertEqual(int(ask(s, b"pid")), first)
+            self.assertEqual(ask(s, b"fdnames"), b"socketprotector")
+            self.assertEqual(ask(s, b"env SOCKETPROTECTOR_FD"), b"-")
+            self.assertRegex(ask(s, b"env NOTIFY_SOCKET").decode(), r"^@socketprotector/")
+        load = Load(daemon.port, threads=4)
+        self.addCleanup(load.stop)
+        load.wait_for(20)
+        for _ in range(3):
+            daemon.restart()
+            load.wait_for(30)
+        load.stop()
+        self.assertEqual(load.failures, [], daemon.log())
+        daemon.wait_line(rf"^stopped by SIGTERM pid {first}$")
+        self.assertEqual(daemon.forwarded(), 0)
+        self.assertEqual(daemon.count(r"killed|unexpectedly"), 0, daemon.log())
+
+    def test_a_notification_from_an_unrelated_process_is_ignored(self):
+        """READY=1 sent to a child's NOTIFY_SOCKET by a process that is not the
+        child or started by it does not make the child ready."""
+        self.set_flag("SP_TEST_SILENT")
+        daemon = Daemon(self, "--ready-timeout", "30")
+        child = int(daemon.wait_line(r"child (\d+) started").group(1))
+        address = wait_until(lambda: read_environ(child).get(b"NOTIFY_SOCKET"),
+                             "the child's NOTIFY_SOCKET")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"READY=1", b"\0" + address[1:])
+        daemon.wait_line(rf"ignored a notification for child {child} from process "
+                         rf"{os.getpid()}, which is not it or started by it")
+        self.assertEqual(daemon.count(r"ready"), 0, daemon.log())
+
+    def test_ready_delay_takes_a_silent_server_as_ready(self):
+        """--ready-delay: a server that never says READY=1 is taken as ready
+        once it has run that long, and serves."""
+        self.set_flag("SP_TEST_SILENT")
+        daemon = Daemon(self, "--ready-delay", "0.3")
+        daemon.wait_line(r"child \d+ has run 0.3 s \(--ready-delay\): taking it as ready")
+        served_by(daemon.port)
+
+    def test_a_new_server_never_ready_is_stopped_and_the_old_serves_on(self):
+        """A new build that never says READY=1 and never exits is stopped at
+        --ready-timeout; the old one keeps serving and is not signalled."""
+        daemon = Daemon(self, "--ready-timeout", "0.5")
+        first = daemon.serving()
+        self.set_flag("SP_TEST_SILENT")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        late = int(daemon.wait_line(rf"restart failed: child (\d+) was not ready within 0.5 s; "
+                                    rf"stopped it; child {first} keeps serving", mark).group(1))
+        # It had the socket from the start, and may have served meanwhile (as
+        # under systemd): it stops as asked, gracefully.
+        daemon.wait_line(rf"child {late} exited with status 0", mark)
+        self.assertEqual(served_by(daemon.port), first)
+        self.assertEqual(daemon.count(rf"stopped by .* pid {first}$"), 0)
+
+    def test_stop_signal_retires_the_old_server(self):
+        """--stop-signal USR1: the retiring server is sent SIGUSR1."""
+        self.set_flag("SP_TEST_STOP", "SIGUSR1")
+        daemon = Daemon(self, "--stop-signal", "USR1")
+        first = daemon.serving()
+        daemon.restart()
+        daemon.wait_line(rf"^stopped by SIGUSR1 pid {first}$")
+        daemon.wait_line(rf"child {first} exited with status 0 \(retiring\)")
+
+    def test_workers_each_get_the_sockets(self):
+        """--workers 2: each worker is an activated child of its own."""
+        daemon = Daemon(self, "--workers", "2")
+        pids = daemon.generation()
+        self.assertEqual(len(pids), 2)
+        for pid in pids:
+            self.assertEqual(read_environ(pid).get(b"SOCKETPROTECTOR_WORKER") is not None, True)
+        self.assertTrue({served_by(daemon.port) for _ in range(20)} <= set(pids))
+
+
+def read_environ(pid):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    except OSError:
+        return {}
 
 
 class PrivilegeTest(ProtectorTestCase):
