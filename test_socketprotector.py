@@ -13,6 +13,7 @@ import atexit
 import errno
 import faulthandler
 import glob
+import http.client
 import os
 import re
 import resource
@@ -3252,6 +3253,137 @@ def read_environ(pid):
             return dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
     except OSError:
         return {}
+
+
+VENV_BIN = os.path.join(HERE, ".ci", "venv", "bin")
+
+# A tiny WSGI app and ASGI app for the third-party servers; with the file
+# named by SP_TEST_BROKEN present, importing them fails (a broken build).
+WEB_APP = r'''
+import os
+if os.path.exists(os.environ.get("SP_TEST_BROKEN", "")):
+    raise ImportError("this build is broken")
+
+def wsgi(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"%d\n" % os.getpid()]
+
+async def asgi(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"%d\n" % os.getpid()})
+'''
+
+
+class HttpLoad:
+    """HTTP GET requests, each on a new connection, from threads until stop():
+    the status of every one (or the error) is kept."""
+
+    def __init__(self, port, threads=2):
+        self.port = port
+        self.statuses = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=TIMEOUT)
+            try:
+                conn.request("GET", "/", headers={"Connection": "close"})
+                response = conn.getresponse()
+                response.read()
+                self.statuses.append(response.status)
+            except Exception as e:      # every kind of failure is a finding
+                self.statuses.append(repr(e))
+            finally:
+                conn.close()
+
+    def wait_for(self, count):
+        start = len(self.statuses)
+        wait_until(lambda: len(self.statuses) >= start + count, f"{count} more requests")
+
+    def stop(self):
+        self._stop.set()
+        for t in self._threads:
+            t.join(TIMEOUT * 2)
+
+
+class ThirdPartyServerTest(ProtectorTestCase):
+    """Real gunicorn and uvicorn behind --handoff activation (test-only
+    dependencies, installed into .ci/venv by .ci/run)."""
+    OPTIONS = ("--handoff", "activation")
+
+    def setUp(self):
+        super().setUp()
+        with open(os.path.join(self.tmp, "webapp.py"), "w") as f:
+            f.write(WEB_APP)
+        self.broken = os.path.join(self.tmp, "broken")
+        self.env["SP_TEST_BROKEN"] = self.broken
+
+    def server(self, name):
+        path = os.path.join(VENV_BIN, name)
+        if not os.access(path, os.X_OK):
+            self.skipTest(f"{name} is not installed in .ci/venv: `bash .ci/run` installs it "
+                          f"from .ci/requirements-test.txt")
+        return path
+
+    def commands(self):
+        """How each server is started behind socketprotector."""
+        gunicorn = [self.server("gunicorn"), "--preload", "--no-control-socket", "-w", "2"]
+        return {
+            "gunicorn sync": ([], [*gunicorn, "webapp:wsgi"]),
+            "gunicorn gthread": ([], [*gunicorn, "-k", "gthread", "--threads", "4",
+                                      "webapp:wsgi"]),
+            "uvicorn": (["--ready-delay", "1"], [self.server("uvicorn"), "--fd", "3",
+                                                 "webapp:asgi"]),
+        }
+
+    def test_restarts_every_second_under_load_answer_every_request(self):
+        """SIGHUP every second under steady HTTP load: every request gets a 200."""
+        for name, (options, command) in self.commands().items():
+            with self.subTest(server=name):
+                daemon = Daemon(self, *options, command=command)
+                daemon.serving()
+                load = HttpLoad(daemon.port)
+                self.addCleanup(load.stop)
+                load.wait_for(20)
+                for _ in range(3):
+                    daemon.restart()
+                    load.wait_for(20)
+                load.stop()
+                self.assertEqual([s for s in load.statuses if s != 200], [], daemon.log())
+                self.assertGreater(len(load.statuses), 60)
+                daemon.signal(signal.SIGTERM)
+                self.assertEqual(daemon.wait(), 0, daemon.log())
+
+    def test_a_broken_build_leaves_the_old_one_serving(self):
+        """A new build whose app fails to import: --reload exits 1, and the old
+        server keeps answering."""
+        for name, (options, command) in self.commands().items():
+            with self.subTest(server=name):
+                pid_file = os.path.join(self.tmp, f"{name.replace(' ', '-')}.pid")
+                daemon = Daemon(self, "--pid-file", pid_file, *options, command=command)
+                first = daemon.serving()
+                load = HttpLoad(daemon.port)
+                self.addCleanup(load.stop)
+                load.wait_for(10)
+                open(self.broken, "w").close()
+                code, lines = self.run_protector("--reload", "--pid-file", pid_file,
+                                                 timeout=TIMEOUT * 3)
+                os.unlink(self.broken)
+                self.assertEqual(code, 1, lines)
+                self.assertOneLineError(lines, rf"restart failed: child \d+ exited with "
+                                               rf"status \d+ before it was ready; child {first} "
+                                               rf"keeps serving$")
+                load.wait_for(10)
+                load.stop()
+                self.assertEqual([s for s in load.statuses if s != 200], [], daemon.log())
+                daemon.signal(signal.SIGTERM)
+                self.assertEqual(daemon.wait(), 0, daemon.log())
 
 
 class PrivilegeTest(ProtectorTestCase):
