@@ -50,6 +50,7 @@ __all__ = [
     "UsageError",
     "main",
     "receive_connections",
+    "serve_connections",
 ]
 __version__ = "1.0.0"
 
@@ -473,6 +474,63 @@ def receive_connections(port: Optional[int] = None, *, host: str = "") -> Iterat
                 poller.poll(receiver._wait_ms())
                 # Forwarding: the channel is what woke us; take its message.
                 look = receiver._poller is not None or not receiver._daemon
+
+
+async def serve_connections(handler, port: Optional[int] = None, *, host: str = "",
+                            **stream_options) -> None:
+    """asyncio: ``await handler(reader, writer)`` for each connection, each in
+    a task of its own, until the daemon ends the stream; then wait for the
+    handlers to finish, and return.
+
+    The connections come as asyncio streams (``stream_options`` go to
+    asyncio.open_connection, for example ``limit``).  Without the daemon it
+    listens on ``port`` (all interfaces, or ``host``) and never returns.
+    Raises SocketProtectorError when neither is available.
+    """
+    import asyncio      # here: the other users of this module need not load it
+    loop = asyncio.get_running_loop()
+    receiver = ConnectionReceiver(port, host=host)
+    tasks: set = set()
+    ended = loop.create_future()
+    fd = receiver.fileno()
+
+    async def run(conn: socket.socket) -> None:
+        reader, writer = await asyncio.open_connection(sock=conn, **stream_options)
+        try:
+            await handler(reader, writer)
+        finally:
+            writer.close()
+
+    def take() -> None:
+        for conn in receiver.receive():
+            conn.setblocking(False)
+            task = loop.create_task(run(conn))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if receiver.ended:
+            loop.remove_reader(fd)
+            if not ended.done():
+                ended.set_result(None)
+        elif receiver._stalled or receiver._accept_paused_until:
+            # Waiting for the daemon (or for descriptors): fileno() may stay
+            # readable meanwhile, so look again after a pause, not at once.
+            loop.remove_reader(fd)
+            loop.call_later(receiver._wait_ms() / 1000 if receiver._accept_paused_until
+                            else _STALL_RETRY, watch)
+
+    def watch() -> None:
+        if not ended.done():
+            loop.add_reader(fd, take)
+            take()
+
+    loop.add_reader(fd, take)
+    try:
+        await ended
+    finally:
+        loop.remove_reader(fd)
+        receiver.close()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # ---------------------------------------------------------------------------

@@ -3028,6 +3028,52 @@ class ListenerAddressesTest(AddressesTest):
     OPTIONS = ("--handoff", "listener")
 
 
+ASYNCIO_EXAMPLE = os.path.join(HERE, "examples", "asyncio_echo.py")
+
+
+class AsyncioTest(ProtectorTestCase):
+    """serve_connections(): an asyncio server on the library."""
+
+    def test_restarts_under_load_lose_nothing(self):
+        """The asyncio example restarts again and again under load with no
+        failed session; each generation finishes what it had and exits 0."""
+        daemon = Daemon(self, command=[sys.executable, ASYNCIO_EXAMPLE])
+        first = daemon.serving()
+        load = Load(daemon.port, threads=4)
+        self.addCleanup(load.stop)
+        load.wait_for(20)
+        for _ in range(4):
+            daemon.restart()
+            load.wait_for(30)
+        load.stop()
+        self.assertEqual(load.failures, [], daemon.log())
+        daemon.wait_line(rf"child {first} exited with status 0 \(retiring\)")
+        self.assertHandoff(daemon)
+
+    def test_an_open_connection_outlives_the_restart(self):
+        """A connection open across a restart is still served by the old
+        process, which exits once it closes."""
+        daemon = Daemon(self, command=[sys.executable, ASYNCIO_EXAMPLE])
+        first = daemon.serving()
+        held = connect(daemon.port)
+        self.addCleanup(held.close)
+        self.assertEqual(ask(held, b"before"), b"before")
+        daemon.restart()
+        self.assertTrue(alive(first))
+        self.assertEqual(ask(held, b"after"), b"after")
+        held.close()
+        daemon.wait_line(rf"child {first} exited with status 0 \(retiring\)")
+
+    def test_on_its_own_it_listens_itself(self):
+        port = free_port()
+        self.start_session([sys.executable, ASYNCIO_EXAMPLE, str(port)])
+        wait_until(lambda: served_or_refused(port), "the example to echo on its own port")
+
+
+class ListenerAsyncioTest(AsyncioTest):
+    OPTIONS = ("--handoff", "listener")
+
+
 class SampleTest(ProtectorTestCase):
     """sample_client.py, the pattern to copy."""
 
