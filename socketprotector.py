@@ -562,6 +562,8 @@ def _send_fds(sock: socket.socket, msg: bytes, fds: List[int]) -> None:
 # Plain ints: on 3.11+ `|` on socket.MSG_* flags is an IntFlag call, slow in a hot path.
 _SEND_FLAGS = int(socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
 _close = os.close
+_monotonic = time.monotonic
+_PUBLISH_EVERY = 1.0       # seconds: how stale the counts beside the pid file may be
 _fd_array = functools.partial(array.array, "i")
 _PEEK_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC | socket.MSG_PEEK)
 _DONTWAIT = int(socket.MSG_DONTWAIT)
@@ -797,16 +799,20 @@ class _Child:
         return (self.channel is not None and not self.blocked and not self.stalled
                 and now >= self.paused_until)
 
-    def signal(self, sig: int) -> None:
+    def signal(self, sig: int, group: bool = True) -> None:
         # Children lead their own process group: signal the whole group so
-        # a shell wrapper's children get it too.
+        # a shell wrapper's children get it too.  (A server with workers of
+        # its own is asked through its main process alone: group=False.)
         try:
-            os.killpg(self.pid, sig)
+            if group:
+                os.killpg(self.pid, sig)
+                return
         except OSError:
-            try:
-                os.kill(self.pid, sig)
-            except OSError:
-                pass
+            pass
+        try:
+            os.kill(self.pid, sig)
+        except OSError:
+            pass
 
 
 class _Generation:
@@ -1369,6 +1375,7 @@ class _Supervisor:
         self._on_sigusr2 = on_sigusr2
         self._on_state = on_state
         self._published: Optional[dict] = None
+        self._publish_at: Optional[float] = None    # the counts are due in the state file
         self._output = output   # where a detached child's output goes, for a failed start
         self._envdir = envdir
         self._forwarding = handoff == "forward"     # else children accept from our listener
@@ -1424,11 +1431,18 @@ class _Supervisor:
             while self._children or not self._stopping:
                 events = poll(timeout)
                 # The common case in one step: only a connection to pass on,
-                # to the one child taking them, and no deadline to watch.
-                if (len(events) == 1 and events[0][0] in listeners
-                        and self._next_deadline is None
-                        and queue.forward_at_once(listeners[events[0][0]])):
-                    continue
+                # to the one child taking them, and no deadline due yet.
+                if len(events) == 1 and events[0][0] in listeners:
+                    now = _monotonic()
+                    deadline = self._next_deadline
+                    if ((deadline is None or now < deadline)
+                            and queue.forward_at_once(listeners[events[0][0]])):
+                        if self._publish_at is None:    # the counts, within a second
+                            self._publish_at = now + _PUBLISH_EVERY
+                            if deadline is None or self._publish_at < deadline:
+                                deadline = self._next_deadline = self._publish_at
+                        timeout = deadline - now
+                        continue
                 if len(events) > 1:
                     # Signals first: after a SIGTERM nothing more is accepted.
                     events.sort(key=lambda event: event[0] != wakeup)
@@ -1452,6 +1466,8 @@ class _Supervisor:
         pending = self._queue.deadlines(now)
         if self._stop_deadline is not None:
             pending.append(self._stop_deadline)
+        if self._publish_at is not None:
+            pending.append(self._publish_at)
         if self._serving is not None and self._serving.respawn_at:
             pending += self._serving.respawn_at.values()
         for child in self._children.values():
@@ -1508,6 +1524,9 @@ class _Supervisor:
         if self._stop_deadline is not None and now >= self._stop_deadline:
             self._stop_deadline = None
             self._terminate_all(f"after --stop-timeout {self._stop_timeout:g} s")
+        if self._publish_at is not None and now >= self._publish_at:
+            self._publish_at = None
+            self._publish(due=True)
         self._queue.check_deadlines(now)
 
     def _pump(self) -> None:
@@ -1592,13 +1611,20 @@ class _Supervisor:
             "forwarded": self.forwarded, "restarts": self.restarts,
             "failed": self.failed_restarts, "crashes": self.crashes}
 
-    def _publish(self) -> None:
-        """Hand the state to on_state when more than the counters changed."""
+    def _publish(self, due: bool = False) -> None:
+        """Hand the state to on_state: at once when more than the count of
+        connections forwarded changed, else at most a second late (``due``:
+        that second is over; the fast path schedules it too, see run())."""
         snapshot = self.snapshot()
+        if snapshot == self._published:
+            return
         shape = {k: v for k, v in snapshot.items() if k != "forwarded"}
-        if shape != self._published:
-            self._published = shape
+        old = {k: v for k, v in (self._published or {}).items() if k != "forwarded"}
+        if due or shape != old:
+            self._published = snapshot
             self._on_state(snapshot)
+        elif self._publish_at is None:
+            self._publish_at = time.monotonic() + _PUBLISH_EVERY
 
     # -- naming -------------------------------------------------------------
 
@@ -1881,7 +1907,9 @@ class _Supervisor:
         # child accepts it before letting go.
         self._let_go(child, drain=self._stopping and not self._forwarding)
         if self._activation and child.state is not _State.RETIRING:
-            child.signal(self._stop_signal)     # as a server asked to stop gracefully
+            # Its main process alone, as systemd's KillMode=mixed: a server
+            # with workers (gunicorn, nginx) stops them itself, in order.
+            child.signal(self._stop_signal, group=False)
         child.state = _State.RETIRING
         child.retired_at = now = time.monotonic()
         child.deadline = now + self._drain_timeout if self._drain_timeout is not None else None
@@ -1899,7 +1927,7 @@ class _Supervisor:
         child.report_at = None
         child.deadline = None
         child.kill_at = time.monotonic() + _KILL_GRACE
-        child.signal(signal.SIGTERM)
+        child.signal(signal.SIGTERM, group=not self._activation)
         self._update_takers()
 
     def _exited(self, child: _Child, status: int) -> None:
