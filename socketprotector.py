@@ -67,6 +67,7 @@ import logging
 import logging.handlers
 import os
 import pwd
+import re
 import select
 import shutil
 import signal
@@ -136,7 +137,7 @@ _DAEMON_ONLY_ENV = (ENV_FD, ENV_WORKER, "NOTIFY_SOCKET", *_ACTIVATION_ENV)
 _PR_SET_CHILD_SUBREAPER = 36
 
 _USAGE = ("socketprotector.py [options] PORT -- COMMAND [ARG...]\n"
-          "       socketprotector.py --reload|--stop|--status --pid-file PATH")
+          "       socketprotector.py --reload|--stop|--status|--upgrade --pid-file PATH")
 
 _log = logging.getLogger("socketprotector")
 
@@ -1366,13 +1367,19 @@ class _Supervisor:
                  stop_timeout: float, wakeup: socket.socket, handoff: str = "forward",
                  hang_timeout: Optional[float] = None,
                  on_event: Callable[[str, str], None] = lambda event, detail: None,
-                 on_sigusr2: Callable[[], None] = lambda: None,
+                 on_reopen: Callable[[], None] = lambda: None,
                  backlog: int = _DEFAULT_BACKLOG, workers: int = 1,
                  envdir: Optional[str] = None,
                  on_state: Callable[[dict], None] = lambda snapshot: None,
                  output: Optional[str] = None, ready_delay: Optional[float] = None,
-                 stop_signal: int = signal.SIGTERM) -> None:
-        self._on_sigusr2 = on_sigusr2
+                 stop_signal: int = signal.SIGTERM, script: Optional[str] = None,
+                 on_upgrade: Optional[Callable[[dict], str]] = None,
+                 restore: Optional[dict] = None) -> None:
+        self._script = script       # the socketprotector.py on disk, for an upgrade
+        self._on_upgrade = on_upgrade   # hands everything over and execs; or says why not
+        self._restore = restore     # the state an upgrade handed us, to take over from
+        self._upgrade: Optional[dict] = None    # the check under way: pid, pipe, output
+        self._on_reopen = on_reopen
         self._on_state = on_state
         self._published: Optional[dict] = None
         self._publish_at: Optional[float] = None    # the counts are due in the state file
@@ -1399,7 +1406,7 @@ class _Supervisor:
         self._children: dict = {}                # pid -> _Child, until reaped
         self._serving: Optional[_Generation] = None
         self._starting: Optional[_Generation] = None    # begun, not yet complete
-        self._generations = 0
+        self._generation_count = 0
         self._ever_ready = False
         self._restart_again = False
         self._restart_open = False      # a restart began, its outcome not yet reported
@@ -1423,10 +1430,15 @@ class _Supervisor:
     def run(self) -> None:
         """Serve until shut down; raise SocketProtectorError if start-up failed."""
         try:
-            self._start_generation()
+            if self._restore is not None:
+                self._restore_state(self._restore)
+            else:
+                self._start_generation()
             poll, handlers = self._sel.poll, self._sel.handlers
             queue, wakeup = self._queue, self._wakeup.fileno()
             listeners = queue.by_fd
+            self._pump()            # after an upgrade nothing else may wake us to start
+            self._publish()
             timeout = self._timeout()
             while self._children or not self._stopping:
                 events = poll(timeout)
@@ -1468,6 +1480,8 @@ class _Supervisor:
             pending.append(self._stop_deadline)
         if self._publish_at is not None:
             pending.append(self._publish_at)
+        if self._upgrade is not None and not self._upgrade["killed"]:
+            pending.append(self._upgrade["deadline"])
         if self._serving is not None and self._serving.respawn_at:
             pending += self._serving.respawn_at.values()
         for child in self._children.values():
@@ -1527,6 +1541,12 @@ class _Supervisor:
         if self._publish_at is not None and now >= self._publish_at:
             self._publish_at = None
             self._publish(due=True)
+        upgrade = self._upgrade
+        if upgrade is not None and not upgrade["killed"] and now >= upgrade["deadline"]:
+            upgrade["killed"] = True        # reaped later, like any child
+            os.kill(upgrade["pid"], signal.SIGKILL)
+            self._upgrade_refused(f"the check of {self._script} did not finish within "
+                                  f"{_UPGRADE_CHECK_TIMEOUT:g} s")
         self._queue.check_deadlines(now)
 
     def _pump(self) -> None:
@@ -1555,6 +1575,9 @@ class _Supervisor:
     # -- signals ------------------------------------------------------------
 
     def _on_wakeup(self, mask: int) -> None:
+        self._handle_signals(self._drain_wakeup())
+
+    def _drain_wakeup(self) -> bytearray:
         signums = bytearray()
         while True:
             try:
@@ -1564,6 +1587,9 @@ class _Supervisor:
             if not data:
                 break
             signums += data
+        return signums
+
+    def _handle_signals(self, signums) -> None:
         self._reap()
         # Each signal as it came: two SIGTERMs mean "now", even read together.
         # (SIGCHLD only says "reap", done above; signals the kernel merged
@@ -1574,9 +1600,9 @@ class _Supervisor:
             elif signum in (signal.SIGTERM, signal.SIGINT):
                 self._request_stop(signal.Signals(signum).name)
             elif signum == signal.SIGUSR1:
-                self._log_status()
+                self._on_reopen()
             elif signum == signal.SIGUSR2:
-                self._on_sigusr2()
+                self._request_upgrade()
             elif signum == signal.SIGTTIN:
                 self._add_worker()
             elif signum == signal.SIGTTOU:
@@ -1590,12 +1616,12 @@ class _Supervisor:
                 return
             if pid == 0:
                 return
+            if self._upgrade is not None and pid == self._upgrade["pid"]:
+                self._upgrade_checked(status)
+                continue
             child = self._children.pop(pid, None)
             if child is not None:       # else an orphan reparented to us
                 self._exited(child, status)
-
-    def _log_status(self) -> None:
-        _log.info("status: %s", _format_status(self.snapshot()))
 
     def snapshot(self) -> dict:
         """What the status line says, as data (times: CLOCK_MONOTONIC ns)."""
@@ -1647,8 +1673,8 @@ class _Supervisor:
 
     def _start_generation(self) -> None:
         """A new generation of workers, all starting: the restart's, or the first."""
-        self._generations += 1
-        generation = _Generation(self._generations, self._workers)
+        self._generation_count += 1
+        generation = _Generation(self._generation_count, self._workers)
         self._starting = generation
         try:
             for index in range(len(generation.slots)):
@@ -2074,6 +2100,191 @@ class _Supervisor:
         self._request_stop(None)
         self._terminate_all(None)
 
+    # -- upgrading in place ---------------------------------------------------
+
+    def _request_upgrade(self) -> None:
+        """SIGUSR2: replace our own code with the socketprotector.py now on
+        disk, in this process.  First a separate process loads the new file
+        and checks it can take over (this state, dry-run); only then the
+        exec, which keeps every descriptor that matters (see export_state())."""
+        if self._upgrade is not None:
+            _log.info("SIGUSR2: an upgrade is under way already")
+            return
+        self._on_event("upgrading", f"checking {self._script}")
+        why = ("shutting down" if self._stopping else
+               "the first children are not ready yet" if not self._ever_ready else
+               None if self._script and self._on_upgrade else "no file to upgrade to")
+        if why is not None:
+            self._upgrade_refused(why)
+            return
+        state, _ = self.export_state()
+        try:
+            pid, out = _spawn_check(self._script, json.dumps(state).encode())
+        except OSError as e:
+            self._upgrade_refused(f"cannot run {sys.executable}: {e.strerror}")
+            return
+        _log.info("upgrade: checking %s (pid %d)", self._script, pid)
+        self._upgrade = {"pid": pid, "out": out, "output": b"", "killed": False,
+                         "deadline": time.monotonic() + _UPGRADE_CHECK_TIMEOUT}
+        self._sel.register(out, _IN, self._read_check)
+
+    def _read_check(self, mask: int = 0) -> None:
+        upgrade = self._upgrade
+        while upgrade is not None and upgrade["out"] is not None:
+            try:
+                chunk = os.read(upgrade["out"], 4096)
+            except BlockingIOError:
+                return
+            if chunk:
+                upgrade["output"] = (upgrade["output"] + chunk)[-65536:]
+                continue
+            self._sel.unregister(upgrade["out"])
+            os.close(upgrade["out"])
+            upgrade["out"] = None
+
+    def _upgrade_checked(self, status: int) -> None:
+        """The check process ended: exec the new code, or say why not."""
+        self._read_check()
+        upgrade, self._upgrade = self._upgrade, None
+        if upgrade["out"] is not None:
+            self._sel.unregister(upgrade["out"])
+            os.close(upgrade["out"])
+        if upgrade["killed"]:
+            return      # refused already, when it ran out of time
+        text = upgrade["output"].decode(errors="replace").strip()
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if os.waitstatus_to_exitcode(status) == 0 and lines and lines[-1].startswith("ok "):
+            if self._stopping:
+                self._upgrade_refused("shutting down")
+            else:
+                self._exec_upgrade(lines[-1][3:])
+            return
+        where = [m for m in map(re.compile(r'File "(.+)", line (\d+)').search, lines) if m]
+        self._upgrade_refused(
+            (lines[-1] + (f" ({where[-1].group(1)}, line {where[-1].group(2)})" if where else ""))
+            if lines else f"{self._script} did not answer the check (is it socketprotector?)"
+            if os.waitstatus_to_exitcode(status) == 0 else f"the check {_describe_status(status)}")
+
+    def _exec_upgrade(self, version: str) -> None:
+        """Hand everything over and exec.  Signals wait (blocked: pending
+        ones survive the exec, for the new code); those already read go in
+        the state.  Returns only if the exec failed: then nothing changed."""
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
+        pending = self._drain_wakeup()
+        state, fds = self.export_state()
+        state["pending_signals"] = list(pending)
+        _log.info("upgrade: socketprotector %s takes over from %s in this process (pid %d)",
+                  version, __version__, os.getpid())
+        reason = self._on_upgrade(state, fds)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        self._upgrade_refused(f"cannot exec: {reason}")
+        self._handle_signals(pending)
+
+    def _upgrade_refused(self, reason: str) -> None:
+        _log.error("upgrade refused: %s; socketprotector %s keeps running", reason, __version__)
+        self._on_event("upgraded", f"upgrade refused: {reason}")
+
+    def export_state(self) -> tuple:
+        """Everything the new code needs to take over, as JSON-ready data, and
+        the descriptors it names (to be kept open across the exec): the
+        listeners, each child's channel, inbox and notification socket, the
+        connections waiting in our queue.  Times are CLOCK_MONOTONIC, which
+        the exec does not change."""
+        fds: List[int] = []
+
+        def keep(obj) -> Optional[int]:
+            if obj is None:
+                return None
+            fd = obj if isinstance(obj, int) else obj.fileno()
+            fds.append(fd)
+            return fd
+        queue = self._queue
+        children = list({id(c): c for c in [*self._children.values(), *queue.take_back,
+                                             *queue.deferred]}.values())
+        generations = {c.generation.number: c.generation for c in children}
+        for generation in (self._serving, self._starting):
+            if generation is not None:
+                generations[generation.number] = generation
+        state = {
+            "listeners": [keep(sock) for sock in queue.sockets()],
+            "children": [dict({name: getattr(c, name) for name in _CHILD_FIELDS},
+                              generation=c.generation.number, state=c.state.value,
+                              queued=list(c.queued), exec_error=c.exec_error.hex(),
+                              channel=keep(c.channel), inbox=keep(c.inbox),
+                              notify=keep(c.notify), exec_report=keep(c.exec_report))
+                         for c in children],
+            "generations": [{"number": g.number, "serving": g.serving,
+                             "slots": [c.pid if c is not None else None for c in g.slots],
+                             "respawn_at": sorted(g.respawn_at.items()),
+                             "backoff": sorted(g.backoff.items()),
+                             "quick_deaths": sorted(g.quick_deaths.items())}
+                            for g in generations.values()],
+            "serving": self._serving.number if self._serving is not None else None,
+            "starting": self._starting.number if self._starting is not None else None,
+            "waiting": [keep(fd) for fd in queue.waiting],
+            "take_back": [c.pid for c in queue.take_back],
+            "deferred": [c.pid for c in queue.deferred],
+            "accept_paused_until": queue.accept_paused_until,
+            **{name: getattr(self, "_" + name) for name in _SUPERVISOR_FIELDS},
+            "forwarded": queue.forwarded, "restarts": self.restarts,
+            "failed_restarts": self.failed_restarts, "crashes": self.crashes,
+            "pending_signals": []}
+        return state, fds
+
+    def _restore_state(self, state: dict) -> None:
+        """Take over what the previous code handed us (export_state())."""
+        parsed = _parse_supervisor_state(state)
+        generations = {}
+        for g in parsed["generations"]:
+            generation = _Generation(g["number"], len(g["slots"]))
+            generation.serving = g["serving"]
+            generation.respawn_at = dict(g["respawn_at"])
+            generation.backoff = dict(g["backoff"])
+            generation.quick_deaths = dict(g["quick_deaths"])
+            generations[g["number"]] = generation
+        by_pid = {}
+        for c in parsed["children"]:
+            child = _Child(c["pid"], c["index"], generations[c["generation"]],
+                           _adopt_socket(c["channel"]), _adopt_socket(c["inbox"]))
+            for name in _CHILD_FIELDS:
+                setattr(child, name, c[name])
+            child.state = c["state"]
+            child.queued = collections.deque(c["queued"])
+            child.exec_error = c["exec_error"]
+            child.notify = _adopt_socket(c["notify"])
+            child.exec_report = _adopt_fd(c["exec_report"])
+            if child.channel is not None:
+                child.on_channel = functools.partial(self._on_channel, child)
+                self._sel.register(child.channel, _IN | (_OUT if child.blocked else 0),
+                                   child.on_channel)
+            if child.notify is not None:
+                self._sel.register(child.notify, _IN, functools.partial(self._on_notify, child))
+            if child.exec_report is not None:
+                self._sel.register(child.exec_report, _IN,
+                                   functools.partial(self._on_exec_report, child))
+            if child.state is not _State.EXITED:
+                self._children[child.pid] = child
+            by_pid[child.pid] = child
+        for g in parsed["generations"]:
+            generations[g["number"]].slots = [by_pid.get(pid) for pid in g["slots"]]
+        self._serving = generations.get(parsed["serving"])
+        self._starting = generations.get(parsed["starting"])
+        for name in _SUPERVISOR_FIELDS:
+            setattr(self, "_" + name, parsed[name])
+        self.restarts, self.failed_restarts = parsed["restarts"], parsed["failed_restarts"]
+        self.crashes = parsed["crashes"]
+        queue = self._queue
+        queue.forwarded = parsed["forwarded"]
+        queue.accept_paused_until = parsed["accept_paused_until"]
+        queue.waiting.extend(_adopt_fd(fd) for fd in parsed["waiting"])
+        queue.take_back = [by_pid[pid] for pid in parsed["take_back"]]
+        self._update_takers()
+        for pid in parsed["deferred"]:
+            queue.check_holders(by_pid[pid])    # watch what still holds its channel anew
+        self._on_event("upgraded", f"upgraded to socketprotector {__version__}")
+        self._handle_signals(bytes(parsed["pending_signals"]))
+
+
     # -- operator requests --------------------------------------------------
 
     def _request_restart(self) -> None:
@@ -2271,6 +2482,170 @@ class _Supervisor:
         child.channel.close()
         child.channel = None
         self._update_takers()
+
+
+# What an upgrade carries over: scalar fields of each child, and the
+# supervisor's own (each as self._NAME).
+_CHILD_FIELDS = ("pid", "index", "started", "ready_at", "retired_at", "report_at", "deadline",
+                 "kill_at", "paused_until", "batch_limit", "blocked", "stalled", "nacked",
+                 "unread", "waiting_since", "reclaimed", "assume_ready_at")
+_SUPERVISOR_FIELDS = ("workers", "generation_count", "ever_ready", "restart_again",
+                      "restart_open")
+_STATE_VERSION = 1          # of what export_state() hands over; the check confirms it
+_STATE_VERSIONS = (1,)      # the versions this code can take over from
+_UPGRADE_CHECK_TIMEOUT = 15.0
+ENV_UPGRADE = "SOCKETPROTECTOR_UPGRADE"     # the descriptor of the state an upgrade hands over
+
+
+def _parse_supervisor_state(state: dict) -> dict:
+    """The supervisor's part of an upgrade's state, checked and typed
+    (KeyError, TypeError or ValueError if it is not what this code expects).
+    The check runs it on the real state before the exec, without descriptors."""
+    def number(value, kind=float):
+        return None if value is None else kind(value)
+
+    def fd(value):
+        return None if value is None else int(value)
+    scalars = {"pid": int, "index": int, "batch_limit": int, "unread": int, "reclaimed": int,
+               "blocked": bool, "stalled": bool, "nacked": bool}
+    children = []
+    for c in state["children"]:
+        child = {name: number(c[name], scalars.get(name, float)) for name in _CHILD_FIELDS}
+        child.update(generation=int(c["generation"]), state=_State(c["state"]),
+                     queued=[int(n) for n in c["queued"]],
+                     exec_error=bytes.fromhex(c["exec_error"]),
+                     channel=fd(c["channel"]), inbox=fd(c["inbox"]), notify=fd(c["notify"]),
+                     exec_report=fd(c["exec_report"]))
+        children.append(child)
+    pids = {c["pid"] for c in children}
+    generations = []
+    for g in state["generations"]:
+        generations.append({
+            "number": int(g["number"]), "serving": bool(g["serving"]),
+            "slots": [None if pid is None else int(pid) for pid in g["slots"]],
+            "respawn_at": [(int(i), float(t)) for i, t in g["respawn_at"]],
+            "backoff": [(int(i), float(t)) for i, t in g["backoff"]],
+            "quick_deaths": [(int(i), int(n)) for i, n in g["quick_deaths"]]})
+    numbers = {g["number"] for g in generations}
+    for c in children:
+        if c["generation"] not in numbers:
+            raise ValueError(f"child {c['pid']} of an unknown generation {c['generation']}")
+    parsed = {
+        "children": children, "generations": generations,
+        "serving": number(state["serving"], int), "starting": number(state["starting"], int),
+        "waiting": [int(n) for n in state["waiting"]],
+        "take_back": [int(p) for p in state["take_back"] if int(p) in pids],
+        "deferred": [int(p) for p in state["deferred"] if int(p) in pids],
+        "accept_paused_until": number(state["accept_paused_until"]),
+        "listeners": [int(n) for n in state["listeners"]],
+        "forwarded": int(state["forwarded"]), "restarts": int(state["restarts"]),
+        "failed_restarts": int(state["failed_restarts"]), "crashes": int(state["crashes"]),
+        "pending_signals": [int(n) for n in state["pending_signals"]],
+        "workers": int(state["workers"]), "generation_count": int(state["generation_count"]),
+        "ever_ready": bool(state["ever_ready"]), "restart_again": bool(state["restart_again"]),
+        "restart_open": bool(state["restart_open"])}
+    for key in ("serving", "starting"):
+        if parsed[key] is not None and parsed[key] not in numbers:
+            raise ValueError(f"the {key} generation {parsed[key]} is unknown")
+    return parsed
+
+
+def _spawn_check(script: str, state: bytes) -> tuple:
+    """Start ``python3 SCRIPT --upgrade-check VERSION`` with the state on its
+    stdin: (pid, the read end of a pipe with its stdout and stderr)."""
+    data = os.memfd_create("socketprotector-state")
+    out_r = out_w = -1
+    try:
+        view = memoryview(state)
+        while view:
+            view = view[os.write(data, view):]
+        os.lseek(data, 0, os.SEEK_SET)
+        out_r, out_w = os.pipe()
+        pid = os.posix_spawn(
+            sys.executable, [sys.executable, script, "--upgrade-check", str(_STATE_VERSION)],
+            os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, data, 0),
+                                      (os.POSIX_SPAWN_DUP2, out_w, 1),
+                                      (os.POSIX_SPAWN_DUP2, out_w, 2)],
+            setsigdef=_HANDLED_SIGNALS, setsigmask=())
+    except BaseException:
+        if out_r >= 0:
+            os.close(out_r)
+        raise
+    finally:
+        os.close(data)
+        if out_w >= 0:
+            os.close(out_w)
+    os.set_blocking(out_r, False)
+    return pid, out_r
+
+
+def _upgrade_check(args: List[str]) -> int:
+    """--upgrade-check VERSION, run by the daemon on the file it would exec:
+    can this code take over from state VERSION (read from stdin)?"""
+    try:
+        version = int(args[0])
+        if version not in _STATE_VERSIONS:
+            print(f"socketprotector {__version__} cannot take over from state version "
+                  f"{version} (it reads {', '.join(map(str, _STATE_VERSIONS))})")
+            return EXIT_FAILURE
+        _parse_supervisor_state(json.load(sys.stdin))
+    except Exception as e:      # any failure is the answer, in one line
+        print(f"socketprotector {__version__} cannot read the state: {type(e).__name__}: {e}")
+        return EXIT_FAILURE
+    print(f"ok {__version__}")
+    return EXIT_OK
+
+
+def _adopt_socket(fd: Optional[int]) -> Optional[socket.socket]:
+    """A socket handed over by an upgrade, close-on-exec again."""
+    if fd is None:
+        return None
+    os.set_inheritable(fd, False)
+    return socket.socket(fileno=fd)
+
+
+def _adopt_fd(fd: Optional[int]) -> Optional[int]:
+    if fd is not None:
+        os.set_inheritable(fd, False)
+    return fd
+
+
+def _exec_self(script: str, state: dict, keep: List[int]) -> str:
+    """Exec the script in this process, handing it ``state`` (in a memfd named
+    by $SOCKETPROTECTOR_UPGRADE) and the descriptors in ``keep``.  Returns only
+    if the exec failed: why, with everything as it was."""
+    data = os.memfd_create("socketprotector-upgrade", 0)
+    try:
+        view = memoryview(json.dumps(state).encode())
+        while view:
+            view = view[os.write(data, view):]
+        os.lseek(data, 0, os.SEEK_SET)
+        for fd in (*keep, data):
+            os.set_inheritable(fd, True)
+        env = dict(os.environ, **{ENV_UPGRADE: str(data)})
+        try:
+            os.execve(sys.executable, [sys.executable, script, *sys.argv[1:]], env)
+        except OSError as e:
+            return f"{sys.executable}: {e.strerror}"
+    finally:
+        for fd in keep:
+            os.set_inheritable(fd, False)
+        os.close(data)
+    return "exec returned"      # never reached
+
+
+def _inherited_state() -> Optional[dict]:
+    """The state an upgrade handed over ($SOCKETPROTECTOR_UPGRADE), or None."""
+    fd_text = os.environ.pop(ENV_UPGRADE, None)
+    if fd_text is None:
+        return None
+    fd = int(fd_text)
+    with open(fd, "rb") as f:
+        state = json.load(f)
+    if state.get("version") not in _STATE_VERSIONS:
+        raise SocketProtectorError(f"upgrade: state version {state.get('version')!r} is not "
+                                   f"one this code reads")
+    return state
 
 
 _LIVE_ROLES = (_State.STARTING, _State.READY, _State.SERVING)
@@ -2642,9 +3017,13 @@ class _PidFile:
     replaced by a new one.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, inherited: Optional[int] = None) -> None:
+        """inherited: the locked descriptor an upgrade handed over."""
         self.path = path
         self._fd = -1
+        if inherited is not None:
+            self._fd = _adopt_fd(inherited)     # the lock came with it
+            return
         while True:
             fd = _open_checked(path, os.O_RDWR | os.O_CREAT, 0o644, "pid file")
             try:
@@ -2700,6 +3079,9 @@ class _PidFile:
     def write(self, pid: int) -> None:
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{pid}\n".encode(), 0)
+
+    def export(self) -> dict:
+        return {"path": self.path, "fd": self._fd}
 
     def release(self) -> None:
         if self._fd < 0:
@@ -2817,16 +3199,29 @@ class _StateFile:
     files there.  Removed on exit.
     """
 
-    def __init__(self, pid_file: str, drain_timeout: Optional[float] = None) -> None:
+    def __init__(self, pid_file: str, drain_timeout: Optional[float] = None,
+                 inherited: Optional[dict] = None) -> None:
+        """inherited: what an upgrade handed over (export()), to go on with."""
         self.path = pid_file + ".state"
         self._restarts: collections.deque = collections.deque(maxlen=8)
+        self._upgrades: collections.deque = collections.deque(maxlen=8)
         self._seq = 0
         self._stopping = False
         self._last = "starting"
         self._snapshot: dict = {}
         self._drain_timeout = drain_timeout
+        if inherited is not None:
+            self._fd = _adopt_fd(inherited["fd"])
+            self._restarts.extend(inherited["restarts"])
+            self._upgrades.extend(inherited["upgrades"])
+            self._seq, self._last = inherited["seq"], inherited["last"]
+            return
         self._fd = _open_checked(self.path, os.O_RDWR | os.O_CREAT, 0o644, "state file")
         self._write(self._last)
+
+    def export(self) -> dict:
+        return {"path": self.path, "fd": self._fd, "restarts": list(self._restarts),
+                "upgrades": list(self._upgrades), "seq": self._seq, "last": self._last}
 
     def on_state(self, snapshot: dict) -> None:
         self._snapshot = dict(snapshot, drain_timeout=self._drain_timeout)
@@ -2839,6 +3234,11 @@ class _StateFile:
                                    "running"])
         elif event == "reloaded" and self._restarts and self._restarts[-1][2] == "running":
             self._restarts[-1][2] = detail
+        elif event == "upgrading":
+            self._upgrades.append([self._upgrades[-1][0] + 1 if self._upgrades else 1,
+                                   time.clock_gettime_ns(time.CLOCK_MONOTONIC), "running"])
+        elif event == "upgraded" and self._upgrades and self._upgrades[-1][2] == "running":
+            self._upgrades[-1][2] = detail
         elif event == "stopping":
             self._stopping = True
         self._last = detail
@@ -2846,6 +3246,7 @@ class _StateFile:
 
     def _write(self, last: str) -> None:
         lines = [f"restart {seq} {start} {outcome}" for seq, start, outcome in self._restarts]
+        lines += [f"upgrade {seq} {start} {outcome}" for seq, start, outcome in self._upgrades]
         lines += [f"stopping {int(self._stopping)}", f"last {last}",
                   f"status {json.dumps(self._snapshot, separators=(',', ':'))}", "end", ""]
         try:
@@ -2885,12 +3286,12 @@ def _read_state(path: str) -> Optional[dict]:
         text = os.read(fd, 65536).decode(errors="replace")
     finally:
         os.close(fd)
-    record: dict = {"restarts": [], "stopping": False, "last": "", "status": {}}
+    record: dict = {"restarts": [], "upgrades": [], "stopping": False, "last": "", "status": {}}
     for line in text.split("\n"):
         key, _, value = line.partition(" ")
-        if key == "restart":
+        if key in ("restart", "upgrade"):
             seq, start, outcome = value.split(" ", 2)
-            record["restarts"].append((int(seq), int(start), outcome))
+            record[key + "s"].append((int(seq), int(start), outcome))
         elif key == "stopping":
             record["stopping"] = value == "1"
         elif key == "last":
@@ -2978,6 +3379,8 @@ def _control(opts: argparse.Namespace) -> int:
                time.monotonic() + wait, f"daemon {pid} still running after SIGTERM")
         _say(f"stopped daemon {pid}")
         return EXIT_OK
+    if opts.upgrade:
+        return _control_upgrade(pid, path)
     wait = opts.ready_timeout + 2 * _KILL_GRACE
     deadline = time.monotonic() + wait
     if _read_state_settled(path, deadline)["stopping"]:
@@ -3018,6 +3421,30 @@ def _control(opts: argparse.Namespace) -> int:
                                       else "(no --drain-timeout: for as long as their "
                                            "clients stay connected)"))
     _say(f"reloaded: {result}")
+    return EXIT_OK
+
+
+def _control_upgrade(pid: int, path: str) -> int:
+    """--upgrade: SIGUSR2, then wait for the outcome of the first upgrade the
+    daemon begins after this instant."""
+    wait = _UPGRADE_CHECK_TIMEOUT + 2 * _KILL_GRACE
+    deadline = time.monotonic() + wait
+    if _read_state_settled(path, deadline)["stopping"]:
+        raise SocketProtectorError(f"daemon {pid} is shutting down")
+    asked = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    _say(f"upgrading daemon {pid} in place; waiting up to {wait:g} s for the new code")
+    _signal_daemon(pid, signal.SIGUSR2)
+
+    def outcome():
+        record = _read_state(path) or {}
+        for _, start, result in record.get("upgrades", ()):
+            if start >= asked and result != "running":
+                return result
+        return None
+    result = _await(outcome, deadline, f"daemon {pid}: upgrade not finished after {wait:g} s")
+    if result.startswith("upgrade refused"):
+        raise SocketProtectorError(result)
+    _say(f"{result} (daemon {pid})")
     return EXIT_OK
 
 
@@ -3176,6 +3603,10 @@ def _build_parser() -> _Parser:
                         help="with --pid-file: stop the running daemon and wait until it is gone")
     parser.add_argument("--status", action="store_true",
                         help="with --pid-file: print the running daemon's status line")
+    parser.add_argument("--upgrade", action="store_true",
+                        help="with --pid-file: make the running daemon replace its own code "
+                             "with the socketprotector.py now on disk, in place; wait and "
+                             "exit 0 once the new code runs, 1 with the reason if it refused")
     parser.add_argument("port", metavar="PORT", nargs="?",
                         help="TCP port to listen on (0 picks a free one and logs it)")
     parser.add_argument("-f", "--foreground", action="store_true",
@@ -3230,7 +3661,7 @@ def _build_parser() -> _Parser:
                         help="set the children's environment from the files in DIR, read "
                              "again for each new child (as daemontools' envdir)")
     parser.add_argument("--log-file", metavar="PATH",
-                        help="log here (detached: the children's output too); SIGUSR2 "
+                        help="log here (detached: the children's output too); SIGUSR1 "
                              "reopens it (default: stderr with -f, else syslog)")
     parser.add_argument("--user", metavar="USER[:GROUP]",
                         help="started as root: bind the port and write the pid file, then "
@@ -3254,7 +3685,7 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
         opts.pid_file = os.path.abspath(opts.pid_file)
     if opts.log_file:
         opts.log_file = os.path.abspath(opts.log_file)
-    actions = [name for name in ("reload", "stop", "status") if getattr(opts, name)]
+    actions = [name for name in ("reload", "stop", "status", "upgrade") if getattr(opts, name)]
     if actions:
         if len(actions) > 1:
             raise UsageError(f"--{actions[0]} and --{actions[1]} cannot be combined")
@@ -3292,14 +3723,26 @@ class _LogFile:
     create a new one after logrotate has moved it away.
     """
 
-    def __init__(self, path: str, owner: Optional[tuple] = None) -> None:
+    def __init__(self, path: str, owner: Optional[tuple] = None,
+                 inherited: Optional[dict] = None) -> None:
+        """inherited: what an upgrade handed over (export()), to go on with."""
         self.path = path
         self._owner = owner         # (uid, gid) it should belong to, or None: ours
-        self.stream = self._open()
+        if inherited is None:
+            self.stream = self._open()
+            self._stdio = False
+        else:
+            self._owner = tuple(inherited["owner"]) if inherited["owner"] else None
+            self.stream = open(_adopt_fd(inherited["fd"]), "a", buffering=1, encoding="utf-8",
+                               errors="replace")
+            self._stdio = inherited["stdio"]
         self.handler = logging.StreamHandler(self.stream)
         self.handler.setFormatter(logging.Formatter(
             "%(asctime)s socketprotector[%(process)d]: %(message)s"))
-        self._stdio = False
+
+    def export(self) -> dict:
+        return {"path": self.path, "fd": self.stream.fileno(), "owner": self._owner,
+                "stdio": self._stdio}
 
     def _open(self):
         owners = (self._owner[0],) if self._owner else ()
@@ -3323,7 +3766,7 @@ class _LogFile:
             os.dup2(self.stream.fileno(), fd)
 
     def reopen(self) -> None:
-        """SIGUSR2, after logrotate moved the file: continue in a new one."""
+        """SIGUSR1, after logrotate moved the file: continue in a new one."""
         try:
             new = self._open()
         except SocketProtectorError as e:
@@ -3363,6 +3806,9 @@ def _install_signals(wakeup: socket.socket) -> None:
     signal.set_wakeup_fd(wakeup.fileno(), warn_on_full_buffer=False)
     for sig in _HANDLED_SIGNALS:
         signal.signal(sig, _ignore_signal)
+    # After an upgrade they come blocked (held pending through the exec):
+    # what arrived meanwhile is delivered now, to the handlers above.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)
 
 
 def _ignore_signal(signum, frame) -> None:
@@ -3371,34 +3817,49 @@ def _ignore_signal(signum, frame) -> None:
 
 def _serve(opts: argparse.Namespace) -> None:
     """Everything after parsing, in order: what needs root (pid file, port, log
-    file), then detach, then drop privileges, then supervise."""
-    cwd = _working_directory(opts.chdir)
-    _resolve_command(opts.command[0], cwd)      # fail before detaching
-    if opts.envdir:
-        _read_envdir(opts.envdir)
-    user = _resolve_user(opts.user) if opts.user else None
-    log_file = (_LogFile(opts.log_file, (user[0].pw_uid, user[1]) if user else None)
-                if opts.log_file else None)
+    file), then detach, then drop privileges, then supervise.  After an
+    upgrade (the same process, the new code) all of it is taken over instead."""
+    inherited = _inherited_state()
+    script = inherited["script"] if inherited else os.path.abspath(sys.argv[0])
+    if inherited:
+        cwd = inherited["cwd"]
+    else:
+        cwd = _working_directory(opts.chdir)
+        _resolve_command(opts.command[0], cwd)      # fail before detaching
+        if opts.envdir:
+            _read_envdir(opts.envdir)
+    user = _resolve_user(opts.user) if opts.user and not inherited else None
+    owner = (user[0].pw_uid, user[1]) if user else None
+    log_file = (_LogFile(inherited["log_file"]["path"], inherited=inherited["log_file"])
+                if inherited and inherited["log_file"] else
+                _LogFile(opts.log_file, owner) if opts.log_file else None)
     _configure_logging(opts, log_file)
-    pid_file = _PidFile(opts.pid_file) if opts.pid_file else None
+    pid_file = (_PidFile(inherited["pid_file"]["path"], inherited["pid_file"]["fd"])
+                if inherited and inherited["pid_file"] else
+                _PidFile(opts.pid_file) if opts.pid_file else None)
     launcher = notifier = state_file = None
     listeners: List[socket.socket] = []
     made: List[tuple] = []          # Unix sockets we created, to remove at exit
     try:
-        listeners = _activated_listeners()
-        activated = bool(listeners)
-        if not listeners:
-            listeners = _open_listeners(opts, (user[0].pw_uid, user[1]) if user else None,
-                                        made)
+        if inherited:
+            listeners = [_adopt_socket(fd) for fd in inherited["supervisor"]["listeners"]]
+            activated, made = inherited["activated"], [tuple(m) for m in inherited["made"]]
+        else:
+            listeners = _activated_listeners()
+            activated = bool(listeners)
+            if not listeners:
+                listeners = _open_listeners(opts, owner, made)
         for sock in listeners:
             # Activation: the children get them as systemd passes them, blocking.
             sock.setblocking(opts.handoff == "activation")
-        if not opts.foreground:
+        if not opts.foreground and not inherited:
             launcher = _Launcher(opts.ready_timeout)
             launcher.detach()
             if log_file is not None:
                 log_file.take_stdio()
-        if pid_file is not None:
+        if inherited and inherited["state_file"]:
+            state_file = _StateFile(pid_file.path, opts.drain_timeout, inherited["state_file"])
+        elif pid_file is not None:
             pid_file.write(os.getpid())
             state_file = _StateFile(pid_file.path, opts.drain_timeout)
         _become_subreaper()     # imports ctypes: before --user may lose access to it
@@ -3408,8 +3869,22 @@ def _serve(opts: argparse.Namespace) -> None:
             notifier = _SystemdNotifier(os.environ["NOTIFY_SOCKET"])
         sinks = [sink.on_event for sink in (launcher, notifier, state_file)
                  if sink is not None]
-        _log.info("listening on %s%s", ", ".join(map(_format_address, listeners)),
-                  " (socket activation)" if activated else "")
+        if inherited:
+            _log.info("socketprotector %s took over from %s (upgrade in place, pid %d)",
+                      __version__, inherited["from"], os.getpid())
+        else:
+            _log.info("listening on %s%s", ", ".join(map(_format_address, listeners)),
+                      " (socket activation)" if activated else "")
+
+        def exec_upgrade(supervisor_state: dict, fds: List[int]) -> str:
+            """Hand everything to the new code and exec it; why not, if it failed."""
+            files = [f.export() if f is not None else None
+                     for f in (pid_file, state_file, log_file)]
+            state = {"version": _STATE_VERSION, "from": __version__, "script": script,
+                     "cwd": cwd, "activated": activated, "made": made,
+                     "pid_file": files[0], "state_file": files[1], "log_file": files[2],
+                     "supervisor": supervisor_state}
+            return _exec_self(script, state, [*fds, *(f["fd"] for f in files if f)])
         wake_r, wake_w = socket.socketpair()
         with wake_r, wake_w:
             wake_r.setblocking(False)
@@ -3421,12 +3896,14 @@ def _serve(opts: argparse.Namespace) -> None:
                 wakeup=wake_r, handoff=opts.handoff, hang_timeout=opts.hang_timeout,
                 backlog=opts.backlog, workers=opts.workers, envdir=opts.envdir,
                 on_event=lambda event, detail: [sink(event, detail) for sink in sinks],
-                on_sigusr2=log_file.reopen if log_file else lambda: None,
+                on_reopen=log_file.reopen if log_file else lambda: None,
                 on_state=state_file.on_state if state_file else lambda snapshot: None,
                 output=None if opts.foreground else
                 f"its output is in {log_file.path}" if log_file else
                 "its output went to /dev/null: pass --log-file to keep it",
-                ready_delay=opts.ready_delay, stop_signal=opts.stop_signal)
+                ready_delay=opts.ready_delay, stop_signal=opts.stop_signal, script=script,
+                on_upgrade=exec_upgrade,
+                restore=inherited["supervisor"] if inherited else None)
             try:
                 supervisor.run()
             finally:
@@ -3535,13 +4012,15 @@ def _drop_privileges(entry, gid: int) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the daemon; return the exit code (0 ok, 1 runtime failure, 2 usage)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--upgrade-check"]:
+        return _upgrade_check(argv[1:])
     if sys.version_info < (3, 9):
         print(f"socketprotector: needs Python 3.9 or newer, not "
               f"{sys.version_info[0]}.{sys.version_info[1]}", file=sys.stderr)
         return EXIT_FAILURE
     try:
         opts = _parse_args(argv)
-        if opts.reload or opts.stop or opts.status:
+        if opts.reload or opts.stop or opts.status or opts.upgrade:
             return _control(opts)
         _serve(opts)
     except UsageError as e:

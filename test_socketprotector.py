@@ -1370,7 +1370,7 @@ class DaemonModeTest(ProtectorTestCase):
 
     def test_log_file_gets_the_daemon_log_and_the_childrens_output(self):
         """Detached with --log-file: the daemon's lines and its children's stderr go
-        there; after logrotate moves it, SIGUSR2 starts a new one."""
+        there; after logrotate moves it, SIGUSR1 starts a new one."""
         self.set_flag("SP_TEST_ORPHAN")     # makes the child print a line to stderr
         self.assertEqual(self.start_detached(), (0, []))
         pid = read_pid(self.pid_file)
@@ -1378,7 +1378,7 @@ class DaemonModeTest(ProtectorTestCase):
         self.assertRegex(log, r"\d\d:\d\d:\d\d,\d+ socketprotector\[\d+\]: listening on ")
         self.assertRegex(log, r"(?m)^grandchild \d+$")
         os.rename(self.log_file, self.log_file + ".1")
-        os.kill(pid, signal.SIGUSR2)
+        os.kill(pid, signal.SIGUSR1)
         wait_until(lambda: os.path.exists(self.log_file) and "reopened log file" in
                    self.read_log(), "the daemon to reopen its log file")
         self.assertEqual(self.run_protector("--reload", "--pid-file", self.pid_file)[0], 0)
@@ -1536,7 +1536,9 @@ class DaemonModeTest(ProtectorTestCase):
                                      r"1 socket open; no --drain-timeout: it may run as long "
                                      r"as its clients stay connected", self.read_log()),
                    "the report on the retired child", timeout=15)
-        self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file)[0], 0)
+        held.close()
+        code, lines = self.run_protector("--stop", "--pid-file", self.pid_file)
+        self.assertEqual((code, lines), (0, []), self.stdout)
 
     def test_child_failing_at_start_fails_the_launcher(self):
         """The launcher reports a child that died before it was ready; nothing is left."""
@@ -3219,8 +3221,7 @@ while not stopping.is_set():
         threading.Thread(target=serve, args=(conn,)).start()
 for listener in listeners:
     listener.close()
-print("stopped by", signal.Signals(got[0]).name, "pid", os.getpid(), file=sys.stderr,
-      flush=True)
+os.write(2, b"stopped by %s pid %d\n" % (signal.Signals(got[0]).name.encode(), os.getpid()))
 '''
 
 
@@ -3584,7 +3585,7 @@ class PrivilegeTest(ProtectorTestCase):
         st = os.stat(log)
         self.assertEqual((st.st_uid, st.st_mode & 0o777), (65534, 0o640))
         os.rename(log, log + ".1")
-        os.kill(pid, signal.SIGUSR2)
+        os.kill(pid, signal.SIGUSR1)
         wait_until(lambda: os.path.exists(log) and "reopened log file" in open(log).read(),
                    "the daemon to start a new log file")
         self.assertEqual(os.stat(log).st_uid, 65534)
