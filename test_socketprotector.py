@@ -672,7 +672,7 @@ class Daemon:
     """socketprotector in the foreground, in its own session, on 127.0.0.1:0."""
 
     def __init__(self, test, *options, command=None, env=None, preexec_fn=None, prefix=(),
-                 bind="127.0.0.1", cwd=None):
+                 bind="127.0.0.1", cwd=None, script=DAEMON):
         self.test = test
         command = command or [sys.executable, test.app]
         if "--pid-file" in options:
@@ -682,7 +682,7 @@ class Daemon:
             test.daemons = getattr(test, "daemons", 0) + 1
             self.pid_file = os.path.join(test.tmp, f"daemon-{test.daemons}.pid")
             options = ("--pid-file", self.pid_file, *options)
-        argv = [*prefix, sys.executable, DAEMON, "-f", *(["--bind", bind] if bind else []),
+        argv = [*prefix, sys.executable, script, "-f", *(["--bind", bind] if bind else []),
                 *test.OPTIONS, *options, "0", "--", *command]
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -3467,6 +3467,143 @@ class ThirdPartyServerTest(ProtectorTestCase):
                 self.assertEqual([s for s in load.statuses if s != 200], [], daemon.log())
                 daemon.signal(signal.SIGTERM)
                 self.assertEqual(daemon.wait(), 0, daemon.log())
+
+
+class UpgradeTest(ProtectorTestCase):
+    """SIGUSR2 / --upgrade: socketprotector replaces its own code in place."""
+
+    def setUp(self):
+        super().setUp()
+        self.script = os.path.join(self.tmp, "socketprotector.py")
+        shutil.copy(DAEMON, self.script)
+
+    def install(self, text):
+        """A new socketprotector.py, replaced whole as a deploy would."""
+        with open(self.script + ".new", "w") as f:
+            f.write(text)
+        os.replace(self.script + ".new", self.script)
+
+    def upgrade(self, daemon):
+        """--upgrade (run from the original file): (exit code, stderr lines)."""
+        return self.run_protector("--upgrade", "--pid-file", daemon.pid_file,
+                                  timeout=TIMEOUT * 4)
+
+    def test_ten_upgrades_under_load_lose_nothing(self):
+        """Ten upgrades in a row while clients connect: no session fails, the
+        pid stays, the children started before are still served, restarted,
+        signalled and reaped, and the daemon holds as many descriptors as
+        before."""
+        daemon = Daemon(self, script=self.script)
+        pids = daemon.generation()
+        before = fd_count(daemon.pid)       # quiescent: no connection in the daemon
+        held = connect(daemon.port)
+        self.addCleanup(held.close)
+        first = int(ask(held, b"pid"))
+        load = Load(daemon.port, threads=4)
+        self.addCleanup(load.stop)
+        load.wait_for(20)
+        for n in range(1, 11):
+            self.assertEqual(self.upgrade(daemon), (0, []))
+            self.assertEqual(self.stdout[-1], f"socketprotector: upgraded to socketprotector "
+                                              f"{socketprotector.__version__} (daemon "
+                                              f"{daemon.pid})")
+            self.assertEqual(daemon.count(r"took over from .* \(upgrade in place, pid "
+                                          rf"{daemon.pid}\)"), n)
+            load.wait_for(10)
+        load.stop()
+        self.assertEqual(load.failures, [], daemon.log())
+        self.assertEqual(ask(held, b"still here"), b"still here")
+        wait_until(lambda: fd_count(daemon.pid) == before,
+                   f"the daemon's descriptors back to {before} (now {fd_count(daemon.pid)})")
+        self.assertEqual(sorted(json_loads_status(daemon)), sorted(pids))
+        daemon.restart_generation()         # a restart after the upgrades
+        held.close()
+        daemon.wait_line(rf"child {first}( \(worker \d\))? exited with status 0 \(retiring\)")
+        self.assertNoZombies(daemon)
+        self.assertHandoff(daemon)
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+        for pid in pids:
+            self.assertFalse(alive(pid))
+
+    def test_a_newer_file_takes_over_and_broken_ones_are_refused(self):
+        """A file with a new version takes over (and says so); a syntax error,
+        an empty file and one that raises at import are refused with one line,
+        --upgrade exits 1, and the old code keeps serving."""
+        daemon = Daemon(self, script=self.script)
+        daemon.generation()
+        good = open(DAEMON).read()
+        broken = [("a syntax error", good + "\ndef broken(:\n",
+                   r"SyntaxError: .* \(.*socketprotector\.py, line \d+\)"),
+                  ("an empty file", "", r".*socketprotector\.py did not answer the check"),
+                  ("an exception at import", "raise RuntimeError('this build is broken')\n",
+                   r"RuntimeError: this build is broken")]
+        for what, text, reason in broken:
+            with self.subTest(what):
+                self.install(text)
+                code, lines = self.upgrade(daemon)
+                self.assertEqual(code, 1)
+                self.assertOneLineError(lines, rf"upgrade refused: {reason}")
+                with connect(daemon.port) as s:
+                    self.assertEqual(ask(s, b"still"), b"still")
+        self.install(good.replace(f'__version__ = "{socketprotector.__version__}"',
+                                  '__version__ = "99.0.0"'))
+        self.assertEqual(self.upgrade(daemon), (0, []))
+        self.assertEqual(self.stdout[-1], f"socketprotector: upgraded to socketprotector 99.0.0 "
+                                          f"(daemon {daemon.pid})")
+        daemon.wait_line(rf"socketprotector 99.0.0 took over from "
+                         rf"{re.escape(socketprotector.__version__)}")
+        with connect(daemon.port) as s:
+            self.assertEqual(ask(s, b"after"), b"after")
+
+    def test_signals_during_an_upgrade_are_kept(self):
+        """SIGHUP and then SIGTERM arriving while the daemon upgrades: none is
+        lost, the restart happens, and the daemon ends as the last one asked,
+        having served every session."""
+        daemon = Daemon(self, script=self.script)
+        old = daemon.generation()
+        load = Load(daemon.port, threads=4)
+        self.addCleanup(load.stop)
+        load.wait_for(20)
+        mark = daemon.mark()
+        daemon.signal(signal.SIGUSR2)
+        daemon.wait_line(r"upgrade: socketprotector .* takes over", mark)
+        daemon.signal(signal.SIGHUP)        # in the middle: the exec is under way
+        new = daemon.generation(mark)       # the restart it asked for, by the new code
+        self.assertEqual(set(new) & set(old), set())
+        daemon.wait_line(r"took over from", mark)
+        load.wait_for(20)
+        daemon.signal(signal.SIGTERM)
+        daemon.signal(signal.SIGUSR2)       # refused: shutting down
+        load.stop()
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+        self.assertEqual(load.failures, [], daemon.log())
+
+    def test_as_pid_1_an_upgrade_keeps_the_namespace_serving(self):
+        """As PID 1 of a pid namespace (a container), the daemon upgrades in
+        place: PID 1 stays, and so does the service."""
+        if os.geteuid() != 0 or not shutil.which("unshare"):
+            self.skipTest("needs root and unshare(1)")
+        daemon = Daemon(self, prefix=["unshare", "--pid", "--fork", "--kill-child"],
+                        script=self.script)
+        daemon.pid = wait_until(lambda: children_of(daemon.proc.pid)[:1],
+                                "the daemon inside the namespace")[0]
+        daemon.generation()
+        mark = daemon.mark()
+        daemon.signal(signal.SIGUSR2)
+        daemon.wait_line(r"socketprotector\[1\]: socketprotector .* took over from", mark)
+        with connect(daemon.port) as s:
+            self.assertEqual(ask(s, b"in the container"), b"in the container")
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+
+
+class ListenerUpgradeTest(UpgradeTest):
+    OPTIONS = ("--handoff", "listener")
+
+
+class WorkersUpgradeTest(UpgradeTest):
+    OPTIONS = ("--workers", "3")
 
 
 class PrivilegeTest(ProtectorTestCase):
