@@ -37,6 +37,17 @@ ready, and b"D" at shutdown ("accept the backlog before you let go").  End
 of stream from the daemon means "take no more": the child finishes and
 exits.  A child that stops receiving shuts down its end for writing.
 
+Activation mode (--handoff activation) needs no library at all: the child
+gets the listening sockets as descriptors 3.. with LISTEN_FDS and
+LISTEN_PID, as systemd passes them, and reports readiness with sd_notify
+READY=1 (or after --ready-delay).  -n N runs N workers per generation.
+
+Signals: HUP restarts (start-first), TERM/INT shut down gracefully (twice:
+at once), USR1 reopens --log-file, USR2 re-executes the socketprotector.py
+now on disk in this same process, keeping listeners, children and queues
+(--upgrade waits for it), TTIN/TTOU add or remove a worker.  --status
+prints the status line.
+
 Exit codes: 0 after a clean shutdown, 1 for a runtime failure (port in use,
 command not found, first child failed to start), 2 for bad usage.
 """
@@ -3594,8 +3605,9 @@ def _build_parser() -> _Parser:
         description="Keep TCP PORT listening and hand its connections to COMMAND; "
                     "SIGHUP restarts COMMAND without refusing a connection.",
         epilog="Signals: HUP restarts the child (start-first), TERM/INT shut down "
-               "(twice: at once), USR1 logs a status line.  Exit codes: 0 clean "
-               "shutdown, 1 runtime failure, 2 bad usage.")
+               "(twice: at once), USR1 reopens --log-file, USR2 upgrades "
+               "socketprotector in place, TTIN/TTOU add or remove a worker.  Exit "
+               "codes: 0 clean shutdown, 1 runtime failure, 2 bad usage.")
     parser.add_argument("--reload", action="store_true",
                         help="with --pid-file: restart the running daemon's child and wait; "
                              "exit 1 if the new child failed (the old one still serves)")
