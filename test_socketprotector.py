@@ -178,6 +178,11 @@ main()
 # ---------------------------------------------------------------------------
 
 
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
 def wait_until(predicate, what, timeout=TIMEOUT, interval=0.01):
     """Poll predicate until it returns something true; fail naming `what`."""
     deadline = time.monotonic() + timeout
@@ -3532,7 +3537,7 @@ class UpgradeTest(ProtectorTestCase):
         --upgrade exits 1, and the old code keeps serving."""
         daemon = Daemon(self, script=self.script)
         daemon.generation()
-        good = open(DAEMON).read()
+        good = read_text(DAEMON)
         broken = [("a syntax error", good + "\ndef broken(:\n",
                    r"SyntaxError: .* \(.*socketprotector\.py, line \d+\)"),
                   ("an empty file", "", r".*socketprotector\.py did not answer the check"),
@@ -3723,7 +3728,7 @@ class PrivilegeTest(ProtectorTestCase):
         self.assertEqual((st.st_uid, st.st_mode & 0o777), (65534, 0o640))
         os.rename(log, log + ".1")
         os.kill(pid, signal.SIGUSR1)
-        wait_until(lambda: os.path.exists(log) and "reopened log file" in open(log).read(),
+        wait_until(lambda: os.path.exists(log) and "reopened log file" in read_text(log),
                    "the daemon to start a new log file")
         self.assertEqual(os.stat(log).st_uid, 65534)
         self.assertEqual(self.run_protector("--stop", "--pid-file", pid_file)[0], 0)
