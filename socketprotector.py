@@ -88,7 +88,7 @@ import struct
 import sys
 import termios
 import time
-from typing import Callable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -3396,22 +3396,11 @@ def _control(opts: argparse.Namespace) -> int:
     deadline = time.monotonic() + wait
     if _read_state_settled(path, deadline)["stopping"]:
         raise SocketProtectorError(f"daemon {pid} is shutting down")
-    # Our restart is the first the daemon begins after this instant: a
-    # restart already under way does not count, and a SIGHUP it folds into
-    # "one more restart" begins later.
-    asked = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     _say(f"reloading daemon {pid}; waiting up to {wait:g} s for the new children to be ready")
-    _signal_daemon(pid, signal.SIGHUP)
-    record = {}
-
-    def outcome():
-        record.update(_read_state(path) or {})
-        for _, start, result in record.get("restarts", ()):
-            if start >= asked and result != "running":
-                return result
-        return "stopping" if record.get("stopping") else None
-    result = _await(outcome, deadline,
-                    f"daemon {pid}: restart not finished after {opts.ready_timeout:g} s")
+    record: Dict[str, Any] = {}
+    result = _signal_and_await(pid, path, signal.SIGHUP, "restarts", deadline, record,
+                               f"daemon {pid}: restart not finished after "
+                               f"{opts.ready_timeout:g} s")
     if result == "stopping":
         raise SocketProtectorError(f"daemon {pid} began shutting down before it restarted")
     if result.startswith("restart failed"):
@@ -3442,17 +3431,11 @@ def _control_upgrade(pid: int, path: str) -> int:
     deadline = time.monotonic() + wait
     if _read_state_settled(path, deadline)["stopping"]:
         raise SocketProtectorError(f"daemon {pid} is shutting down")
-    asked = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     _say(f"upgrading daemon {pid} in place; waiting up to {wait:g} s for the new code")
-    _signal_daemon(pid, signal.SIGUSR2)
-
-    def outcome():
-        record = _read_state(path) or {}
-        for _, start, result in record.get("upgrades", ()):
-            if start >= asked and result != "running":
-                return result
-        return None
-    result = _await(outcome, deadline, f"daemon {pid}: upgrade not finished after {wait:g} s")
+    result = _signal_and_await(pid, path, signal.SIGUSR2, "upgrades", deadline, {},
+                               f"daemon {pid}: upgrade not finished after {wait:g} s")
+    if result == "stopping":
+        raise SocketProtectorError(f"daemon {pid} began shutting down before it upgraded")
     if result.startswith("upgrade refused"):
         raise SocketProtectorError(result)
     _say(f"{result} (daemon {pid})")
@@ -3482,6 +3465,29 @@ def _process_gone(pid: int) -> bool:
         except ProcessLookupError:
             return True
         return False
+
+
+def _signal_and_await(pid: int, path: str, signum: int, kind: str, deadline: float,
+                      record: Dict[str, Any], failure: str) -> str:
+    """Send signum, then wait for the outcome of the first of the state
+    file's `kind` records (restarts, upgrades) the daemon begins after this
+    instant: one already under way does not count, and a signal it folds
+    into "one more" begins later.  "stopping" if it shuts down first;
+    record keeps the last state read."""
+    asked = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    _signal_daemon(pid, signum)
+
+    def outcome():
+        record.update(_read_state(path) or {})
+        for _, start, result in record.get(kind, ()):
+            if start >= asked and result != "running":
+                return result
+        if record.get("stopping"):
+            return "stopping"
+        if _process_gone(pid):
+            raise SocketProtectorError(f"daemon {pid} exited")
+        return None
+    return _await(outcome, deadline, failure)
 
 
 def _await(condition: Callable[[], object], deadline: float, failure: str):

@@ -1449,6 +1449,23 @@ class DaemonModeTest(ProtectorTestCase):
         self.clear_flag("SP_TEST_FAIL")
         self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file)[0], 0)
 
+    def test_reload_says_so_at_once_when_the_daemon_dies_meanwhile(self):
+        """The daemon is killed while --reload waits for a new child that takes
+        a minute to be ready: --reload says the daemon exited, well before
+        its own deadline, instead of waiting for it."""
+        self.assertEqual(self.start_detached()[0], 0)
+        pid = read_pid(self.pid_file)
+        self.set_flag("SP_TEST_DELAY", "60")
+        reload = self.start_session([sys.executable, DAEMON, "--reload", "--pid-file",
+                                     self.pid_file], stdout=subprocess.PIPE)
+        self.addCleanup(reload.stdout.close)
+        wait_until(lambda: os.path.exists(self.flags["SP_TEST_DELAY"] + ".sleeping"),
+                   "the new child to be waiting")
+        os.kill(pid, signal.SIGKILL)
+        _, err = reload.communicate(timeout=TIMEOUT)
+        self.assertEqual(reload.returncode, 1)
+        self.assertOneLineError(err.decode().splitlines(), rf"daemon {pid} exited$")
+
     def test_reload_names_the_worker_of_a_broken_generation(self):
         """With three workers, --reload exits 1 naming the worker that failed;
         the old generation keeps serving."""
