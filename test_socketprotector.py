@@ -888,6 +888,19 @@ class ProtectorTestCase(unittest.TestCase):
         self.assertNotIn("Traceback", "\n".join(lines))
         self.assertRegex(lines[line], r"^socketprotector: " + pattern)
 
+    def restarts_under_load(self, daemon, restarts, sessions=20, load=None):
+        """Load (closed-loop, 4 threads unless given) while the daemon restarts
+        `restarts` times, `sessions` sessions before the first and after each;
+        the load, stopped."""
+        load = load or Load(daemon.port, threads=4)
+        self.addCleanup(load.stop)
+        load.wait_for(sessions)
+        for _ in range(restarts):
+            daemon.restart()
+            load.wait_for(sessions)
+        load.stop()
+        return load
+
     def under_load(self, *options, threads=4, sessions=20):
         """A daemon whose child serves closed-loop load: (daemon, load) once
         `sessions` sessions have completed."""
@@ -3086,13 +3099,7 @@ class AsyncioTest(ProtectorTestCase):
         failed session; each generation finishes what it had and exits 0."""
         daemon = Daemon(self, command=[sys.executable, ASYNCIO_EXAMPLE])
         first = daemon.serving()
-        load = Load(daemon.port, threads=4)
-        self.addCleanup(load.stop)
-        load.wait_for(20)
-        for _ in range(4):
-            daemon.restart()
-            load.wait_for(30)
-        load.stop()
+        load = self.restarts_under_load(daemon, 4, sessions=30)
         self.assertEqual(load.failures, [], daemon.log())
         daemon.wait_line(rf"child {first} exited with status 0 \(retiring\)")
         self.assertHandoff(daemon)
@@ -3270,13 +3277,7 @@ class ActivationTest(ProtectorTestCase):
             self.assertEqual(ask(s, b"fdnames"), b"socketprotector")
             self.assertEqual(ask(s, b"env SOCKETPROTECTOR_FD"), b"-")
             self.assertRegex(ask(s, b"env NOTIFY_SOCKET").decode(), r"^@socketprotector/")
-        load = Load(daemon.port, threads=4)
-        self.addCleanup(load.stop)
-        load.wait_for(20)
-        for _ in range(3):
-            daemon.restart()
-            load.wait_for(30)
-        load.stop()
+        load = self.restarts_under_load(daemon, 3, sessions=30)
         self.assertEqual(load.failures, [], daemon.log())
         daemon.wait_line(rf"^stopped by SIGTERM pid {first}$")
         self.assertEqual(daemon.forwarded(), 0)
@@ -3440,13 +3441,7 @@ class ThirdPartyServerTest(ProtectorTestCase):
             with self.subTest(server=name):
                 daemon = Daemon(self, *options, command=command)
                 daemon.serving()
-                load = HttpLoad(daemon.port)
-                self.addCleanup(load.stop)
-                load.wait_for(20)
-                for _ in range(3):
-                    daemon.restart()
-                    load.wait_for(20)
-                load.stop()
+                load = self.restarts_under_load(daemon, 3, load=HttpLoad(daemon.port))
                 failed = [s for s in load.statuses if s != 200]
                 if name == "uvicorn":
                     # uvicorn's own race: its graceful shutdown closes the
