@@ -1451,7 +1451,7 @@ class _Supervisor:
             self._pump()            # after an upgrade nothing else may wake us to start
             self._publish()
             timeout = self._timeout()
-            while self._children or not self._stopping:
+            while self._children or self._upgrade is not None or not self._stopping:
                 events = poll(timeout)
                 # The common case in one step: only a connection to pass on,
                 # to the one child taking them, and no deadline due yet.
@@ -2382,6 +2382,11 @@ class _Supervisor:
                 if child.state in _LIVE_ROLES:
                     self._retire(child)
             self._starting = None
+        upgrade = self._upgrade
+        if upgrade is not None and not upgrade["killed"]:
+            upgrade["killed"] = True        # reaped before we exit, like any child
+            os.kill(upgrade["pid"], signal.SIGKILL)
+            self._upgrade_refused("shutting down")
         self._pump()
 
     def _terminate_all(self, why: Optional[str]) -> None:

@@ -237,6 +237,20 @@ def children_of(pid):
     return [p for p in all_pids() if (proc_stat(p) or (None, None))[1] == pid]
 
 
+def checks_of(script):
+    """Processes checking `script` for an upgrade (--upgrade-check)."""
+    found = []
+    for pid in all_pids():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"--upgrade-check" in argv and os.fsencode(script) in argv:
+            found.append(pid)
+    return found
+
+
 def zombies_of(pid):
     return [p for p in children_of(pid) if (proc_stat(p) or ("",))[0] == "Z"]
 
@@ -3571,9 +3585,9 @@ class UpgradeTest(ProtectorTestCase):
             self.assertEqual(ask(s, b"after"), b"after")
 
     def test_signals_during_an_upgrade_are_kept(self):
-        """SIGHUP and then SIGTERM arriving while the daemon upgrades: none is
-        lost, the restart happens, and the daemon ends as the last one asked,
-        having served every session."""
+        """A SIGHUP arriving while the daemon execs is not lost: the new code
+        restarts, and not one session fails.  A SIGTERM during a second exec:
+        the new code shuts down."""
         daemon = Daemon(self, script=self.script)
         old = daemon.generation()
         load = Load(daemon.port, threads=4)
@@ -3587,11 +3601,31 @@ class UpgradeTest(ProtectorTestCase):
         self.assertEqual(set(new) & set(old), set())
         daemon.wait_line(r"took over from", mark)
         load.wait_for(20)
-        daemon.signal(signal.SIGTERM)
-        daemon.signal(signal.SIGUSR2)       # refused: shutting down
-        load.stop()
-        self.assertEqual(daemon.wait(), 0, daemon.log())
+        load.stop()                         # before the port closes
         self.assertEqual(load.failures, [], daemon.log())
+        mark = daemon.mark()
+        daemon.signal(signal.SIGUSR2)
+        daemon.wait_line(r"upgrade: socketprotector .* takes over", mark)
+        daemon.signal(signal.SIGTERM)       # blocked: it waits for the new code
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+        log = daemon.log()[mark:]
+        self.assertIn("SIGTERM: shutting down", log[log.index(" took over from "):])
+
+    def test_shutting_down_ends_an_upgrade_check_under_way(self):
+        """SIGTERM while the new file is being checked: the check is ended
+        and reaped, the upgrade refused, and the daemon exits at once rather
+        than leave the check running behind it."""
+        daemon = Daemon(self, script=self.script)
+        daemon.generation()
+        self.install("import time\ntime.sleep(60)\n" + read_text(DAEMON))
+        mark = daemon.mark()
+        daemon.signal(signal.SIGUSR2)
+        daemon.wait_line(r"upgrade: checking .* \(pid \d+\)", mark)
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+        daemon.wait_line(r"upgrade refused: shutting down; socketprotector .* keeps running",
+                         mark)
+        self.assertEqual(checks_of(self.script), [])
 
     def test_as_pid_1_an_upgrade_keeps_the_namespace_serving(self):
         """As PID 1 of a pid namespace (a container), the daemon upgrades in
