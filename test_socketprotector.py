@@ -3459,12 +3459,17 @@ class ThirdPartyServerTest(ProtectorTestCase):
                 failed = [s for s in load.statuses if s != 200]
                 if name == "uvicorn":
                     # uvicorn's own race: its graceful shutdown closes the
-                    # connections it has accepted but not yet read a request
-                    # from (uvicorn/server.py, shutdown()), so one accepted
-                    # in that instant is reset, under systemd too.  Measured:
-                    # 7 in 117,020 requests over 40 restarts.  Nothing else.
-                    resets = [s for s in failed if s.startswith("ConnectionResetError")]
-                    self.assertLessEqual(len(resets), 3, daemon.log())
+                    # connections it has accepted but not yet parsed a
+                    # request from (server.py shutdown(), then the protocol's
+                    # shutdown(): no cycle yet, transport.close()), so one
+                    # accepted in that instant is closed, under systemd too:
+                    # reset if the request had arrived, else closed with no
+                    # response.  Measured: 20 in 342,746 requests over 80
+                    # restarts (12 reset, 8 with no response), about one in
+                    # four restarts.  Nothing else, and at most two a restart.
+                    resets = [s for s in failed if s.startswith(("ConnectionResetError",
+                                                                 "RemoteDisconnected"))]
+                    self.assertLessEqual(len(resets), 2 * 3, daemon.log())
                     failed = [s for s in failed if s not in resets]
                 self.assertEqual(failed, [], daemon.log())
                 self.assertGreater(len(load.statuses), 60)
