@@ -910,6 +910,7 @@ class _Listener:
         waiting.register(sock, select.POLLIN)
         self.more = waiting.poll
         self.quota = 0                      # at shutdown: how many are left to accept
+        self.address = _format_address(sock)    # for the status, once
 
 
 class _ConnectionQueue:
@@ -953,7 +954,7 @@ class _ConnectionQueue:
         self._debug = _log.isEnabledFor(logging.DEBUG)
 
     def addresses(self) -> List[str]:
-        return [_format_address(listener.sock) for listener in self.listeners]
+        return [listener.address for listener in self.listeners]
 
     def sockets(self) -> List[socket.socket]:
         return [listener.sock for listener in self.listeners]
@@ -1064,13 +1065,16 @@ class _ConnectionQueue:
 
     def forward_at_once(self, listener: _Listener) -> bool:
         """The common case in one step: the listener is readable, our queue is
-        empty, and one child takes connections and can now, with nothing to
-        track (no --hang-timeout).  Accept what waits and send it at once.
+        empty, and a child takes connections and can now (the one, or the
+        least loaded of several), with no --hang-timeout to watch.  Accept
+        what waits and send it at once.
         False, with nothing lost, where that does not hold: then the general
         path runs (and meets any accept error itself)."""
-        if (self.waiting or len(self.takers) != 1 or self._track or self.stopping
-                or not self.listening or self._accept_error):
+        if (self.waiting or not self.takers or self._hang_timeout is not None
+                or self.stopping or not self.listening or self._accept_error):
             return False
+        if len(self.takers) > 1:
+            return self._forward_to_least_loaded(listener)
         child = self.takers[0]
         if child.blocked or child.stalled or child.paused_until:
             return False
@@ -1102,6 +1106,27 @@ class _ConnectionQueue:
             _close(fd)          # the child's queue holds them now
         self.forwarded += len(fds)
         return True
+
+    def _forward_to_least_loaded(self, listener: _Listener) -> bool:
+        """forward_at_once() with several takers: what waits, in one message,
+        to the least loaded; False if it could not go (it waits in our queue
+        for the general path, which meets any error itself)."""
+        now = time.monotonic()
+        child = self._least_loaded(now)
+        if child is None:
+            return False
+        waiting, accept = self.waiting, listener.accept
+        try:
+            waiting.append(accept()[0])
+            limit, more = child.batch_limit, listener.more
+            while len(waiting) < limit and more(0):
+                waiting.append(accept()[0])
+        except BlockingIOError:
+            if not waiting:
+                return True     # someone else's wake-up: nothing to do
+        except OSError:
+            return False
+        return self._send(child, now) and not waiting
 
     def pump(self) -> None:
         """Send waiting connections to the takers, the least loaded first."""
@@ -1454,7 +1479,7 @@ class _Supervisor:
             while self._children or self._upgrade is not None or not self._stopping:
                 events = poll(timeout)
                 # The common case in one step: only a connection to pass on,
-                # to the one child taking them, and no deadline due yet.
+                # to a child taking them, and no deadline due yet.
                 if len(events) == 1 and events[0][0] in listeners:
                     now = _monotonic()
                     deadline = self._next_deadline
@@ -1652,12 +1677,10 @@ class _Supervisor:
         """Hand the state to on_state: at once when more than the count of
         connections forwarded changed, else at most a second late (``due``:
         that second is over; the fast path schedules it too, see run())."""
-        snapshot = self.snapshot()
-        if snapshot == self._published:
+        snapshot, old = self.snapshot(), self._published
+        if snapshot == old:
             return
-        shape = {k: v for k, v in snapshot.items() if k != "forwarded"}
-        old = {k: v for k, v in (self._published or {}).items() if k != "forwarded"}
-        if due or shape != old:
+        if due or old is None or dict(snapshot, forwarded=old["forwarded"]) != old:
             self._published = snapshot
             self._on_state(snapshot)
         elif self._publish_at is None:
