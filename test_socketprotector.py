@@ -1209,6 +1209,31 @@ class RestartTest(ProtectorTestCase):
         load.stop()
         self.assertEqual(load.failures, [])
 
+    def test_counts_are_published_after_the_last_connection(self):
+        """The fast path publishes the count of connections by a timer, not
+        at the next wake-up: once a burst ends, with nothing else happening,
+        the status counts every connection.  Then a backlog piled up while
+        the daemon was frozen, after those lone accepts (which make the fast
+        path stop looking for batches for a while): every one is served."""
+        daemon = Daemon(self, command=[sys.executable, EVENT_LOOP_SERVER, "0"])
+        daemon.serving()
+        for i in range(30):
+            with connect(daemon.port) as s:
+                s.sendall(b"lone %d\n" % i)
+                self.assertEqual(read_line(s), b"lone %d\n" % i)
+        wait_until(lambda: daemon.forwarded() == 30, "the status to count 30 connections")
+        daemon.signal(signal.SIGSTOP)
+        self.addCleanup(lambda: daemon.signal(signal.SIGCONT) if alive(daemon.pid) else None)
+        clients = []
+        self.addCleanup(lambda: [c.close() for c in clients])
+        for i in range(100):
+            clients.append(connect(daemon.port))
+            clients[-1].sendall(b"piled %d\n" % i)
+        daemon.signal(signal.SIGCONT)
+        for i, c in enumerate(clients):
+            self.assertEqual(read_line(c), b"piled %d\n" % i, daemon.log())
+        wait_until(lambda: daemon.forwarded() == 130, "the status to count 130 connections")
+
     def test_a_signal_to_a_new_child_before_exec_is_not_the_daemons(self):
         """A signal that reaches a new child between fork and exec acts on the
         child (here: SIGUSR1 kills it), not on the daemon, whose handlers
