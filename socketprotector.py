@@ -915,21 +915,26 @@ class _Listener:
         self.unlooked = 0                   # fast path: accepts left before looking again
         self.address = _format_address(sock)    # for the status, once
 
-
-def _worth_looking(listener: _Listener) -> bool:
-    """Fast path, after an accept: look for more in the backlog (a poll()
-    each time) while the last look found some, else only every
-    _LOOK_EVERY-th time.  At low concurrency there is never more, and the
-    look cost 3 us per connection here; at high concurrency batches resume
-    within a few connections (epoll wakes at once for what is left)."""
-    if listener.unlooked:
-        listener.unlooked -= 1
-        return False
-    return True
-
-
-def _looked(listener: _Listener, taken: int) -> None:
-    listener.unlooked = 0 if taken > 1 else _LOOK_EVERY - 1
+    def accept_more(self, fds, limit: int) -> None:
+        """Fast path, after one accept into fds: what else waits, up to limit
+        in all, for the same message.  It looks (a poll() each time) while
+        the last look found some, else only every _LOOK_EVERY-th time: at
+        low concurrency there is never more, and the look cost 3 us per
+        connection here; at high concurrency batches resume within a few
+        connections (epoll wakes at once for what is left).  Accept errors
+        other than EAGAIN are raised, as accept() raises them."""
+        if limit <= 1:
+            return
+        if self.unlooked:
+            self.unlooked -= 1
+            return
+        more, accept = self.more, self.accept
+        try:
+            while len(fds) < limit and more(0):
+                fds.append(accept()[0])
+        except BlockingIOError:
+            pass
+        self.unlooked = 0 if len(fds) > 1 else _LOOK_EVERY - 1
 
 
 class _ConnectionQueue:
@@ -1104,18 +1109,11 @@ class _ConnectionQueue:
             return True         # someone else's wake-up: nothing to do
         except OSError:
             return False
-        limit = child.batch_limit
-        if limit > 1 and _worth_looking(listener):  # what else waits, in one message
-            more = listener.more
-            try:
-                while len(fds) < limit and more(0):
-                    fds.append(accept()[0])
-            except BlockingIOError:
-                pass
-            except OSError:
-                self.waiting.extend(fds)
-                return False
-            _looked(listener, len(fds))
+        try:
+            listener.accept_more(fds, child.batch_limit)    # it takes batches: one message
+        except OSError:
+            self.waiting.extend(fds)
+            return False
         try:
             child.channel.sendmsg([self._message], [(_SOL_SOCKET, _SCM_RIGHTS, _fd_array(fds))],
                                   _SEND_FLAGS)
@@ -1138,16 +1136,11 @@ class _ConnectionQueue:
         waiting, accept = self.waiting, listener.accept
         try:
             waiting.append(accept()[0])
-            limit, more = child.batch_limit, listener.more
-            if limit > 1 and _worth_looking(listener):
-                while len(waiting) < limit and more(0):
-                    waiting.append(accept()[0])
-                _looked(listener, len(waiting))
+            listener.accept_more(waiting, child.batch_limit)
         except BlockingIOError:
-            if not waiting:
-                return True     # someone else's wake-up: nothing to do
+            return True         # someone else's wake-up: nothing to do
         except OSError:
-            return False
+            return False        # what was accepted waits for the general path
         return self._send(child, now) and not waiting
 
     def pump(self) -> None:
