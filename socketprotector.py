@@ -1585,12 +1585,9 @@ class _Supervisor:
         if self._stop_deadline is not None and now >= self._stop_deadline:
             self._stop_deadline = None
             self._terminate_all(f"after --stop-timeout {self._stop_timeout:g} s")
-        upgrade = self._upgrade
-        if upgrade is not None and not upgrade["killed"] and now >= upgrade["deadline"]:
-            upgrade["killed"] = True        # reaped later, like any child
-            os.kill(upgrade["pid"], signal.SIGKILL)
-            self._upgrade_refused(f"the check of {self._script} did not finish within "
-                                  f"{_UPGRADE_CHECK_TIMEOUT:g} s")
+        if self._upgrade is not None and now >= self._upgrade["deadline"]:
+            self._end_check(f"the check of {self._script} did not finish within "
+                            f"{_UPGRADE_CHECK_TIMEOUT:g} s")
         self._queue.check_deadlines(now)
 
     def _pump(self) -> None:
@@ -2244,6 +2241,15 @@ class _Supervisor:
         self._upgrade_refused(f"cannot exec: {reason}")
         self._handle_signals(pending)
 
+    def _end_check(self, reason: str) -> None:
+        """Kill the check under way, if any, and refuse the upgrade.  It is
+        reaped like any child (and the loop runs until it is)."""
+        upgrade = self._upgrade
+        if upgrade is not None and not upgrade["killed"]:
+            upgrade["killed"] = True
+            os.kill(upgrade["pid"], signal.SIGKILL)
+            self._upgrade_refused(reason)
+
     def _upgrade_refused(self, reason: str) -> None:
         _log.error("upgrade refused: %s; socketprotector %s keeps running", reason, __version__)
         self._on_event("upgraded", f"upgrade refused: {reason}")
@@ -2435,11 +2441,7 @@ class _Supervisor:
                 if child.state in _LIVE_ROLES:
                     self._retire(child)
             self._starting = None
-        upgrade = self._upgrade
-        if upgrade is not None and not upgrade["killed"]:
-            upgrade["killed"] = True        # reaped before we exit, like any child
-            os.kill(upgrade["pid"], signal.SIGKILL)
-            self._upgrade_refused("shutting down")
+        self._end_check("shutting down")
         self._pump()
 
     def _terminate_all(self, why: Optional[str]) -> None:
