@@ -2621,16 +2621,26 @@ def _parse_supervisor_state(state: dict) -> dict:
     return parsed
 
 
+def _memfd_holding(name: str, data: bytes) -> int:
+    """A close-on-exec memory file holding data, read from its start."""
+    fd = os.memfd_create(name)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _spawn_check(script: str, state: bytes) -> tuple:
     """Start ``python3 SCRIPT --upgrade-check VERSION`` with the state on its
     stdin: (pid, the read end of a pipe with its stdout and stderr)."""
-    data = os.memfd_create("socketprotector-state")
+    data = _memfd_holding("socketprotector-state", state)
     out_r = out_w = -1
     try:
-        view = memoryview(state)
-        while view:
-            view = view[os.write(data, view):]
-        os.lseek(data, 0, os.SEEK_SET)
         out_r, out_w = os.pipe()
         pid = os.posix_spawn(
             sys.executable, [sys.executable, script, "--upgrade-check", str(_STATE_VERSION)],
@@ -2685,12 +2695,8 @@ def _exec_self(script: str, state: dict, keep: List[int]) -> str:
     """Exec the script in this process, handing it ``state`` (in a memfd named
     by $SOCKETPROTECTOR_UPGRADE) and the descriptors in ``keep``.  Returns only
     if the exec failed: why, with everything as it was."""
-    data = os.memfd_create("socketprotector-upgrade", 0)
+    data = _memfd_holding("socketprotector-upgrade", json.dumps(state).encode())
     try:
-        view = memoryview(json.dumps(state).encode())
-        while view:
-            view = view[os.write(data, view):]
-        os.lseek(data, 0, os.SEEK_SET)
         for fd in (*keep, data):
             os.set_inheritable(fd, True)
         env = dict(os.environ, **{ENV_UPGRADE: str(data)})
