@@ -623,6 +623,14 @@ def _backlog_length(listener: socket.socket) -> Optional[int]:
     return int.from_bytes(info[24:28], sys.byteorder) if len(info) >= 28 else None
 
 
+def _proc_stat(path: str) -> List[bytes]:
+    """The fields of a /proc/.../stat file after the command name, which may
+    hold spaces and parentheses: [state, ppid, ...].  OSError if it is gone."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return data[data.rindex(b")") + 2:].split()
+
+
 def _processes_holding(inode: int) -> List[int]:
     """Our descendants, other than us, with the socket `inode` open.
 
@@ -635,10 +643,8 @@ def _processes_holding(inode: int) -> List[int]:
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    data = f.read()
-                below[int(data[data.rindex(b")") + 2:].split()[1])].append(int(name))
-            except (OSError, ValueError):
+                below[int(_proc_stat(f"/proc/{name}/stat")[1])].append(int(name))
+            except (OSError, ValueError, IndexError):
                 pass    # gone meanwhile
     target = f"socket:[{inode}]"
     holders, todo = [], list(below[me])
@@ -2747,10 +2753,8 @@ def _descends_from(pid: int, ancestor: int) -> bool:
         if pid <= 1:
             return False
         try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                data = f.read()
-            pid = int(data[data.rindex(b")") + 2:].split()[1])
-        except (OSError, ValueError):
+            pid = int(_proc_stat(f"/proc/{pid}/stat")[1])
+        except (OSError, ValueError, IndexError):
             return False
     return False
 
@@ -2772,10 +2776,8 @@ def _frozen(pid: int, wait: float = 0.05) -> bool:
         try:
             states = []
             for tid in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                    data = f.read()
-                states.append(data[data.rindex(b")") + 2:data.rindex(b")") + 3])
-        except (OSError, ValueError):
+                states.append(_proc_stat(f"/proc/{pid}/task/{tid}/stat")[0])
+        except (OSError, ValueError, IndexError):
             return False
         if states and all(state in (b"T", b"t") for state in states):
             return True
@@ -3521,8 +3523,7 @@ def _say(line: str) -> None:
 def _process_gone(pid: int) -> bool:
     """Whether a process (not our child) is gone, or only a zombie awaiting its reaper."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] == "Z"
+        return _proc_stat(f"/proc/{pid}/stat")[0] == b"Z"
     except FileNotFoundError:
         return True
     except OSError:
