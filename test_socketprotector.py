@@ -839,7 +839,11 @@ class Daemon:
         return self.status()["forwarded"]
 
     def wait(self, timeout=TIMEOUT):
-        code = self.proc.wait(timeout)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the daemon still runs after {timeout:g} s:\n"
+                                 f"{self.log()}") from None
         self._reader.join(timeout)
         return code
 
@@ -3507,7 +3511,14 @@ class ThirdPartyServerTest(ProtectorTestCase):
                 self.assertEqual(failed, [], daemon.log())
                 self.assertGreater(len(load.statuses), 60)
                 daemon.signal(signal.SIGTERM)
-                self.assertEqual(daemon.wait(), 0, daemon.log())
+                # gunicorn's own race: a SIGTERM that reaches a worker it is
+                # still forking is lost (until init_signals() the worker has
+                # the master's handler, which only queues it), and the master
+                # then waits --graceful-timeout (30 s) for that worker.  A
+                # restart within a second of a start, on a loaded machine,
+                # hits it.  Our --stop-timeout (10 s) and SIGKILL 5 s later
+                # end it: that is the bound to wait for.
+                self.assertEqual(daemon.wait(TIMEOUT * 2), 0, daemon.log())
 
     def test_a_broken_build_leaves_the_old_one_serving(self):
         """A new build whose app fails to import: --reload exits 1, and the old
