@@ -3770,6 +3770,8 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
         opts.pid_file = os.path.abspath(opts.pid_file)
     if opts.log_file:
         opts.log_file = os.path.abspath(opts.log_file)
+    if opts.envdir:
+        opts.envdir = os.path.abspath(opts.envdir)     # the detached daemon runs in /
     actions = [name for name in ("reload", "stop", "status", "upgrade") if getattr(opts, name)]
     if actions:
         if len(actions) > 1:
@@ -4048,19 +4050,39 @@ def _read_envdir(path: str) -> dict:
     for name in names:
         if name.startswith(".") or "=" in name:
             continue
-        try:
-            with open(os.path.join(path, name), "rb") as f:
-                data = f.read(65536)
-        except IsADirectoryError:
+        data = _read_envdir_file(path, name)
+        if data is None:
             continue
-        except OSError as e:
-            raise _SpawnError(f"cannot read --envdir {path}/{name}: {e.strerror}") from None
         if not data:
             env[name] = None
             continue
         value = data.split(b"\n", 1)[0].rstrip(b" \t").replace(b"\0", b"\n")
         env[name] = os.fsdecode(value)
     return env
+
+
+def _read_envdir_file(path: str, name: str) -> Optional[bytes]:
+    """The start of one --envdir file; None for a directory, and None with a
+    line for anything else that is not a regular file.  Opened without
+    blocking: a FIFO there must not stop the daemon's loop."""
+    where = os.path.join(path, name)
+    try:
+        fd = os.open(where, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        if e.errno == errno.EISDIR:
+            return None
+        raise _SpawnError(f"cannot read --envdir {where}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                _log.warning("--envdir: skipped %s: not a regular file", where)
+            return None
+        try:
+            return os.read(fd, 65536)
+        except OSError as e:
+            raise _SpawnError(f"cannot read --envdir {where}: {e.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def _resolve_user(spec: str) -> tuple:

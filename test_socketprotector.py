@@ -3045,6 +3045,45 @@ class DeploymentTest(ProtectorTestCase):
         with connect(daemon.port) as s:
             self.assertEqual(ask(s, b"env SP_GREETING"), b"goodbye")
 
+    def test_a_fifo_in_the_envdir_is_skipped_not_waited_on(self):
+        """A FIFO in --envdir (nobody writes it): the restart that reads the
+        envdir again completes, the FIFO is named once, and SIGTERM still
+        stops the daemon (a blocking open() froze the whole loop)."""
+        envdir = os.path.join(self.tmp, "env")
+        os.mkdir(envdir)
+        with open(os.path.join(envdir, "SP_GREETING"), "w") as f:
+            f.write("hello")
+        daemon = Daemon(self, "--envdir", envdir)
+        daemon.serving()
+        os.mkfifo(os.path.join(envdir, "SP_PIPE"))
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(r"--envdir: skipped .*/env/SP_PIPE: not a regular file", mark)
+        daemon.wait_line(r"child \d+ ready; child \d+ retiring", mark)
+        with connect(daemon.port) as s:
+            self.assertEqual(ask(s, b"env SP_GREETING"), b"hello")
+            self.assertEqual(ask(s, b"env SP_PIPE"), b"-")
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(), 0)
+
+    def test_a_relative_envdir_works_for_a_detached_daemon(self):
+        """--envdir env, relative, without -f: the detached daemon (which runs
+        in /) still reads the directory the user named."""
+        envdir = os.path.join(self.tmp, "env")
+        os.mkdir(envdir)
+        with open(os.path.join(envdir, "SP_GREETING"), "w") as f:
+            f.write("relative")
+        pid_file = os.path.join(self.tmp, "sp.pid")
+        port = free_port()
+        code, lines = self.run_protector("--pid-file", pid_file, "--bind", "127.0.0.1",
+                                         "--envdir", "env", "--log-file", "sp.log",
+                                         str(port), "--", sys.executable, "app.py")
+        if os.path.exists(pid_file):
+            self.addCleanup(kill_session, proc_stat(read_pid(pid_file))[2])
+        self.assertEqual((code, lines), (0, []), read_text(os.path.join(self.tmp, "sp.log")))
+        with connect(port) as s:
+            self.assertEqual(ask(s, b"env SP_GREETING"), b"relative")
+
     def test_a_child_never_ready_at_start_is_explained(self):
         """A first child that never becomes ready (a server not written for
         socketprotector): the error says what ready means."""
