@@ -631,12 +631,16 @@ def _proc_stat(path: str) -> List[bytes]:
     return data[data.rindex(b")") + 2:].split()
 
 
-def _processes_holding(inode: int) -> List[int]:
-    """Our descendants, other than us, with the socket `inode` open.
+def _processes_holding(inode: int, ours=()) -> List[int]:
+    """Our descendants, other than us and the processes in ``ours``, with the
+    socket `inode` open.
 
     The daemon is their subreaper (or PID 1), so what a child forked stays
-    below us even once the child is gone.  Only run when a child that left
-    connections unreceived has exited: it reads every process's stat.
+    below us even once the child is gone.  ``ours`` are the processes the
+    daemon started itself: between fork and exec they hold a copy of every
+    descriptor the daemon has, which the exec closes, so they are never a
+    holder.  Only run when a child that left connections unreceived has
+    exited: it reads every process's stat.
     """
     me = os.getpid()
     below: dict = collections.defaultdict(list)
@@ -651,6 +655,8 @@ def _processes_holding(inode: int) -> List[int]:
     while todo:
         pid = todo.pop()
         todo += below[pid]
+        if pid in ours:
+            continue
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
@@ -957,7 +963,8 @@ class _ConnectionQueue:
 
     def __init__(self, sel: _Poller, listeners: List[socket.socket], *,
                  forwarding: bool, backlog: int, hang_timeout: Optional[float],
-                 hung_up: Callable[[_Child], None]) -> None:
+                 hung_up: Callable[[_Child], None],
+                 own_pids: Callable[[], Any] = tuple) -> None:
         self._sel = sel
         self.listeners = [_Listener(sock) for sock in listeners]
         self.by_fd = {listener.fd: listener for listener in self.listeners}
@@ -965,6 +972,7 @@ class _ConnectionQueue:
         self._backlog = backlog
         self._hang_timeout = hang_timeout
         self._hung_up = hung_up                  # the supervisor's: a child's channel broke
+        self.own_pids = own_pids                 # the processes the daemon started itself
         families = {sock.family for sock in listeners}
         # One family: the message names it, and the child need not ask
         # each socket; several: 0, and it does.
@@ -1344,7 +1352,8 @@ class _ConnectionQueue:
         theirs until they are gone.  True while any holds it."""
         holders = []
         if child.inbox is not None and _unread_bytes(child.inbox):
-            holders = _processes_holding(os.fstat(child.inbox.fileno()).st_ino)
+            holders = _processes_holding(os.fstat(child.inbox.fileno()).st_ino,
+                                         self.own_pids())
         if not holders:
             self._stop_watching_holders(child)
             if child in self.deferred:
@@ -1459,7 +1468,7 @@ class _Supervisor:
         self._wakeup = wakeup
         self._queue = _ConnectionQueue(self._sel, listeners, forwarding=self._forwarding,
                                        backlog=backlog, hang_timeout=hang_timeout,
-                                       hung_up=self._channel_closed)
+                                       hung_up=self._channel_closed, own_pids=self._own_pids)
         self._children: dict = {}                # pid -> _Child, until reaped
         self._serving: Optional[_Generation] = None
         self._starting: Optional[_Generation] = None    # begun, not yet complete
@@ -1477,6 +1486,13 @@ class _Supervisor:
         # What systemd meant for the daemon is not for the children.
         self._child_env = {k: v for k, v in os.environ.items() if k not in _DAEMON_ONLY_ENV}
         self._child_env[ENV_HANDOFF] = handoff
+
+    def _own_pids(self) -> set:
+        """Every process this daemon started and has not reaped."""
+        pids = set(self._children)
+        if self._upgrade is not None:
+            pids.add(self._upgrade["pid"])
+        return pids
 
     @property
     def forwarded(self) -> int:
@@ -2137,7 +2153,8 @@ class _Supervisor:
         child.signal(signal.SIGSTOP)
         readers = {child.pid}   # and whatever else holds its channel (a forked server)
         if child.inbox is not None:
-            readers.update(_processes_holding(os.fstat(child.inbox.fileno()).st_ino))
+            readers.update(_processes_holding(os.fstat(child.inbox.fileno()).st_ino,
+                                              self._own_pids()))
         if all(_frozen(pid) for pid in readers):
             self._queue.reclaim(child)
         self._terminate(child)          # else what it holds comes back when it exits

@@ -2851,6 +2851,39 @@ class WorkersTest(ProtectorTestCase):
         self.assertEqual(daemon.count(r"starting another in"), 0, daemon.log())
         self.assertNoZombies(daemon)
 
+    def test_two_workers_killed_at_once_give_back_both_queues(self):
+        """Two of three workers die together with connections queued for
+        them.  The first one's replacement, forked but not yet exec'd (the
+        fork is made to last 2 s), holds a copy of every daemon descriptor,
+        the second one's channel too: it is the daemon's own child, not a
+        process the dead worker started, so both queues come back at once
+        and the third worker serves every client."""
+        if not self.forwarding:
+            self.skipTest("forwarding: channel queues")
+        daemon = Daemon(self, env={"LD_PRELOAD": fault_shim(self),
+                                   "SP_FAULT_FORK_DELAY_MS": "2000"})
+        pids = daemon.generation()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        survivor = pids[2]
+        self.addCleanup(lambda: os.kill(survivor, signal.SIGCONT) if alive(survivor) else None)
+        clients = []
+        for _ in range(12):
+            c = connect(daemon.port)
+            self.addCleanup(c.close)
+            c.sendall(b"pid\n")
+            clients.append(c)
+        wait_until(lambda: daemon.forwarded() >= 12, "12 connections queued for the workers")
+        mark = daemon.mark()
+        for pid in pids[:2]:
+            os.kill(pid, signal.SIGKILL)
+        for pid in pids[:2]:
+            daemon.wait_line(rf"child {pid} had not taken \d+ connections?; they go to ", mark)
+        os.kill(survivor, signal.SIGCONT)
+        for c in clients:
+            self.assertIn(int(read_line(c)), {survivor, *daemon.child_pids()[3:]})
+        self.assertEqual(daemon.count(r"still holds its channel"), 0, daemon.log())
+
     def test_a_hung_worker_is_replaced_and_its_queue_redelivered(self):
         """--hang-timeout with three workers: one stops (SIGSTOP); the others
         serve on, and once it is found hung what waits in its queue is taken
