@@ -1414,6 +1414,163 @@ class _ConnectionQueue:
 
 
 # ---------------------------------------------------------------------------
+# The daemon: what an upgrade carries across its exec
+# ---------------------------------------------------------------------------
+#
+# One declaration per class: which attributes cross the exec and how
+# (_Kind), and which do not and why.  Export, the check's typed reading and
+# the restore are all derived from it, and a test compares the declaration
+# with the attributes live objects really have, so a field added and not
+# declared fails it.
+
+
+class _Kind:
+    """How one kind of attribute crosses the exec: dump (to JSON, keeping its
+    descriptors open through keep()), load (typed, from JSON: the upgrade
+    check runs this on the real state, without descriptors), adopt (what
+    load gave, as live objects in the new process; refs finds children by
+    pid and generations by number)."""
+
+    def __init__(self, dump, load, adopt=None) -> None:
+        self.dump, self.load = dump, load
+        self.adopt = adopt or (lambda value, refs: value)
+
+
+def _optional(convert):
+    return lambda value: None if value is None else convert(value)
+
+
+def _as_is(value, keep):
+    return value
+
+
+def _table(convert) -> _Kind:
+    """A dict slot -> number, as sorted pairs."""
+    return _Kind(lambda value, keep: sorted(value.items()),
+                 lambda pairs: {int(k): convert(v) for k, v in pairs})
+
+
+_INT = _Kind(_as_is, int)
+_FLAG = _Kind(_as_is, bool)
+_NUMBER = _Kind(_as_is, _optional(float))           # times (CLOCK_MONOTONIC) and the like
+_FD = _Kind(lambda fd, keep: keep(fd), _optional(int), lambda fd, refs: _adopt_fd(fd))
+_SOCKET = _Kind(lambda sock, keep: keep(sock), _optional(int),
+                lambda fd, refs: _adopt_socket(fd))
+_FDS = _Kind(lambda fds, keep: [keep(fd) for fd in fds], lambda fds: [int(fd) for fd in fds],
+             lambda fds, refs: collections.deque(_adopt_fd(fd) for fd in fds))
+_STATE = _Kind(lambda state, keep: state.value, _State)
+_COUNTS = _Kind(lambda counts, keep: list(counts), lambda counts: [int(n) for n in counts],
+                lambda counts, refs: collections.deque(counts))
+_HEX = _Kind(lambda data, keep: data.hex(), bytes.fromhex)
+_GENERATION = _Kind(lambda g, keep: None if g is None else g.number, _optional(int),
+                    lambda number, refs: None if number is None else refs["generations"][number])
+_SLOTS = _Kind(lambda slots, keep: [None if c is None else c.pid for c in slots],
+               lambda pids: [None if pid is None else int(pid) for pid in pids],
+               lambda pids, refs: [None if pid is None else refs["children"].get(pid)
+                                   for pid in pids])
+_CHILDREN = _Kind(lambda children, keep: [c.pid for c in children],
+                  lambda pids: [int(pid) for pid in pids],
+                  lambda pids, refs: [refs["children"][pid] for pid in pids
+                                      if pid in refs["children"]])
+
+
+def _fields(prefix: str = "", **kinds: _Kind) -> dict:
+    """{state key: (attribute, kind)}; the attribute is the key after prefix."""
+    return {key: (prefix + key, kind) for key, kind in kinds.items()}
+
+
+_CHILD_STATE = _fields(
+    pid=_INT, index=_INT, generation=_GENERATION, state=_STATE, started=_NUMBER,
+    ready_at=_NUMBER, retired_at=_NUMBER, report_at=_NUMBER, deadline=_NUMBER,
+    kill_at=_NUMBER, paused_until=_NUMBER, batch_limit=_INT, blocked=_FLAG, stalled=_FLAG,
+    nacked=_FLAG, queued=_COUNTS, unread=_INT, waiting_since=_NUMBER, reclaimed=_INT,
+    exec_error=_HEX, assume_ready_at=_NUMBER,
+    channel=_SOCKET, inbox=_SOCKET, notify=_SOCKET, exec_report=_FD)
+_GENERATION_STATE = _fields(
+    number=_INT, serving=_FLAG, slots=_SLOTS, respawn_at=_table(float),
+    backoff=_table(float), quick_deaths=_table(int))
+_QUEUE_STATE = _fields(
+    waiting=_FDS, take_back=_CHILDREN, deferred=_CHILDREN, accept_paused_until=_NUMBER,
+    forwarded=_INT)
+_SUPERVISOR_STATE = {
+    **_fields("_", workers=_INT, generation_count=_INT, ever_ready=_FLAG,
+              restart_again=_FLAG, restart_open=_FLAG),
+    **_fields("_", serving=_GENERATION, starting=_GENERATION),
+    **_fields(restarts=_INT, failed_restarts=_INT, crashes=_INT)}
+
+# Everything else each object holds, and why it need not cross.
+_GIVEN = "given again: the command line, or made by the new process"
+_NOT_CARRIED = {
+    "child": {"on_channel": "its selector callback, made anew",
+              "holders": "watched anew: check_holders() after the restore"},
+    "generation": {},
+    "queue": dict.fromkeys(
+        ("_sel", "listeners", "by_fd", "_forwarding", "_backlog", "_hang_timeout",
+         "_hung_up", "own_pids", "_message", "_debug"), _GIVEN) | {
+        "takers": "derived from the children's states",
+        "_track": "derived from the takers",
+        "_turn": "where the next tie-break starts: any place will do",
+        "listening": "derived: accepting resumes as the takers allow",
+        "_accept_error": "a repeated warning may be logged once more",
+        "stopping": "never: an upgrade is refused while shutting down",
+        "holders_check_at": "set again by check_holders()"},
+    "supervisor": dict.fromkeys(
+        ("_script", "_on_upgrade", "_restore", "_on_reopen", "_on_state", "_output",
+         "_envdir", "_forwarding", "_activation", "_ready_delay", "_stop_signal",
+         "_command", "_cwd", "_ready_timeout", "_drain_timeout", "_stop_timeout",
+         "_hang_timeout", "_on_event", "_sel", "_wakeup", "_child_env"), _GIVEN) | {
+        "_queue": "carried as its own fields (_QUEUE_STATE)",
+        "_children": "carried as the list of children",
+        "_upgrade": "none: the exec happens once the check is over",
+        "_exec_due": "none: this is the exec",
+        "_published": "published anew", "_publish_due": "published anew",
+        "_stopping": "never: an upgrade is refused while shutting down",
+        "_stop_deadline": "none: not shutting down",
+        "_next_deadline": "computed anew", "_error": "none while running"}}
+_CARRIED = {"child": _CHILD_STATE, "generation": _GENERATION_STATE, "queue": _QUEUE_STATE,
+            "supervisor": _SUPERVISOR_STATE}
+
+
+def _dump(obj, fields: dict, keep) -> dict:
+    return {key: kind.dump(getattr(obj, attr), keep) for key, (attr, kind) in fields.items()}
+
+
+def _load(data: dict, fields: dict) -> dict:
+    return {key: kind.load(data[key]) for key, (_, kind) in fields.items()}
+
+
+def _adopt(obj, loaded: dict, fields: dict, refs: dict) -> None:
+    for key, (attr, kind) in fields.items():
+        setattr(obj, attr, kind.adopt(loaded[key], refs))
+
+
+_STATE_VERSION = 1          # of what export_state() hands over; the check confirms it
+_STATE_VERSIONS = (1,)      # the versions this code can take over from
+_UPGRADE_CHECK_TIMEOUT = 15.0
+ENV_UPGRADE = "SOCKETPROTECTOR_UPGRADE"     # the descriptor of the state an upgrade hands over
+
+
+def _load_state(state: dict) -> dict:
+    """An upgrade's state for the supervisor, checked and typed (KeyError,
+    TypeError or ValueError if it is not what this code expects).  The
+    check runs it on the real state before the exec, without descriptors."""
+    loaded = _load(state, {**_SUPERVISOR_STATE, **_QUEUE_STATE})
+    loaded["children"] = [_load(c, _CHILD_STATE) for c in state["children"]]
+    loaded["generations"] = [_load(g, _GENERATION_STATE) for g in state["generations"]]
+    loaded["listeners"] = [int(fd) for fd in state["listeners"]]
+    # Signals the exec interrupted (written by versions that carried them).
+    loaded["pending_signals"] = [int(n) for n in state.get("pending_signals", ())]
+    numbers = {g["number"] for g in loaded["generations"]}
+    for c in loaded["children"]:
+        if c["generation"] not in numbers:
+            raise ValueError(f"child {c['pid']} of an unknown generation {c['generation']}")
+    for key in ("serving", "starting"):
+        if loaded[key] is not None and loaded[key] not in numbers:
+            raise ValueError(f"the {key} generation {loaded[key]} is unknown")
+    return loaded
+
+
+# ---------------------------------------------------------------------------
 # The daemon: the supervisor
 # ---------------------------------------------------------------------------
 
@@ -1445,6 +1602,7 @@ class _Supervisor:
         self._on_upgrade = on_upgrade   # hands everything over and execs; or says why not
         self._restore = restore     # the state an upgrade handed us, to take over from
         self._upgrade: Optional[dict] = None    # the check under way: pid, pipe, output
+        self._exec_due: Optional[str] = None    # the check passed: exec this version next
         self._on_reopen = on_reopen
         self._on_state = on_state
         self._published: Optional[dict] = None
@@ -1514,6 +1672,13 @@ class _Supervisor:
             self._publish()
             timeout = self._timeout()
             while self._children or self._upgrade is not None or not self._stopping:
+                if self._exec_due is not None:
+                    # At the top of the loop, the batch that decided it all handled.
+                    self._exec_upgrade()    # returns if signals came first, or it failed
+                    self._pump()
+                    self._publish()
+                    timeout = self._timeout()
+                    continue
                 events = poll(timeout)
                 # The common case in one step: only a connection to pass on,
                 # to a child taking them, and no deadline due yet.
@@ -1788,10 +1953,7 @@ class _Supervisor:
         else:
             theirs.close()
             theirs = None
-        child = _Child(pid, index, generation, ours, theirs)
-        child.on_channel = functools.partial(self._on_channel, child)
-        self._sel.register(ours, _IN, child.on_channel)
-        return self._started(child, report_fd)
+        return self._started(_Child(pid, index, generation, ours, theirs), report_fd)
 
     def _spawn_activated(self, generation: _Generation, index: int, executable: str) -> _Child:
         """--handoff activation: the child gets our listening sockets as fds 3,
@@ -1820,7 +1982,6 @@ class _Supervisor:
             raise
         child = _Child(pid, index, generation, None, None)
         child.notify = notify
-        self._sel.register(notify, _IN, functools.partial(self._on_notify, child))
         if self._ready_delay is not None:
             child.assume_ready_at = child.started + self._ready_delay
         return self._started(child, report_fd)
@@ -1846,8 +2007,7 @@ class _Supervisor:
         # Whether exec worked is read from the loop: waiting for it here would
         # stop accepting for milliseconds at every restart.
         child.exec_report = report_fd
-        self._sel.register(report_fd, _IN,
-                           functools.partial(self._on_exec_report, child))
+        self._register_child(child)
         _log.info("%s started: %s", self._name(child), " ".join(self._command))
         return child
 
@@ -2188,7 +2348,7 @@ class _Supervisor:
         disk, in this process.  First a separate process loads the new file
         and checks it can take over (this state, dry-run); only then the
         exec, which keeps every descriptor that matters (see export_state())."""
-        if self._upgrade is not None:
+        if self._upgrade is not None or self._exec_due is not None:
             _log.info("SIGUSR2: an upgrade is under way already")
             return
         self._on_event("upgrading", f"checking {self._script}")
@@ -2238,7 +2398,7 @@ class _Supervisor:
             if self._stopping:
                 self._upgrade_refused("shutting down")
             else:
-                self._exec_upgrade(lines[-1][3:])
+                self._exec_due = lines[-1][3:]      # the loop execs once this batch is done
             return
         where = [m for m in map(re.compile(r'File "(.+)", line (\d+)').search, lines) if m]
         self._upgrade_refused(
@@ -2246,31 +2406,41 @@ class _Supervisor:
             if lines else f"{self._script} did not answer the check (is it socketprotector?)"
             if os.waitstatus_to_exitcode(status) == 0 else f"the check {_describe_status(status)}")
 
-    def _exec_upgrade(self, version: str) -> None:
-        """Hand everything over and exec.  Signals wait (blocked: pending
-        ones survive the exec, for the new code); those already read go in
-        the state.  Returns only if the exec failed: then nothing changed."""
+    def _exec_upgrade(self) -> None:
+        """Hand everything over and exec, at the top of the loop.  Signals are
+        blocked first (what arrives from then on stays pending through the
+        exec, for the new code); any read meanwhile are handled here, and
+        the exec waits for the next turn of the loop.  Returns if it did
+        not exec: signals came first, or the exec failed (nothing changed)."""
+        version = self._exec_due
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
         signal.setitimer(signal.ITIMER_REAL, 0)     # timers survive exec; the new code publishes
         pending = self._drain_wakeup()
-        state, fds = self.export_state()
-        state["pending_signals"] = list(pending)
-        _log.info("upgrade: socketprotector %s takes over from %s in this process (pid %d)",
-                  version, __version__, os.getpid())
-        reason = self._on_upgrade(state, fds)
+        reason = None
+        if not pending:
+            self._exec_due = None
+            state, fds = self.export_state()
+            _log.info("upgrade: socketprotector %s takes over from %s in this process (pid %d)",
+                      version, __version__, os.getpid())
+            reason = self._on_upgrade(state, fds)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if self._publish_due:
             self._schedule_publish()
-        self._upgrade_refused(f"cannot exec: {reason}")
+        if reason is not None:
+            self._upgrade_refused(f"cannot exec: {reason}")
         self._handle_signals(pending)
 
     def _end_check(self, reason: str) -> None:
-        """Kill the check under way, if any, and refuse the upgrade.  It is
-        reaped like any child (and the loop runs until it is)."""
+        """Kill the check under way (it is reaped like any child, and the loop
+        runs until it is), or drop an exec the check allowed and the loop
+        has not yet made; and refuse the upgrade."""
         upgrade = self._upgrade
         if upgrade is not None and not upgrade["killed"]:
             upgrade["killed"] = True
             os.kill(upgrade["pid"], signal.SIGKILL)
+            self._upgrade_refused(reason)
+        elif self._exec_due is not None:     # checked, and not yet exec'd
+            self._exec_due = None
             self._upgrade_refused(reason)
 
     def _upgrade_refused(self, reason: str) -> None:
@@ -2281,8 +2451,8 @@ class _Supervisor:
         """Everything the new code needs to take over, as JSON-ready data, and
         the descriptors it names (to be kept open across the exec): the
         listeners, each child's channel, inbox and notification socket, the
-        connections waiting in our queue.  Times are CLOCK_MONOTONIC, which
-        the exec does not change."""
+        connections waiting in our queue.  What crosses is declared once, in
+        _CARRIED.  Times are CLOCK_MONOTONIC, which the exec does not change."""
         fds: List[int] = []
 
         def keep(obj) -> Optional[int]:
@@ -2298,84 +2468,54 @@ class _Supervisor:
         for generation in (self._serving, self._starting):
             if generation is not None:
                 generations[generation.number] = generation
-        state = {
-            "listeners": [keep(sock) for sock in queue.sockets()],
-            "children": [dict({name: getattr(c, name) for name in _CHILD_FIELDS},
-                              generation=c.generation.number, state=c.state.value,
-                              queued=list(c.queued), exec_error=c.exec_error.hex(),
-                              channel=keep(c.channel), inbox=keep(c.inbox),
-                              notify=keep(c.notify), exec_report=keep(c.exec_report))
-                         for c in children],
-            "generations": [{"number": g.number, "serving": g.serving,
-                             "slots": [c.pid if c is not None else None for c in g.slots],
-                             "respawn_at": sorted(g.respawn_at.items()),
-                             "backoff": sorted(g.backoff.items()),
-                             "quick_deaths": sorted(g.quick_deaths.items())}
-                            for g in generations.values()],
-            "serving": self._serving.number if self._serving is not None else None,
-            "starting": self._starting.number if self._starting is not None else None,
-            "waiting": [keep(fd) for fd in queue.waiting],
-            "take_back": [c.pid for c in queue.take_back],
-            "deferred": [c.pid for c in queue.deferred],
-            "accept_paused_until": queue.accept_paused_until,
-            **{name: getattr(self, "_" + name) for name in _SUPERVISOR_FIELDS},
-            "forwarded": queue.forwarded, "restarts": self.restarts,
-            "failed_restarts": self.failed_restarts, "crashes": self.crashes,
-            "pending_signals": []}
+        state = {"listeners": [keep(sock) for sock in queue.sockets()],
+                 **_dump(self, _SUPERVISOR_STATE, keep), **_dump(queue, _QUEUE_STATE, keep),
+                 "children": [_dump(c, _CHILD_STATE, keep) for c in children],
+                 "generations": [_dump(g, _GENERATION_STATE, keep)
+                                 for _, g in sorted(generations.items())]}
         return state, fds
 
     def _restore_state(self, state: dict) -> None:
-        """Take over what the previous code handed us (export_state())."""
-        parsed = _parse_supervisor_state(state)
-        generations = {}
-        for g in parsed["generations"]:
-            generation = _Generation(g["number"], len(g["slots"]))
-            generation.serving = g["serving"]
-            generation.respawn_at = dict(g["respawn_at"])
-            generation.backoff = dict(g["backoff"])
-            generation.quick_deaths = dict(g["quick_deaths"])
-            generations[g["number"]] = generation
-        by_pid = {}
-        for c in parsed["children"]:
-            child = _Child(c["pid"], c["index"], generations[c["generation"]],
-                           _adopt_socket(c["channel"]), _adopt_socket(c["inbox"]))
-            for name in _CHILD_FIELDS:
-                setattr(child, name, c[name])
-            child.state = c["state"]
-            child.queued = collections.deque(c["queued"])
-            child.exec_error = c["exec_error"]
-            child.notify = _adopt_socket(c["notify"])
-            child.exec_report = _adopt_fd(c["exec_report"])
-            if child.channel is not None:
-                child.on_channel = functools.partial(self._on_channel, child)
-                self._sel.register(child.channel, _IN | (_OUT if child.blocked else 0),
-                                   child.on_channel)
-            if child.notify is not None:
-                self._sel.register(child.notify, _IN, functools.partial(self._on_notify, child))
-            if child.exec_report is not None:
-                self._sel.register(child.exec_report, _IN,
-                                   functools.partial(self._on_exec_report, child))
+        """Take over what the previous code handed us (export_state()).
+
+        The state is set as it was, not replayed through the methods that
+        change it (they depend on the membership being rebuilt); then what
+        needs the live process is done anew: selector registrations, and
+        the watches on what still holds a dead child's channel."""
+        loaded = _load_state(state)
+        refs: dict = {"generations": {}, "children": {}}
+        for g in loaded["generations"]:
+            refs["generations"][g["number"]] = _Generation(g["number"], 0)
+        for c in loaded["children"]:
+            refs["children"][c["pid"]] = _Child(c["pid"], 0, None, None, None)
+        for g in loaded["generations"]:
+            _adopt(refs["generations"][g["number"]], g, _GENERATION_STATE, refs)
+        for c in loaded["children"]:
+            child = refs["children"][c["pid"]]
+            _adopt(child, c, _CHILD_STATE, refs)
+            self._register_child(child)
             if child.state is not _State.EXITED:
                 self._children[child.pid] = child
-            by_pid[child.pid] = child
-        for g in parsed["generations"]:
-            generations[g["number"]].slots = [by_pid.get(pid) for pid in g["slots"]]
-        self._serving = generations.get(parsed["serving"])
-        self._starting = generations.get(parsed["starting"])
-        for name in _SUPERVISOR_FIELDS:
-            setattr(self, "_" + name, parsed[name])
-        self.restarts, self.failed_restarts = parsed["restarts"], parsed["failed_restarts"]
-        self.crashes = parsed["crashes"]
+        _adopt(self, loaded, _SUPERVISOR_STATE, refs)
         queue = self._queue
-        queue.forwarded = parsed["forwarded"]
-        queue.accept_paused_until = parsed["accept_paused_until"]
-        queue.waiting.extend(_adopt_fd(fd) for fd in parsed["waiting"])
-        queue.take_back = [by_pid[pid] for pid in parsed["take_back"]]
+        _adopt(queue, loaded, _QUEUE_STATE, refs)
         self._update_takers()
-        for pid in parsed["deferred"]:
-            queue.check_holders(by_pid[pid])    # watch what still holds its channel anew
+        for child in list(queue.deferred):
+            queue.check_holders(child)      # watch anew; taken back if none holds it now
         self._on_event("upgraded", f"upgraded to socketprotector {__version__}")
-        self._handle_signals(bytes(parsed["pending_signals"]))
+        self._handle_signals(bytes(loaded["pending_signals"]))
+
+    def _register_child(self, child: _Child) -> None:
+        """The selector callbacks a child's descriptors need."""
+        if child.channel is not None:
+            child.on_channel = functools.partial(self._on_channel, child)
+            self._sel.register(child.channel, _IN | (_OUT if child.blocked else 0),
+                               child.on_channel)
+        if child.notify is not None:
+            self._sel.register(child.notify, _IN, functools.partial(self._on_notify, child))
+        if child.exec_report is not None:
+            self._sel.register(child.exec_report, _IN,
+                               functools.partial(self._on_exec_report, child))
 
 
     # -- operator requests --------------------------------------------------
@@ -2578,72 +2718,6 @@ class _Supervisor:
         self._update_takers()
 
 
-# What an upgrade carries over: scalar fields of each child, and the
-# supervisor's own (each as self._NAME).
-_CHILD_FIELDS = ("pid", "index", "started", "ready_at", "retired_at", "report_at", "deadline",
-                 "kill_at", "paused_until", "batch_limit", "blocked", "stalled", "nacked",
-                 "unread", "waiting_since", "reclaimed", "assume_ready_at")
-_SUPERVISOR_FIELDS = ("workers", "generation_count", "ever_ready", "restart_again",
-                      "restart_open")
-_STATE_VERSION = 1          # of what export_state() hands over; the check confirms it
-_STATE_VERSIONS = (1,)      # the versions this code can take over from
-_UPGRADE_CHECK_TIMEOUT = 15.0
-ENV_UPGRADE = "SOCKETPROTECTOR_UPGRADE"     # the descriptor of the state an upgrade hands over
-
-
-def _parse_supervisor_state(state: dict) -> dict:
-    """The supervisor's part of an upgrade's state, checked and typed
-    (KeyError, TypeError or ValueError if it is not what this code expects).
-    The check runs it on the real state before the exec, without descriptors."""
-    def number(value, kind=float):
-        return None if value is None else kind(value)
-
-    def fd(value):
-        return None if value is None else int(value)
-    scalars = {"pid": int, "index": int, "batch_limit": int, "unread": int, "reclaimed": int,
-               "blocked": bool, "stalled": bool, "nacked": bool}
-    children = []
-    for c in state["children"]:
-        child = {name: number(c[name], scalars.get(name, float)) for name in _CHILD_FIELDS}
-        child.update(generation=int(c["generation"]), state=_State(c["state"]),
-                     queued=[int(n) for n in c["queued"]],
-                     exec_error=bytes.fromhex(c["exec_error"]),
-                     channel=fd(c["channel"]), inbox=fd(c["inbox"]), notify=fd(c["notify"]),
-                     exec_report=fd(c["exec_report"]))
-        children.append(child)
-    pids = {c["pid"] for c in children}
-    generations = []
-    for g in state["generations"]:
-        generations.append({
-            "number": int(g["number"]), "serving": bool(g["serving"]),
-            "slots": [None if pid is None else int(pid) for pid in g["slots"]],
-            "respawn_at": [(int(i), float(t)) for i, t in g["respawn_at"]],
-            "backoff": [(int(i), float(t)) for i, t in g["backoff"]],
-            "quick_deaths": [(int(i), int(n)) for i, n in g["quick_deaths"]]})
-    numbers = {g["number"] for g in generations}
-    for c in children:
-        if c["generation"] not in numbers:
-            raise ValueError(f"child {c['pid']} of an unknown generation {c['generation']}")
-    parsed = {
-        "children": children, "generations": generations,
-        "serving": number(state["serving"], int), "starting": number(state["starting"], int),
-        "waiting": [int(n) for n in state["waiting"]],
-        "take_back": [int(p) for p in state["take_back"] if int(p) in pids],
-        "deferred": [int(p) for p in state["deferred"] if int(p) in pids],
-        "accept_paused_until": number(state["accept_paused_until"]),
-        "listeners": [int(n) for n in state["listeners"]],
-        "forwarded": int(state["forwarded"]), "restarts": int(state["restarts"]),
-        "failed_restarts": int(state["failed_restarts"]), "crashes": int(state["crashes"]),
-        "pending_signals": [int(n) for n in state["pending_signals"]],
-        "workers": int(state["workers"]), "generation_count": int(state["generation_count"]),
-        "ever_ready": bool(state["ever_ready"]), "restart_again": bool(state["restart_again"]),
-        "restart_open": bool(state["restart_open"])}
-    for key in ("serving", "starting"):
-        if parsed[key] is not None and parsed[key] not in numbers:
-            raise ValueError(f"the {key} generation {parsed[key]} is unknown")
-    return parsed
-
-
 def _memfd_holding(name: str, data: bytes) -> int:
     """A close-on-exec memory file holding data, read from its start."""
     fd = os.memfd_create(name)
@@ -2692,7 +2766,7 @@ def _upgrade_check(args: List[str]) -> int:
             print(f"socketprotector {__version__} cannot take over from state version "
                   f"{version} (it reads {', '.join(map(str, _STATE_VERSIONS))})")
             return EXIT_FAILURE
-        _parse_supervisor_state(json.load(sys.stdin))
+        _load_state(json.load(sys.stdin))
     except Exception as e:      # any failure is the answer, in one line
         print(f"socketprotector {__version__} cannot read the state: {type(e).__name__}: {e}")
         return EXIT_FAILURE

@@ -14,6 +14,7 @@ import errno
 import faulthandler
 import glob
 import http.client
+import json
 import os
 import re
 import resource
@@ -395,6 +396,9 @@ class Watchdog:
 #   SP_FAULT_SLOW_FILE=PATH    while PATH exists, every epoll_wait() first
 #                              prints "fault-shim: slow" and sleeps 300 ms,
 #                              whatever signal arrives meanwhile
+#   SP_FAULT_SIGMASK_FILE=PATH while PATH exists, every pthread_sigmask(SIG_BLOCK)
+#                              first prints "fault-shim: blocking" and sleeps
+#                              1 s (the start of an upgrade's exec, or a fork)
 FAULTS_C = r'''
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -402,6 +406,7 @@ FAULTS_C = r'''
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <time.h>
 #include <unistd.h>
 #include <sys/epoll.h>
@@ -409,7 +414,7 @@ FAULTS_C = r'''
 
 static int sendmsg_every, accept_errno, accept_count, fork_delay_ms;
 static long sendmsg_calls;
-static char *slow_file;
+static char *slow_file, *sigmask_file;
 
 __attribute__((constructor)) static void setup(void) {
     const char *v;
@@ -421,6 +426,8 @@ __attribute__((constructor)) static void setup(void) {
     }
     if ((v = getenv("SP_FAULT_FORK_DELAY_MS"))) fork_delay_ms = atoi(v);
     if ((v = getenv("SP_FAULT_SLOW_FILE"))) slow_file = strdup(v);
+    if ((v = getenv("SP_FAULT_SIGMASK_FILE"))) sigmask_file = strdup(v);
+    unsetenv("SP_FAULT_SIGMASK_FILE");
     unsetenv("SP_FAULT_SENDMSG_EVERY");
     unsetenv("SP_FAULT_ACCEPT");
     unsetenv("SP_FAULT_FORK_DELAY_MS");
@@ -470,6 +477,16 @@ pid_t fork(void) {
         sleep_through_signals(fork_delay_ms);
     }
     return pid;
+}
+
+int pthread_sigmask(int how, const sigset_t *set, sigset_t *old) {
+    static int (*real)(int, const sigset_t *, sigset_t *);
+    if (!real) real = dlsym(RTLD_NEXT, "pthread_sigmask");
+    if (sigmask_file && how == SIG_BLOCK && access(sigmask_file, F_OK) == 0) {
+        say("fault-shim: blocking\n");
+        sleep_through_signals(1000);
+    }
+    return real(how, set, old);
 }
 
 int epoll_wait(int epfd, struct epoll_event *events, int max, int timeout) {
@@ -3734,6 +3751,126 @@ class UpgradeTest(ProtectorTestCase):
         self.assertTrue(any("SIGTERM: shutting down" in line for line in lines[took:]),
                         daemon.log())
 
+    def test_signals_read_with_the_end_of_the_check_are_acted_on(self):
+        """The daemon frozen until its upgrade check has exited, then SIGHUP,
+        then let go: it reads the check's end and the SIGHUP in one batch.
+        The restart begins and the exec follows (the exec ran from inside the
+        reap and dropped the batch).  Again with SIGTERM: the upgrade is
+        refused and the daemon stops."""
+        daemon = Daemon(self, script=self.script)
+        old = daemon.generation()
+        self.addCleanup(lambda: daemon.signal(signal.SIGCONT) if alive(daemon.pid) else None)
+
+        def frozen_until_the_check_exits(then):
+            mark = daemon.mark()
+            daemon.signal(signal.SIGUSR2)
+            check = int(daemon.wait_line(r"upgrade: checking .* \(pid (\d+)\)", mark).group(1))
+            daemon.signal(signal.SIGSTOP)
+            wait_until(lambda: (proc_stat(check) or ("Z",))[0] == "Z", "the check to exit")
+            daemon.signal(then)
+            daemon.signal(signal.SIGCONT)
+            return mark
+        mark = frozen_until_the_check_exits(signal.SIGHUP)
+        new = daemon.generation(mark)
+        self.assertEqual(set(new) & set(old), set())
+        daemon.wait_line(r"took over from", mark)
+        mark = frozen_until_the_check_exits(signal.SIGTERM)
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+        daemon.wait_line(r"upgrade refused: shutting down", mark)
+        self.assertEqual(daemon.count(r"took over from"), 1, daemon.log())
+
+    def test_a_signal_read_as_the_exec_begins_is_handled_before_it(self):
+        """A SIGHUP that arrives after the check passed, while the exec is
+        being prepared (blocking signals is made to take a second), is read
+        by this code, which begins the restart, and then execs; the new code
+        finishes the restart."""
+        slow = os.path.join(self.tmp, "slow-block")
+        daemon = Daemon(self, script=self.script,
+                        env={"LD_PRELOAD": fault_shim(self), "SP_FAULT_SIGMASK_FILE": slow})
+        old = daemon.generation()
+        open(slow, "w").close()
+        mark = daemon.mark()
+        daemon.signal(signal.SIGUSR2)
+        daemon.wait_line(r"fault-shim: blocking", mark)
+        daemon.signal(signal.SIGHUP)
+        os.unlink(slow)
+        new = daemon.generation(mark)
+        self.assertEqual(set(new) & set(old), set())
+        lines = [line for line in daemon.lines[mark:] if line is not None]
+        began = next(i for i, line in enumerate(lines) if "restart: starting" in line)
+        took = next(i for i, line in enumerate(lines) if " takes over from " in line)
+        self.assertLess(began, took, "the SIGHUP was not handled before the exec")
+
+    def test_the_state_survives_an_upgrade_unchanged(self):
+        """What an upgrade hands over, exported again by the new code with
+        nothing else happening, is the same (the worker count SIGTTIN
+        raised included): nothing declared is lost in the restore.  And the
+        next restart starts that many workers."""
+        dump = os.path.join(self.tmp, "states")
+        hook = ('\n_real_inherited_state = _inherited_state\n\n\ndef _inherited_state():\n'
+                '    state = _real_inherited_state()\n'
+                '    if state is not None:\n'
+                '        with open(os.environ["SP_TEST_STATE_DUMP"], "a") as f:\n'
+                '            f.write(json.dumps(state["supervisor"], sort_keys=True) + "\\n")\n'
+                '    return state\n\n')
+        good = read_text(DAEMON)
+        self.install(good.replace('\nif __name__ == "__main__":',
+                                  hook + '\nif __name__ == "__main__":'))
+        daemon = Daemon(self, script=self.script, env={"SP_TEST_STATE_DUMP": dump})
+        workers = len(daemon.generation())
+        mark = daemon.mark()
+        daemon.signal(signal.SIGTTIN)
+        daemon.wait_line(r"child \d+ \(worker \d+\) ready, serving", mark)
+        for n in (1, 2):
+            self.assertEqual(self.upgrade(daemon), (0, []))
+            wait_until(lambda: os.path.exists(dump) and read_text(dump).count("\n") == n,
+                       f"upgrade {n}'s state")
+        first, second = read_text(dump).splitlines()
+        self.assertEqual(json.loads(first)["workers"], workers + 1)
+        self.assertEqual(json.loads(second), json.loads(first))
+        self.assertEqual(len(daemon.restart_generation()), workers + 1)
+
+    def test_a_queue_held_by_a_fork_is_taken_back_after_an_upgrade(self):
+        """A child forks and exits; the fork holds its channel, so the daemon
+        leaves the queue to it.  The fork, frozen with clients queued, is
+        killed while the daemon execs (blocking signals made to take a
+        second): the new code looks at the holders again, takes the queue
+        back, and the next child serves every client the fork had not taken."""
+        if self.OPTIONS:
+            self.skipTest("one forwarding worker")
+        slow = os.path.join(self.tmp, "slow-block")
+        self.set_flag("SP_TEST_SLOW", "0.2")
+        self.set_flag("SP_TEST_FORK", "5")
+        daemon = Daemon(self, script=self.script,
+                        env={"LD_PRELOAD": fault_shim(self), "SP_FAULT_SIGMASK_FILE": slow})
+        first = daemon.serving()
+        self.clear_flag("SP_TEST_FORK")
+        self.clear_flag("SP_TEST_SLOW")
+        daemon.signal(signal.SIGSTOP)       # so all 6 are queued for the child at once
+        self.addCleanup(lambda: daemon.signal(signal.SIGCONT) if alive(daemon.pid) else None)
+        clients = [connect(daemon.port) for _ in range(6)]
+        for c in clients:
+            self.addCleanup(c.close)
+            c.sendall(b"pid\n")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGCONT)
+        holder = int(daemon.wait_line(rf"child {first} exited, but process (\d+) started by "
+                                      rf"it still holds its channel", mark).group(1))
+        os.kill(holder, signal.SIGSTOP)
+        replacement = daemon.serving(mark)
+        wait_until(lambda: (proc_stat(holder) or ("T",))[0] in "TtZ", "the fork to stop")
+        queued = [c for c in clients if c.getsockname()[1] not in self.taken()]
+        self.assertTrue(queued, "the fork took every connection before it was stopped")
+        open(slow, "w").close()
+        mark = daemon.mark()
+        daemon.signal(signal.SIGUSR2)
+        daemon.wait_line(r"fault-shim: blocking", mark)
+        os.kill(holder, signal.SIGKILL)
+        os.unlink(slow)
+        daemon.wait_line(r"took over from", mark)
+        for c in queued:
+            self.assertEqual(int(read_line(c)), replacement, daemon.log())
+
     def test_shutting_down_ends_an_upgrade_check_under_way(self):
         """SIGTERM while the new file is being checked: the check is ended
         and reaped, the upgrade refused, and the daemon exits at once rather
@@ -3767,6 +3904,35 @@ class UpgradeTest(ProtectorTestCase):
             self.assertEqual(ask(s, b"in the container"), b"in the container")
         daemon.signal(signal.SIGTERM)
         self.assertEqual(daemon.wait(), 0, daemon.log())
+
+
+class StateDeclarationTest(unittest.TestCase):
+    def test_every_attribute_is_carried_or_named_as_not(self):
+        """Each attribute the supervisor, its connection queue, a child and a
+        generation hold is either declared as carried across an upgrade's
+        exec or named (with the reason) as not: a field added and forgotten
+        fails here."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        wake, other = socket.socketpair()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for sock in (listener, wake, other, ours, theirs):
+            self.addCleanup(sock.close)
+        supervisor = socketprotector._Supervisor(
+            [listener], ["true"], cwd=HERE, ready_timeout=1.0, drain_timeout=None,
+            stop_timeout=1.0, wakeup=wake)
+        self.addCleanup(supervisor._sel.close)
+        generation = socketprotector._Generation(1, 2)
+        child = socketprotector._Child(1, 0, generation, ours, theirs)
+        for name, obj in (("supervisor", supervisor), ("queue", supervisor._queue),
+                          ("generation", generation), ("child", child)):
+            carried = {attr for attr, _ in socketprotector._CARRIED[name].values()}
+            not_carried = set(socketprotector._NOT_CARRIED[name])
+            with self.subTest(name):
+                self.assertEqual(carried & not_carried, set(), "declared both ways")
+                self.assertEqual(set(vars(obj)) - carried - not_carried, set(),
+                                 "held but neither carried nor named as not")
+                self.assertEqual((carried | not_carried) - set(vars(obj)), set(),
+                                 "declared but not held")
 
 
 class ListenerUpgradeTest(UpgradeTest):
