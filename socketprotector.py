@@ -2733,14 +2733,16 @@ def _memfd_holding(name: str, data: bytes) -> int:
 
 
 def _spawn_check(script: str, state: bytes) -> tuple:
-    """Start ``python3 SCRIPT --upgrade-check VERSION`` with the state on its
+    """Start ``python3 SCRIPT --upgrade-check VERSION ARGV...`` (ARGV: the
+    command line the exec will give the new code) with the state on its
     stdin: (pid, the read end of a pipe with its stdout and stderr)."""
     data = _memfd_holding("socketprotector-state", state)
     out_r = out_w = -1
     try:
         out_r, out_w = os.pipe()
         pid = os.posix_spawn(
-            sys.executable, [sys.executable, script, "--upgrade-check", str(_STATE_VERSION)],
+            sys.executable, [sys.executable, script, "--upgrade-check", str(_STATE_VERSION),
+                             *sys.argv[1:]],
             os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, data, 0),
                                       (os.POSIX_SPAWN_DUP2, out_w, 1),
                                       (os.POSIX_SPAWN_DUP2, out_w, 2)],
@@ -2758,14 +2760,22 @@ def _spawn_check(script: str, state: bytes) -> tuple:
 
 
 def _upgrade_check(args: List[str]) -> int:
-    """--upgrade-check VERSION, run by the daemon on the file it would exec:
-    can this code take over from state VERSION (read from stdin)?"""
+    """--upgrade-check VERSION [ARGV...], run by the daemon on the file it
+    would exec: can this code take over from state VERSION (read from
+    stdin), with the daemon's command line ARGV (its whole validation, as
+    the exec will run it)?  (A daemon older than this gives no ARGV.)"""
     try:
         version = int(args[0])
         if version not in _STATE_VERSIONS:
             print(f"socketprotector {__version__} cannot take over from state version "
                   f"{version} (it reads {', '.join(map(str, _STATE_VERSIONS))})")
             return EXIT_FAILURE
+        if len(args) > 1:
+            try:
+                _parse_args(args[1:])
+            except UsageError as e:
+                print(f"socketprotector {__version__} refuses the daemon's command line: {e}")
+                return EXIT_FAILURE
         _load_state(json.load(sys.stdin))
     except Exception as e:      # any failure is the answer, in one line
         print(f"socketprotector {__version__} cannot read the state: {type(e).__name__}: {e}")
@@ -4000,8 +4010,10 @@ def _serve(opts: argparse.Namespace) -> None:
     inherited = _inherited_state()
     script = inherited["script"] if inherited else os.path.abspath(sys.argv[0])
     if inherited:
-        cwd = inherited["cwd"]
+        # As resolved where the daemon started (a detached one now runs in /).
+        cwd, envdir = inherited["cwd"], inherited.get("envdir", opts.envdir)
     else:
+        envdir = opts.envdir
         cwd = _working_directory(opts.chdir)
         _resolve_command(opts.command[0], cwd)      # fail before detaching
         if opts.envdir:
@@ -4059,7 +4071,7 @@ def _serve(opts: argparse.Namespace) -> None:
             files = [f.export() if f is not None else None
                      for f in (pid_file, state_file, log_file)]
             state = {"version": _STATE_VERSION, "from": __version__, "script": script,
-                     "cwd": cwd, "activated": activated, "made": made,
+                     "cwd": cwd, "envdir": envdir, "activated": activated, "made": made,
                      "pid_file": files[0], "state_file": files[1], "log_file": files[2],
                      "supervisor": supervisor_state}
             return _exec_self(script, state, [*fds, *(f["fd"] for f in files if f)])
@@ -4072,7 +4084,7 @@ def _serve(opts: argparse.Namespace) -> None:
                 listeners, opts.command, cwd=cwd, ready_timeout=opts.ready_timeout,
                 drain_timeout=opts.drain_timeout, stop_timeout=opts.stop_timeout,
                 wakeup=wake_r, handoff=opts.handoff, hang_timeout=opts.hang_timeout,
-                backlog=opts.backlog, workers=opts.workers, envdir=opts.envdir,
+                backlog=opts.backlog, workers=opts.workers, envdir=envdir,
                 on_event=lambda event, detail: [sink(event, detail) for sink in sinks],
                 on_reopen=log_file.reopen if log_file else lambda: None,
                 on_state=state_file.on_state if state_file else lambda snapshot: None,

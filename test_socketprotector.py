@@ -3751,6 +3751,24 @@ class UpgradeTest(ProtectorTestCase):
         self.assertTrue(any("SIGTERM: shutting down" in line for line in lines[took:]),
                         daemon.log())
 
+    def test_a_file_that_cannot_read_the_command_line_is_refused(self):
+        """A new file that renamed an option the daemon was started with reads
+        the state, but the exec would give it a command line it refuses: the
+        check runs the new code's whole validation of that command line, the
+        upgrade is refused naming the option, and the old code serves on
+        (the exec died with "unrecognized arguments" and the port went dark)."""
+        daemon = Daemon(self, "--ready-timeout", "7", script=self.script)
+        daemon.generation()
+        self.install(read_text(DAEMON).replace('"--ready-timeout"', '"--start-timeout"'))
+        code, lines = self.upgrade(daemon)
+        self.assertEqual(code, 1, daemon.log())
+        self.assertOneLineError(lines, r"upgrade refused: socketprotector \S+ refuses the "
+                                       r"daemon's command line: unrecognized arguments: "
+                                       r"--ready-timeout\b")
+        with connect(daemon.port) as s:
+            self.assertEqual(ask(s, b"still"), b"still")
+        self.assertTrue(alive(daemon.pid))
+
     def test_signals_read_with_the_end_of_the_check_are_acted_on(self):
         """The daemon frozen until its upgrade check has exited, then SIGHUP,
         then let go: it reads the check's end and the SIGHUP in one batch.
