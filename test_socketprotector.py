@@ -881,7 +881,7 @@ class ProtectorTestCase(unittest.TestCase):
 
     @property
     def forwarding(self):
-        return "listener" not in self.OPTIONS
+        return "listener" not in self.OPTIONS and "activation" not in self.OPTIONS
 
     def setUp(self):
         Watchdog(self)
@@ -3398,6 +3398,10 @@ class ActivationTest(ProtectorTestCase):
 
     def setUp(self):
         super().setUp()
+        self.use_activated_app()
+
+    def use_activated_app(self):
+        """The test's command is ACTIVATED_APP, with its flags."""
         self.app = os.path.join(self.tmp, "activated.py")
         with open(self.app, "w") as f:
             f.write(ACTIVATED_APP)
@@ -3959,6 +3963,16 @@ class ListenerUpgradeTest(UpgradeTest):
 
 class WorkersUpgradeTest(UpgradeTest):
     OPTIONS = ("--workers", "3")
+
+
+class ActivationUpgradeTest(UpgradeTest):
+    """Upgrading in place with --handoff activation: servers that take the
+    listening socket as systemd passes it (no library) keep serving."""
+    OPTIONS = ("--handoff", "activation")
+
+    def setUp(self):
+        super().setUp()
+        ActivationTest.use_activated_app(self)
 
 
 class PrivilegeTest(ProtectorTestCase):
