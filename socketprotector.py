@@ -86,6 +86,7 @@ import socket
 import stat
 import struct
 import sys
+import tempfile
 import termios
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -1429,11 +1430,14 @@ class _Kind:
     descriptors open through keep()), load (typed, from JSON: the upgrade
     check runs this on the real state, without descriptors), adopt (what
     load gave, as live objects in the new process; refs finds children by
-    pid and generations by number)."""
+    pid and generations by number).  ``missing``: the value when a state
+    written by an older version lacks the attribute (by default it must be
+    there)."""
 
-    def __init__(self, dump, load, adopt=None) -> None:
+    def __init__(self, dump, load, adopt=None, missing=KeyError) -> None:
         self.dump, self.load = dump, load
         self.adopt = adopt or (lambda value, refs: value)
+        self.missing = missing
 
 
 def _optional(convert):
@@ -1451,6 +1455,7 @@ def _table(convert) -> _Kind:
 
 
 _INT = _Kind(_as_is, int)
+_PATH = _Kind(_as_is, _optional(str), missing=None)
 _FLAG = _Kind(_as_is, bool)
 _NUMBER = _Kind(_as_is, _optional(float))           # times (CLOCK_MONOTONIC) and the like
 _FD = _Kind(lambda fd, keep: keep(fd), _optional(int), lambda fd, refs: _adopt_fd(fd))
@@ -1495,7 +1500,7 @@ _QUEUE_STATE = _fields(
 _SUPERVISOR_STATE = {
     **_fields("_", workers=_INT, generation_count=_INT, ever_ready=_FLAG,
               restart_again=_FLAG, restart_open=_FLAG),
-    **_fields("_", serving=_GENERATION, starting=_GENERATION),
+    **_fields("_", serving=_GENERATION, starting=_GENERATION, notify_dir=_PATH),
     **_fields(restarts=_INT, failed_restarts=_INT, crashes=_INT)}
 
 # Everything else each object holds, and why it need not cross.
@@ -1536,7 +1541,8 @@ def _dump(obj, fields: dict, keep) -> dict:
 
 
 def _load(data: dict, fields: dict) -> dict:
-    return {key: kind.load(data[key]) for key, (_, kind) in fields.items()}
+    return {key: kind.load(data[key]) if key in data or kind.missing is KeyError
+            else kind.missing for key, (_, kind) in fields.items()}
 
 
 def _adopt(obj, loaded: dict, fields: dict, refs: dict) -> None:
@@ -1603,6 +1609,7 @@ class _Supervisor:
         self._restore = restore     # the state an upgrade handed us, to take over from
         self._upgrade: Optional[dict] = None    # the check under way: pid, pipe, output
         self._exec_due: Optional[str] = None    # the check passed: exec this version next
+        self._notify_dir: Optional[str] = None  # activation: where NOTIFY_SOCKETs are ("": none)
         self._on_reopen = on_reopen
         self._on_state = on_state
         self._published: Optional[dict] = None
@@ -1800,6 +1807,11 @@ class _Supervisor:
                 os.close(child.exec_report)
                 child.exec_report = None
         self._sel.close()
+        if self._notify_dir:
+            try:
+                os.rmdir(self._notify_dir)
+            except OSError as e:
+                _log.warning("cannot remove %s: %s", self._notify_dir, e.strerror)
 
     # -- signals ------------------------------------------------------------
 
@@ -1960,9 +1972,9 @@ class _Supervisor:
         4, ... with LISTEN_* set as systemd sets them, and a notification
         socket of its own (NOTIFY_SOCKET) on which READY=1 makes it ready."""
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        name = f"socketprotector/{os.getpid()}/{os.urandom(8).hex()}"
+        address = self._notify_address()
         try:
-            notify.bind("\0" + name)
+            notify.bind(address)
             notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             notify.setblocking(False)
         except OSError as e:
@@ -1973,7 +1985,7 @@ class _Supervisor:
         env = self._environment(index)
         env.update(LISTEN_FDS=str(len(listeners)),
                    LISTEN_FDNAMES=":".join(["socketprotector"] * len(listeners)),
-                   NOTIFY_SOCKET="@" + name)
+                   NOTIFY_SOCKET="@" + address[1:] if address[0] == "\0" else address)
         try:
             pid, report_fd = _fork_exec(executable, self._command, self._cwd, env, None,
                                         [sock.fileno() for sock in listeners])
@@ -1985,6 +1997,25 @@ class _Supervisor:
         if self._ready_delay is not None:
             child.assume_ready_at = child.started + self._ready_delay
         return self._started(child, report_fd)
+
+    def _notify_address(self) -> str:
+        """Where a new child's NOTIFY_SOCKET is bound: a path in a directory of
+        our own (mode 0700), which only our user and root can reach, so a
+        notification whose sender has exited meanwhile (a helper such as
+        systemd-notify) can be trusted.  Where no such directory can be made,
+        an abstract name, which any local process can reach."""
+        if self._notify_dir is None:
+            try:
+                self._notify_dir = tempfile.mkdtemp(prefix="socketprotector-")
+            except OSError as e:
+                self._notify_dir = ""
+                _log.warning("cannot make a directory for the children's notification "
+                             "sockets (%s); using abstract names: a READY=1 from a helper "
+                             "that has exited before it is read is ignored", e.strerror)
+        name = os.urandom(8).hex()
+        if self._notify_dir and len(os.fsencode(self._notify_dir)) + 18 < 108:
+            return os.path.join(self._notify_dir, name)
+        return f"\0socketprotector/{os.getpid()}/{name}"
 
     def _environment(self, index: int) -> dict:
         """A new child's environment: ours (less the daemon's own), --envdir, its slot."""
@@ -2683,6 +2714,9 @@ class _Supervisor:
     def _close_notify(self, child: _Child) -> None:
         if child.notify is not None:
             self._sel.unregister(child.notify)
+            address = child.notify.getsockname()
+            if isinstance(address, str) and address:
+                _unlink_quietly(address)
             child.notify.close()
             child.notify = None
 
@@ -2696,7 +2730,12 @@ class _Supervisor:
             except (BlockingIOError, InterruptedError):
                 return
             sender = _sender_pid(ancdata)
-            if sender is None or not _descends_from(sender, child.pid):
+            # A sender gone by now may have been the child's helper; only our
+            # user or root could reach a path in our private directory.
+            trusted = sender is not None and (
+                _descends_from(sender, child.pid) or
+                (isinstance(child.notify.getsockname(), str) and _process_gone(sender)))
+            if not trusted:
                 _log.warning("ignored a notification for %s from process %s, which is not "
                              "it or started by it", self._name(child), sender)
                 continue

@@ -3370,7 +3370,18 @@ def serve(conn):
         except OSError:
             pass
 notify = os.environ.get("NOTIFY_SOCKET")
-if notify and not flag("SP_TEST_SILENT"):
+helper = flag("SP_TEST_HELPER")
+if notify and helper:
+    # READY=1 from a helper process, as systemd-notify sends it, once the
+    # test says go; the helper has exited and been reaped when ".done" exists.
+    import subprocess, time
+    while not os.path.exists(helper + ".go"):
+        time.sleep(0.01)
+    subprocess.run([sys.executable, "-c", "import os, socket; a = os.environ['NOTIFY_SOCKET']; "
+                    "socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', "
+                    "'\\0' + a[1:] if a[0] == '@' else a)"], check=True)
+    open(helper + ".done", "w").close()
+elif notify and not flag("SP_TEST_SILENT"):
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.sendto(b"READY=1\nSTATUS=accepting", "\0" + notify[1:] if notify[0] == "@" else notify)
 sel = selectors.DefaultSelector()
@@ -3406,7 +3417,8 @@ class ActivationTest(ProtectorTestCase):
         with open(self.app, "w") as f:
             f.write(ACTIVATED_APP)
         self.flags.update(SP_TEST_SILENT=os.path.join(self.tmp, "silent"),
-                          SP_TEST_STOP=os.path.join(self.tmp, "stop"))
+                          SP_TEST_STOP=os.path.join(self.tmp, "stop"),
+                          SP_TEST_HELPER=os.path.join(self.tmp, "helper"))
         self.env.update(self.flags)
 
     def test_restarts_under_load_lose_nothing(self):
@@ -3420,7 +3432,9 @@ class ActivationTest(ProtectorTestCase):
             self.assertEqual(int(ask(s, b"pid")), first)
             self.assertEqual(ask(s, b"fdnames"), b"socketprotector")
             self.assertEqual(ask(s, b"env SOCKETPROTECTOR_FD"), b"-")
-            self.assertRegex(ask(s, b"env NOTIFY_SOCKET").decode(), r"^@socketprotector/")
+            notify = ask(s, b"env NOTIFY_SOCKET").decode()
+        self.assertRegex(notify, r"^/.*/socketprotector-[^/]+/[0-9a-f]{16}$")
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(notify)).st_mode), 0o700)
         load = self.restarts_under_load(daemon, 3, sessions=30)
         self.assertEqual(load.failures, [], daemon.log())
         daemon.wait_line(rf"^stopped by SIGTERM pid {first}$")
@@ -3428,18 +3442,53 @@ class ActivationTest(ProtectorTestCase):
         self.assertEqual(daemon.count(r"killed|unexpectedly"), 0, daemon.log())
 
     def test_a_notification_from_an_unrelated_process_is_ignored(self):
-        """READY=1 sent to a child's NOTIFY_SOCKET by a process that is not the
-        child or started by it does not make the child ready."""
+        """READY=1 sent to a child's NOTIFY_SOCKET by a running process that is
+        not the child or started by it does not make the child ready; a
+        process of another user cannot even reach the socket (it lies in a
+        directory only the daemon's user may enter), and the socket goes
+        with its child."""
         self.set_flag("SP_TEST_SILENT")
         daemon = Daemon(self, "--ready-timeout", "30")
         child = int(daemon.wait_line(r"child (\d+) started").group(1))
         address = wait_until(lambda: read_environ(child).get(b"NOTIFY_SOCKET"),
                              "the child's NOTIFY_SOCKET")
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.sendto(b"READY=1", b"\0" + address[1:])
+            s.sendto(b"READY=1", address)
         daemon.wait_line(rf"ignored a notification for child {child} from process "
                          rf"{os.getpid()}, which is not it or started by it")
+        if os.geteuid() == 0:       # as nobody: refused by the directory's permissions
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    os.setuid(65534)
+                    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1", address)
+                    code = 0
+                except PermissionError:
+                    code = 13
+                finally:
+                    os._exit(code)
+            self.assertEqual(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), 13)
         self.assertEqual(daemon.count(r"ready"), 0, daemon.log())
+        os.kill(child, signal.SIGKILL)
+        daemon.wait_line(rf"child {child} killed by SIGKILL")
+        self.assertFalse(os.path.exists(address), "the notification socket outlived its child")
+
+    def test_ready_from_a_helper_that_has_exited_is_taken(self):
+        """READY=1 sent by a helper the child started (as systemd-notify does),
+        which has exited and been reaped before the daemon reads it (the
+        daemon is frozen meanwhile): the child is ready."""
+        self.set_flag("SP_TEST_HELPER")
+        daemon = Daemon(self)
+        child = int(daemon.wait_line(r"child (\d+) started").group(1))
+        daemon.signal(signal.SIGSTOP)
+        self.addCleanup(lambda: daemon.signal(signal.SIGCONT) if alive(daemon.pid) else None)
+        open(self.flags["SP_TEST_HELPER"] + ".go", "w").close()
+        wait_until(lambda: os.path.exists(self.flags["SP_TEST_HELPER"] + ".done"),
+                   "the helper to have sent READY=1 and exited")
+        daemon.signal(signal.SIGCONT)
+        self.assertEqual(daemon.serving(), child)
+        self.assertEqual(served_by(daemon.port), child)
 
     def test_ready_delay_takes_a_silent_server_as_ready(self):
         """--ready-delay: a server that never says READY=1 is taken as ready
