@@ -3159,14 +3159,20 @@ def _listen_unix(path: str, backlog: int, mode: Optional[int], owner: Optional[t
 
 
 def _remove_unix_paths(made: List[tuple]) -> None:
-    """At exit: the Unix sockets we made lose their paths, if still ours."""
+    """At exit: the Unix sockets we made lose their paths, if still ours.
+    One we may no longer remove (--user, in a directory that user cannot
+    write) is named: the next start replaces it, as a stale socket."""
     for path, dev, ino in made:
         try:
             st = os.lstat(path)
             if (st.st_dev, st.st_ino) == (dev, ino):
                 os.unlink(path)
-        except OSError:
+        except FileNotFoundError:
             pass
+        except OSError as e:
+            _log.warning("cannot remove unix:%s at exit: %s (the next start replaces it; to "
+                         "have it removed, put it in a directory the daemon's user can write)",
+                         path, e.strerror)
     made.clear()
 
 

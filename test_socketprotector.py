@@ -4189,6 +4189,26 @@ class PrivilegeTest(ProtectorTestCase):
         self.assertEqual(daemon.wait(), 0, daemon.log())
         self.assertFalse(os.path.exists(path))
 
+    def test_a_unix_socket_nobody_may_remove_is_named_at_exit(self):
+        """As root with --user nobody, a Unix socket in a directory only root
+        may write: at exit the daemon (as nobody) cannot remove it and says
+        so in one line; the next start replaces it."""
+        if os.geteuid() != 0:
+            self.skipTest("needs root (to run with --user nobody)")
+        os.chmod(self.tmp, 0o755)
+        path = os.path.join(self.tmp, "app.sock")
+        for attempt in (1, 2):
+            daemon = Daemon(self, "--user", "nobody", "--bind", f"unix:{path}",
+                            bind=None, command=["sleep", "60"])
+            daemon.wait_line(r"child \d+ started")
+            daemon.signal(signal.SIGTERM)
+            daemon.wait_line(r"SIGTERM: shutting down")
+            daemon.signal(signal.SIGTERM)
+            self.assertEqual(daemon.wait(), 0, daemon.log())
+            daemon.wait_line(rf"cannot remove unix:{re.escape(path)} at exit: Permission "
+                             r"denied \(the next start replaces it")
+            self.assertTrue(stat.S_ISSOCK(os.lstat(path).st_mode))
+
     def test_user_runs_daemon_and_children_unprivileged(self):
         """As root with --user nobody: the port (a privileged one) and the pid file
         are taken first, then the daemon and its children run as nobody."""
