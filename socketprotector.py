@@ -632,16 +632,16 @@ def _proc_stat(path: str) -> List[bytes]:
     return data[data.rindex(b")") + 2:].split()
 
 
-def _processes_holding(inode: int, ours=()) -> List[int]:
-    """Our descendants, other than us and the processes in ``ours``, with the
-    socket `inode` open.
+def _processes_holding(inodes, ours=()) -> List[int]:
+    """Our descendants with one of the sockets ``inodes`` open, leaving out
+    the processes in ``ours`` and everything below them.
 
     The daemon is their subreaper (or PID 1), so what a child forked stays
-    below us even once the child is gone.  ``ours`` are the processes the
-    daemon started itself: between fork and exec they hold a copy of every
-    descriptor the daemon has, which the exec closes, so they are never a
-    holder.  Only run when a child that left connections unreceived has
-    exited: it reads every process's stat.
+    below us even once the child is gone.  ``ours`` are the live children
+    the daemon started: what they run is theirs, and between fork and exec
+    they hold a copy of every descriptor the daemon has, which the exec
+    closes.  Only run when a child has exited (or hung): it reads every
+    process's stat.
     """
     me = os.getpid()
     below: dict = collections.defaultdict(list)
@@ -651,20 +651,20 @@ def _processes_holding(inode: int, ours=()) -> List[int]:
                 below[int(_proc_stat(f"/proc/{name}/stat")[1])].append(int(name))
             except (OSError, ValueError, IndexError):
                 pass    # gone meanwhile
-    target = f"socket:[{inode}]"
+    targets = {f"socket:[{inode}]" for inode in inodes}
     holders, todo = [], list(below[me])
     while todo:
         pid = todo.pop()
-        todo += below[pid]
         if pid in ours:
             continue
+        todo += below[pid]
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue
         for fd in fds:
             try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in targets:
                     holders.append(pid)
                     break
             except OSError:
@@ -826,10 +826,9 @@ class _Child:
         return (self.channel is not None and not self.blocked and not self.stalled
                 and now >= self.paused_until)
 
-    def signal(self, sig: int, group: bool = True) -> None:
-        # Children lead their own process group: signal the whole group so
-        # a shell wrapper's children get it too.  (A server with workers of
-        # its own is asked through its main process alone: group=False.)
+    def signal(self, sig: int, group: bool) -> None:
+        """To the process group it leads (falling back to itself), or to itself
+        alone; whom is the supervisor's decision (_Supervisor._signal)."""
         try:
             if group:
                 os.killpg(self.pid, sig)
@@ -1353,7 +1352,7 @@ class _ConnectionQueue:
         theirs until they are gone.  True while any holds it."""
         holders = []
         if child.inbox is not None and _unread_bytes(child.inbox):
-            holders = _processes_holding(os.fstat(child.inbox.fileno()).st_ino,
+            holders = _processes_holding({os.fstat(child.inbox.fileno()).st_ino},
                                          self.own_pids())
         if not holders:
             self._stop_watching_holders(child)
@@ -1448,10 +1447,11 @@ def _as_is(value, keep):
     return value
 
 
-def _table(convert) -> _Kind:
-    """A dict slot -> number, as sorted pairs."""
+def _table(convert, missing=KeyError) -> _Kind:
+    """A dict slot (or pid) -> number, as sorted pairs."""
     return _Kind(lambda value, keep: sorted(value.items()),
-                 lambda pairs: {int(k): convert(v) for k, v in pairs})
+                 lambda pairs: {int(k): _optional(convert)(v) for k, v in pairs},
+                 lambda table, refs: dict(table), missing)
 
 
 _INT = _Kind(_as_is, int)
@@ -1500,7 +1500,8 @@ _QUEUE_STATE = _fields(
 _SUPERVISOR_STATE = {
     **_fields("_", workers=_INT, generation_count=_INT, ever_ready=_FLAG,
               restart_again=_FLAG, restart_open=_FLAG),
-    **_fields("_", serving=_GENERATION, starting=_GENERATION, notify_dir=_PATH),
+    **_fields("_", serving=_GENERATION, starting=_GENERATION, notify_dir=_PATH,
+              strays=_table(float, missing=())),
     **_fields(restarts=_INT, failed_restarts=_INT, crashes=_INT)}
 
 # Everything else each object holds, and why it need not cross.
@@ -1531,7 +1532,8 @@ _NOT_CARRIED = {
         "_published": "published anew", "_publish_due": "published anew",
         "_stopping": "never: an upgrade is refused while shutting down",
         "_stop_deadline": "none: not shutting down",
-        "_next_deadline": "computed anew", "_error": "none while running"}}
+        "_next_deadline": "computed anew", "_error": "none while running",
+        "_listener_inodes": "derived from the listeners"}}
 _CARRIED = {"child": _CHILD_STATE, "generation": _GENERATION_STATE, "queue": _QUEUE_STATE,
             "supervisor": _SUPERVISOR_STATE}
 
@@ -1635,6 +1637,10 @@ class _Supervisor:
                                        backlog=backlog, hang_timeout=hang_timeout,
                                        hung_up=self._channel_closed, own_pids=self._own_pids)
         self._children: dict = {}                # pid -> _Child, until reaped
+        # Processes our children left behind that held a listening socket:
+        # pid -> when to SIGKILL it (None: sent), until reaped.
+        self._strays: dict = {}
+        self._listener_inodes = {os.fstat(sock.fileno()).st_ino for sock in listeners}
         self._serving: Optional[_Generation] = None
         self._starting: Optional[_Generation] = None    # begun, not yet complete
         self._generation_count = 0
@@ -1678,7 +1684,8 @@ class _Supervisor:
             self._pump()            # after an upgrade nothing else may wake us to start
             self._publish()
             timeout = self._timeout()
-            while self._children or self._upgrade is not None or not self._stopping:
+            while (self._children or self._strays or self._upgrade is not None
+                   or not self._stopping):
                 if self._exec_due is not None:
                     # At the top of the loop, the batch that decided it all handled.
                     self._exec_upgrade()    # returns if signals came first, or it failed
@@ -1725,6 +1732,7 @@ class _Supervisor:
             pending.append(self._upgrade["deadline"])
         if self._serving is not None and self._serving.respawn_at:
             pending += self._serving.respawn_at.values()
+        pending += [when for when in self._strays.values() if when is not None]
         for child in self._children.values():
             if child.deadline is not None:
                 pending.append(child.deadline)
@@ -1742,12 +1750,21 @@ class _Supervisor:
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
+        for pid, when in list(self._strays.items()):
+            if when is not None and now >= when:
+                _log.warning("process %d still running %.0f s after SIGTERM; sending SIGKILL",
+                             pid, _KILL_GRACE)
+                self._strays[pid] = None
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
         for child in list(self._children.values()):
             if child.kill_at is not None and now >= child.kill_at:
                 _log.warning("child %d still running %.0f s after SIGTERM; sending SIGKILL",
                              child.pid, _KILL_GRACE)
                 child.kill_at = None
-                child.signal(signal.SIGKILL)
+                self._signal(child, signal.SIGKILL)
             if child.report_at is not None and now >= child.report_at:
                 child.report_at = now + _DRAIN_REPORT_EVERY
                 self._report_draining(child, now)
@@ -1863,8 +1880,32 @@ class _Supervisor:
                 self._upgrade_checked(status)
                 continue
             child = self._children.pop(pid, None)
-            if child is not None:       # else an orphan reparented to us
+            if child is not None:
                 self._exited(child, status)
+                self._stop_leftovers()
+            else:                       # an orphan reparented to us
+                self._strays.pop(pid, None)
+
+    def _stop_leftovers(self) -> None:
+        """A child has exited: whatever it started and left behind (now ours,
+        as their subreaper) that still holds one of our listening sockets
+        would go on accepting for code that is gone, beside its successor
+        and even after the daemon's exit (a prefork server's workers, when
+        their master dies).  SIGTERM, then SIGKILL after _KILL_GRACE.  In
+        forwarding the listeners are never handed out: what a child left
+        holding its channel is the connection queue's business."""
+        if self._forwarding:
+            return
+        for pid in _processes_holding(self._listener_inodes, self._own_pids()):
+            if pid in self._strays:
+                continue
+            _log.warning("process %d, left behind by a child that has exited, still holds "
+                         "the listening socket; stopping it", pid)
+            self._strays[pid] = time.monotonic() + _KILL_GRACE
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
 
     def snapshot(self) -> dict:
         """What the status line says, as data (times: CLOCK_MONOTONIC ns)."""
@@ -2204,15 +2245,26 @@ class _Supervisor:
         # child accepts it before letting go.
         self._let_go(child, drain=self._stopping and not self._forwarding)
         if self._activation and child.state is not _State.RETIRING:
-            # Its main process alone, as systemd's KillMode=mixed: a server
-            # with workers (gunicorn, nginx) stops them itself, in order.
-            child.signal(self._stop_signal, group=False)
+            self._signal(child, self._stop_signal)      # it has no stream to end
         child.state = _State.RETIRING
         child.retired_at = now = time.monotonic()
         child.deadline = now + self._drain_timeout if self._drain_timeout is not None else None
         if child.ready_at and not self._stopping:
             child.report_at = now + _DRAIN_REPORT_FIRST
         self._update_takers()
+
+    def _signal(self, child: _Child, sig: int) -> None:
+        """The one policy for whom a signal to a child reaches, in every mode
+        and for every reason.  A child leads its own process group, and the
+        group gets it (a shell wrapper's children too), except an activated
+        server's stop signals (--stop-signal, SIGTERM): its main process
+        alone, as systemd's KillMode=mixed, since a server with workers of
+        its own (gunicorn, nginx) stops them itself, in order.  SIGKILL,
+        SIGSTOP and SIGCONT reach the group in every mode.  What a child
+        leaves behind holding a listening socket once it has exited is
+        stopped too (_stop_leftovers)."""
+        child.signal(sig, group=not (self._activation and
+                                     sig in (self._stop_signal, signal.SIGTERM)))
 
     def _terminate(self, child: _Child) -> None:
         """Any live state -> STOPPING: SIGTERM now, SIGKILL after _KILL_GRACE."""
@@ -2224,7 +2276,7 @@ class _Supervisor:
         child.report_at = None
         child.deadline = None
         child.kill_at = time.monotonic() + _KILL_GRACE
-        child.signal(signal.SIGTERM, group=not self._activation)
+        self._signal(child, signal.SIGTERM)
         self._update_takers()
 
     def _exited(self, child: _Child, status: int) -> None:
@@ -2341,15 +2393,15 @@ class _Supervisor:
         taken back at once, for the others; then it is stopped."""
         _log.warning("%s took no connection for %g s while %d waited for it; stopping it",
                      self._name(child), self._hang_timeout, child.unread)
-        child.signal(signal.SIGSTOP)
+        self._signal(child, signal.SIGSTOP)
         readers = {child.pid}   # and whatever else holds its channel (a forked server)
         if child.inbox is not None:
-            readers.update(_processes_holding(os.fstat(child.inbox.fileno()).st_ino,
-                                              self._own_pids()))
+            readers.update(_processes_holding({os.fstat(child.inbox.fileno()).st_ino},
+                                              self._own_pids() - {child.pid}))
         if all(_frozen(pid) for pid in readers):
             self._queue.reclaim(child)
         self._terminate(child)          # else what it holds comes back when it exits
-        child.signal(signal.SIGCONT)    # so that it gets the SIGTERM
+        self._signal(child, signal.SIGCONT)     # so that it gets the SIGTERM
         self.crashes += 1
         _log.warning("%s hung; %s", self._name(child),
                      self._schedule_respawn(child.generation, child.index, backoff=False))

@@ -3337,7 +3337,7 @@ def served_or_refused(port):
 # $NOTIFY_SOCKET (unless SP_TEST_SILENT exists), and on SIGTERM (or the signal
 # SP_TEST_STOP names) stops accepting, finishes its connections and exits 0,
 # printing "stopped by SIGNAME pid PID".  It echoes lines; "pid" -> its pid; "env X" ->
-# that variable.
+# that variable.  With SP_TEST_PREFORK two forked workers accept instead.
 ACTIVATED_APP = r'''
 import os, selectors, signal, socket, sys, threading
 def flag(name):
@@ -3384,6 +3384,23 @@ if notify and helper:
 elif notify and not flag("SP_TEST_SILENT"):
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.sendto(b"READY=1\nSTATUS=accepting", "\0" + notify[1:] if notify[0] == "@" else notify)
+if flag("SP_TEST_PREFORK"):
+    # A prefork server: two workers accept; the master only waits, and on its
+    # stop signal stops them and exits.
+    workers = []
+    while len(workers) < 2:
+        pid = os.fork()
+        if pid == 0:
+            break
+        workers.append(pid)
+    else:
+        stopping.wait()
+        for pid in workers:
+            os.kill(pid, stop_signal)
+            os.waitpid(pid, 0)
+        os.write(2, b"stopped by %s pid %d\n" % (signal.Signals(got[0]).name.encode(),
+                                                   os.getpid()))
+        sys.exit(0)
 sel = selectors.DefaultSelector()
 for listener in listeners:
     listener.setblocking(False)
@@ -3418,7 +3435,8 @@ class ActivationTest(ProtectorTestCase):
             f.write(ACTIVATED_APP)
         self.flags.update(SP_TEST_SILENT=os.path.join(self.tmp, "silent"),
                           SP_TEST_STOP=os.path.join(self.tmp, "stop"),
-                          SP_TEST_HELPER=os.path.join(self.tmp, "helper"))
+                          SP_TEST_HELPER=os.path.join(self.tmp, "helper"),
+                          SP_TEST_PREFORK=os.path.join(self.tmp, "prefork"))
         self.env.update(self.flags)
 
     def test_restarts_under_load_lose_nothing(self):
@@ -3473,6 +3491,34 @@ class ActivationTest(ProtectorTestCase):
         os.kill(child, signal.SIGKILL)
         daemon.wait_line(rf"child {child} killed by SIGKILL")
         self.assertFalse(os.path.exists(address), "the notification socket outlived its child")
+
+    def test_a_dead_prefork_masters_workers_do_not_serve_on(self):
+        """A prefork server's master is killed: its workers, left holding the
+        listening socket, are stopped (they would serve old code beside the
+        replacement); no connection reaches them afterwards, and once the
+        daemon has exited nothing holds the port."""
+        self.set_flag("SP_TEST_PREFORK")
+        daemon = Daemon(self)
+        master = daemon.serving()
+        workers = wait_until(lambda: len(children_of(master)) == 2 and children_of(master),
+                             "the two workers")
+        mark = daemon.mark()
+        os.kill(master, signal.SIGKILL)
+        for pid in workers:
+            daemon.wait_line(rf"process {pid}, left behind by a child that has exited, still "
+                             r"holds the listening socket; stopping it", mark)
+        for pid in workers:
+            wait_until(lambda: not alive(pid), f"left-behind worker {pid} to exit")
+        successor = daemon.serving(mark)
+        new_workers = wait_until(lambda: len(children_of(successor)) == 2 and
+                                 children_of(successor), "the successor's workers")
+        for _ in range(30):
+            self.assertIn(served_by(daemon.port), new_workers)
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+        self.assertFalse(served_or_refused(daemon.port), "the port answered after the exit")
+        for pid in [master, *workers, successor, *new_workers]:
+            self.assertFalse(alive(pid), f"process {pid} outlived the daemon")
 
     def test_ready_from_a_helper_that_has_exited_is_taken(self):
         """READY=1 sent by a helper the child started (as systemd-notify does),
