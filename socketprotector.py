@@ -111,7 +111,6 @@ _CHANNEL_SNDBUF = 16384    # bounds the messages queued to a child (about 40 her
 _MAX_WAITING = 256         # accepted connections the daemon queues before it stops accepting
 _ACCEPT_PAUSE = 0.1        # seconds to stop accepting after EMFILE and the like
 _NACK_PAUSE = 0.1          # seconds before a child that could not receive is sent more
-_STALL_RETRY = 0.005       # receive_connections(): seconds between looks for the daemon's b"K"
 _MAX_ACCEPT_ERRORS = 64    # failed accepts in a row before pausing (a listener that only fails)
 
 # accept(2): errors of one connection, already gone; the next one may be fine.
@@ -201,7 +200,9 @@ class ConnectionReceiver:
         # Ours, or handed over by the daemon, each with a poll: anything left
         # in its backlog?
         self._listeners: List[tuple] = []
-        self._poller = None     # listener mode: epoll over the channel and the listener
+        # Under the daemon: fileno(), an epoll over the channel and, in listener
+        # mode, the listener; it lets a stalled receiver wait for what is new.
+        self._poller = None
         self._family = socket.AF_INET                    # of the connections the daemon sends
         self._stream_over = False   # the daemon ended the stream (or is gone)
         self._drain_at_end = False  # the daemon is shutting down: accept the backlog first
@@ -210,15 +211,15 @@ class ConnectionReceiver:
         fd_text = os.environ.pop(ENV_FD, None)
         handoff = os.environ.pop(ENV_HANDOFF, "forward")
         self._daemon = fd_text is not None
+        self._listener_mode = self._daemon and handoff == "listener"
         if self._daemon:
             self._channel = _adopt_channel(fd_text)
             self._pending = select.poll()   # cheaper than a recvmsg() that finds nothing
             self._pending.register(self._channel, select.POLLIN)
-            if handoff == "listener":
-                # One stable descriptor for the caller's event loop, covering
-                # the listener the daemon hands over later.
-                self._poller = select.epoll()
-                self._poller.register(self._channel.fileno(), select.EPOLLIN)
+            # One stable descriptor for the caller's event loop, covering the
+            # listener the daemon may hand over later.
+            self._poller = select.epoll()
+            self._poller.register(self._channel.fileno(), select.EPOLLIN)
             self._send(_MSG_READY + max(1, min(_batch, _MAX_BATCH)).to_bytes(2, "big"))
         elif port is not None:
             self._add_listener(_listen(host or None, port, backlog))
@@ -245,9 +246,9 @@ class ConnectionReceiver:
         the next call (which does not wait for fileno()).  Sets ``ended``
         once the daemon has ended the stream; keep calling until it returns [].
         """
-        # Forwarding, fileno() is the channel: called when it is readable,
-        # the first message is taken without asking first (a poll).
-        return self._receive(limit, look=self._poller is not None)
+        # Forwarding, fileno() watches the channel alone: called when it is
+        # readable, the first message is taken without asking first (a poll).
+        return self._receive(limit, look=self._listener_mode or not self._daemon)
 
     def _receive(self, limit: Optional[int], look: bool) -> List[socket.socket]:
         """receive(); with look false, the first message is taken without
@@ -369,7 +370,7 @@ class ConnectionReceiver:
             _close_fds(fds)
             if kind != _MSG_CONNS:
                 raise ProtocolError(f"unexpected truncated message from socketprotector: {msg!r}")
-            self._stalled = True
+            self._stall(True)
             self._send(_MSG_NACK)
             return False
         _consume_message(self._channel)     # what was peeked is ours now
@@ -388,7 +389,7 @@ class ConnectionReceiver:
         if msg == _MSG_DRAIN and not fds:
             self._drain_at_end = True
             return True
-        if msg == _MSG_LISTENER and fds and self._poller:
+        if msg == _MSG_LISTENER and fds and self._listener_mode:
             for fd in fds:
                 self._add_listener(socket.socket(fileno=fd))
             return True
@@ -396,18 +397,31 @@ class ConnectionReceiver:
         raise ProtocolError(f"unexpected message from socketprotector: {msg!r} "
                             f"with {len(fds)} descriptors")
 
+    def _stall(self, stalled: bool) -> None:
+        """While stalled the message that did not fit stays at the head of the
+        queue, readable: the channel then wakes the caller only when a new
+        message arrives (edge-triggered), never for the one that waits, so
+        waiting for the daemon's b"K" costs nothing."""
+        self._stalled = stalled
+        if self._poller is not None and self._channel is not None:
+            self._poller.modify(self._channel.fileno(),
+                                select.EPOLLIN | (select.EPOLLET if stalled else 0))
+            self._poller.poll(0)    # take the edge the change itself raised
+
     def _await_resume(self) -> bool:
         """Stalled: look (without taking) for the daemon's b"K" at the head of the queue."""
+        self._poller.poll(0)        # the edge that woke the caller: taken before looking
         try:
             head = self._channel.recv(16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
         if head == _MSG_RESUME:
             _consume_message(self._channel)
-            self._stalled = False
+            self._stall(False)
             return True
         # The daemon has closed its end (it is gone): no b"K" will ever come.
         if not head or any(events & select.POLLHUP for _, events in self._pending.poll(0)):
+            self._stall(False)      # readable at its end: the caller sees ``ended``
             self._end()
         return False
 
@@ -482,12 +496,10 @@ def receive_connections(port: Optional[int] = None, *, host: str = "") -> Iterat
                 yield conns[0]
             elif receiver.ended:
                 return
-            elif receiver._stalled:
-                time.sleep(_STALL_RETRY)    # the message waits, readable, until the daemon acts
             else:
                 poller.poll(receiver._wait_ms())
                 # Forwarding: the channel is what woke us; take its message.
-                look = receiver._poller is not None or not receiver._daemon
+                look = receiver._listener_mode or not receiver._daemon
 
 
 async def serve_connections(handler, port: Optional[int] = None, *, host: str = "",
@@ -525,12 +537,11 @@ async def serve_connections(handler, port: Optional[int] = None, *, host: str = 
             loop.remove_reader(fd)
             if not ended.done():
                 ended.set_result(None)
-        elif receiver._stalled or receiver._accept_paused_until:
-            # Waiting for the daemon (or for descriptors): fileno() may stay
-            # readable meanwhile, so look again after a pause, not at once.
+        elif receiver._accept_paused_until:
+            # Waiting for descriptors: fileno() may stay readable meanwhile,
+            # so look again after the pause, not at once.
             loop.remove_reader(fd)
-            loop.call_later(receiver._wait_ms() / 1000 if receiver._accept_paused_until
-                            else _STALL_RETRY, watch)
+            loop.call_later(receiver._wait_ms() / 1000, watch)
 
     def watch() -> None:
         if not ended.done():
@@ -670,6 +681,14 @@ def _processes_holding(inodes, ours=()) -> List[int]:
             except OSError:
                 pass
     return sorted(holders)
+
+
+def _spill_pair() -> List[socket.socket]:
+    """A SEQPACKET socketpair, both ends non-blocking: [writer, reader]."""
+    pair = list(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+    for sock in pair:
+        sock.setblocking(False)
+    return pair
 
 
 def _consume_message(sock: socket.socket) -> None:
@@ -978,6 +997,11 @@ class _ConnectionQueue:
         # each socket; several: 0, and it does.
         self._message = _MSG_CONNS + bytes([families.pop() if len(families) == 1 else 0])
         self.waiting: collections.deque = collections.deque()   # accepted fds not yet sent
+        # Connections parked while we are short of descriptors: in flight in
+        # a socketpair of our own they take no descriptor of ours.  The sizes
+        # of the messages there, oldest first; [writer, reader] (forwarding).
+        self.spilled: collections.deque = collections.deque()
+        self.spill: Optional[List[socket.socket]] = _spill_pair() if forwarding else None
         self.takers: List[_Child] = []
         self._turn = 0                           # where the next tie-break starts
         self._track = hang_timeout is not None   # keep child.queued (more than one taker too)
@@ -1025,7 +1049,7 @@ class _ConnectionQueue:
     def on_listener(self, listener: _Listener, mask: int) -> None:
         if not self.listening:
             return      # unregistered by an earlier event of the same poll
-        room = _MAX_WAITING - len(self.waiting)
+        room = _MAX_WAITING - len(self.waiting) - self.parked()
         if self.stopping:
             listener.quota -= self.accept(listener, min(listener.quota, room))
         else:
@@ -1072,7 +1096,7 @@ class _ConnectionQueue:
             if child.paused_until and now >= child.paused_until:
                 child.paused_until = 0.0    # over: forward_at_once() may send again
         self._set_listening(
-            self._forwarding and len(self.waiting) < _MAX_WAITING
+            self._forwarding and len(self.waiting) + self.parked() < _MAX_WAITING
             and self.accept_paused_until is None
             and any(c.can_take(now) for c in self.takers))
 
@@ -1108,7 +1132,7 @@ class _ConnectionQueue:
         what waits and send it at once.
         False, with nothing lost, where that does not hold: then the general
         path runs (and meets any accept error itself)."""
-        if (self.waiting or not self.takers or self._hang_timeout is not None
+        if (self.waiting or self.spilled or not self.takers or self._hang_timeout is not None
                 or self.stopping or not self.listening or self._accept_error):
             return False
         if len(self.takers) > 1:
@@ -1159,6 +1183,8 @@ class _ConnectionQueue:
 
     def pump(self) -> None:
         """Send waiting connections to the takers, the least loaded first."""
+        if self.spilled and self.accept_paused_until is None:
+            self._unpark()
         if not self.waiting or not self.takers:
             return
         now = time.monotonic()
@@ -1277,8 +1303,17 @@ class _ConnectionQueue:
             except BlockingIOError:
                 complete = True
                 break
-            if truncated:       # out of descriptors ourselves: try again shortly
+            if truncated:
+                # Out of descriptors ourselves: park what we hold (what was
+                # taken back so far, then our queue) and look again; if
+                # nothing could be parked, try again shortly.
                 _close_fds(fds)
+                moved = self._park(taken)
+                del taken[:moved]
+                if not taken:
+                    moved += self._park_waiting()
+                if moved:
+                    continue
                 self.accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
                 break
             if not msg and not fds:
@@ -1309,6 +1344,56 @@ class _ConnectionQueue:
             inbox.close()
             child.inbox = None
         return True
+
+    def parked(self) -> int:
+        return sum(self.spilled) if self.spilled else 0
+
+    def _park(self, fds: List[int]) -> int:
+        """Move connections out of our descriptor table into the spill
+        socketpair, in messages of up to _MAX_BATCH; how many moved (the
+        first ones; the rest stay ours)."""
+        moved = 0
+        while self.spill is not None and moved < len(fds):
+            batch = fds[moved:moved + _MAX_BATCH]
+            try:
+                _send_fds(self.spill[0], self._message, batch)
+            except OSError:
+                break           # full, or too many descriptors in flight: keep them
+            _close_fds(batch)
+            self.spilled.append(len(batch))
+            moved += len(batch)
+        return moved
+
+    def _park_waiting(self) -> int:
+        fds = list(self.waiting)
+        moved = self._park(fds)
+        for _ in range(moved):
+            self.waiting.popleft()
+        return moved
+
+    def _unpark(self) -> None:
+        """Parked connections back to the front of our queue, while it holds
+        less than a batch and we have descriptors to spare."""
+        back: List[int] = []
+        while self.spilled and len(self.waiting) + len(back) < _MAX_BATCH:
+            try:
+                msg, fds, truncated = _peek_message(self.spill[1])
+            except BlockingIOError:
+                self.spilled.clear()        # never: each size stands for a message
+                break
+            if truncated:
+                _close_fds(fds)
+                self.accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
+                break
+            _consume_message(self.spill[1])
+            self.spilled.popleft()
+            back += fds
+        self.waiting.extendleft(reversed(back))
+
+    def restored(self) -> None:
+        """After an upgrade from a version without a spill socketpair."""
+        if self._forwarding and self.spill is None:
+            self.spill = _spill_pair()
 
     def nacked(self, child: _Child) -> None:
         """The child has no room for the descriptors at the head of its queue:
@@ -1402,10 +1487,15 @@ class _ConnectionQueue:
     def close(self, children: List[_Child]) -> None:
         """At exit: what no child took is closed, and so is every inbox."""
         self.close_listeners()
-        if self.waiting:
-            _log.warning("closing %d connections no child took", len(self.waiting))
+        left = len(self.waiting) + self.parked()
+        if left:
+            _log.warning("closing %d connections no child took", left)
         _close_fds(self.waiting)
         self.waiting.clear()
+        for sock in self.spill or ():
+            sock.close()            # and with them what is parked there
+        self.spill = None
+        self.spilled.clear()
         for child in [*children, *self.take_back, *self.deferred]:
             self._stop_watching_holders(child)
             if child.inbox is not None:
@@ -1461,11 +1551,20 @@ _NUMBER = _Kind(_as_is, _optional(float))           # times (CLOCK_MONOTONIC) an
 _FD = _Kind(lambda fd, keep: keep(fd), _optional(int), lambda fd, refs: _adopt_fd(fd))
 _SOCKET = _Kind(lambda sock, keep: keep(sock), _optional(int),
                 lambda fd, refs: _adopt_socket(fd))
+_SOCKETS = _Kind(lambda socks, keep: None if socks is None else [keep(s) for s in socks],
+                 _optional(lambda fds: [int(fd) for fd in fds]),
+                 lambda fds, refs: None if fds is None else [_adopt_socket(fd) for fd in fds],
+                 missing=None)
 _FDS = _Kind(lambda fds, keep: [keep(fd) for fd in fds], lambda fds: [int(fd) for fd in fds],
              lambda fds, refs: collections.deque(_adopt_fd(fd) for fd in fds))
 _STATE = _Kind(lambda state, keep: state.value, _State)
-_COUNTS = _Kind(lambda counts, keep: list(counts), lambda counts: [int(n) for n in counts],
-                lambda counts, refs: collections.deque(counts))
+def _counts(missing=KeyError) -> _Kind:
+    """A deque of counts, as a list."""
+    return _Kind(lambda counts, keep: list(counts), lambda counts: [int(n) for n in counts],
+                 lambda counts, refs: collections.deque(counts), missing)
+
+
+_COUNTS = _counts()
 _HEX = _Kind(lambda data, keep: data.hex(), bytes.fromhex)
 _GENERATION = _Kind(lambda g, keep: None if g is None else g.number, _optional(int),
                     lambda number, refs: None if number is None else refs["generations"][number])
@@ -1496,7 +1595,7 @@ _GENERATION_STATE = _fields(
     backoff=_table(float), quick_deaths=_table(int))
 _QUEUE_STATE = _fields(
     waiting=_FDS, take_back=_CHILDREN, deferred=_CHILDREN, accept_paused_until=_NUMBER,
-    forwarded=_INT)
+    forwarded=_INT, spill=_SOCKETS, spilled=_counts(missing=()))
 _SUPERVISOR_STATE = {
     **_fields("_", workers=_INT, generation_count=_INT, ever_ready=_FLAG,
               restart_again=_FLAG, restart_open=_FLAG),
@@ -1510,9 +1609,9 @@ _NOT_CARRIED = {
     "child": {"on_channel": "its selector callback, made anew",
               "holders": "watched anew: check_holders() after the restore"},
     "generation": {},
-    "queue": dict.fromkeys(
-        ("_sel", "listeners", "by_fd", "_forwarding", "_backlog", "_hang_timeout",
-         "_hung_up", "own_pids", "_message", "_debug"), _GIVEN) | {
+    "queue": {
+        **dict.fromkeys(("_sel", "listeners", "by_fd", "_forwarding", "_backlog",
+                         "_hang_timeout", "_hung_up", "own_pids", "_message", "_debug"), _GIVEN),
         "takers": "derived from the children's states",
         "_track": "derived from the takers",
         "_turn": "where the next tie-break starts: any place will do",
@@ -1520,11 +1619,12 @@ _NOT_CARRIED = {
         "_accept_error": "a repeated warning may be logged once more",
         "stopping": "never: an upgrade is refused while shutting down",
         "holders_check_at": "set again by check_holders()"},
-    "supervisor": dict.fromkeys(
-        ("_script", "_on_upgrade", "_restore", "_on_reopen", "_on_state", "_output",
-         "_envdir", "_forwarding", "_activation", "_ready_delay", "_stop_signal",
-         "_command", "_cwd", "_ready_timeout", "_drain_timeout", "_stop_timeout",
-         "_hang_timeout", "_on_event", "_sel", "_wakeup", "_child_env"), _GIVEN) | {
+    "supervisor": {
+        **dict.fromkeys(("_script", "_on_upgrade", "_restore", "_on_reopen", "_on_state",
+                         "_output", "_envdir", "_forwarding", "_activation", "_ready_delay",
+                         "_stop_signal", "_command", "_cwd", "_ready_timeout",
+                         "_drain_timeout", "_stop_timeout", "_hang_timeout", "_on_event",
+                         "_sel", "_wakeup", "_child_env"), _GIVEN),
         "_queue": "carried as its own fields (_QUEUE_STATE)",
         "_children": "carried as the list of children",
         "_upgrade": "none: the exec happens once the check is over",
@@ -1806,7 +1906,8 @@ class _Supervisor:
         backlog is all theirs; then decide whether to accept."""
         queue = self._queue
         queue.pump()
-        if self._stopping and self._serving is not None and not queue.waiting:
+        if (self._stopping and self._serving is not None and not queue.waiting
+                and not queue.spilled):
             queue.update_listening()        # closes the ports once the backlogs are accepted
             if not queue.listeners:
                 for child in self._serving.children():
@@ -2582,6 +2683,7 @@ class _Supervisor:
         _adopt(self, loaded, _SUPERVISOR_STATE, refs)
         queue = self._queue
         _adopt(queue, loaded, _QUEUE_STATE, refs)
+        queue.restored()
         self._update_takers()
         for child in list(queue.deferred):
             queue.check_holders(child)      # watch anew; taken back if none holds it now

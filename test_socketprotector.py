@@ -2429,10 +2429,11 @@ class HostileTest(ProtectorTestCase):
         self.assertServedAsRoomAllows(lines, daemon)
 
     def test_a_refused_message_the_daemon_cannot_take_back_waits_for_room(self):
-        """A child short of descriptors refuses a message; the daemon, short
-        itself, takes back only part of the queue: it says so, sends no
-        b"K" while anything is left (the child would wait behind it for
-        ever), and finishes once it has room; nothing is lost."""
+        """A child short of descriptors refuses a message; the daemon, with
+        room for less than one message even once it has parked what it holds,
+        cannot take the queue back: it says so, sends no b"K" while anything
+        is left (the child would wait behind it for ever), and finishes once
+        it has room; nothing is lost."""
         limited = ("import resource, runpy, sys; "
                    "resource.setrlimit(resource.RLIMIT_NOFILE, "
                    "(30, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
@@ -2449,7 +2450,7 @@ class HostileTest(ProtectorTestCase):
             wait_until(lambda: daemon.forwarded() >= 40 * (batch + 1),
                        f"message {batch + 1} to be sent")
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (fd_count(daemon.pid) + 60, hard))
+        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (fd_count(daemon.pid) + 20, hard))
         self.addCleanup(lambda: resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (soft, hard))
                         if alive(daemon.pid) else None)
         mark = daemon.mark()
@@ -2461,6 +2462,47 @@ class HostileTest(ProtectorTestCase):
         with connect(daemon.port) as s:
             self.assertEqual(ask(s, b"after"), b"after")
         self.assertEqual(daemon.count(r"unexpectedly"), 0, daemon.log())
+
+    def test_the_review_recipe_no_room_anywhere_ends_and_nothing_spins(self):
+        """The review's recipe: the child may hold 30 descriptors, the daemon
+        60 more than it uses once the child is ready; with the child stopped,
+        40 connections arrive while the daemon is stopped, twice.  The child
+        cannot receive a message of 40; the daemon, short too, parks what it
+        takes back outside its descriptor table (a socketpair of its own),
+        takes the whole queue back, and resends it in smaller messages:
+        every client is served as the child's room allows, without the
+        limit ever being raised.  While the child waits for the daemon's
+        b"K" (the daemon frozen meanwhile) it does not spin."""
+        daemon = Daemon(self, command=["sh", "-c", f"ulimit -n 30 && exec {sys.executable} "
+                                                    f"{EVENT_LOOP_SERVER} 0"])
+        child = daemon.serving()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (fd_count(daemon.pid) + 60, hard))
+        os.kill(child, signal.SIGSTOP)
+        self.addCleanup(lambda: os.kill(child, signal.SIGCONT) if alive(child) else None)
+        self.addCleanup(lambda: daemon.signal(signal.SIGCONT) if alive(daemon.pid) else None)
+        lines = {}
+        for batch in range(2):
+            daemon.signal(signal.SIGSTOP)
+            lines.update(self.open_held_clients(daemon.port, 40))
+            daemon.signal(signal.SIGCONT)
+            wait_until(lambda: daemon.forwarded() >= 40 * (batch + 1),
+                       f"message {batch + 1} to be sent")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGSTOP)       # the child's b"N" waits for it
+        wait_until(lambda: proc_stat(daemon.pid)[0] in "Tt", "the daemon to stop")
+        os.kill(child, signal.SIGCONT)
+        before = cpu_seconds(child)
+        time.sleep(0.5)     # the span over which CPU is measured, not a wait for anything
+        spent = cpu_seconds(child) - before
+        self.assertLess(spent, 0.1, f"the stalled child used {spent:.2f} s of CPU in 0.5 s")
+        daemon.signal(signal.SIGCONT)
+        daemon.wait_line(rf"child {child} could not receive 40 connections; sending them "
+                         r"again", mark)
+        self.assertServedAsRoomAllows(lines, daemon)
+        with connect(daemon.port) as s:
+            self.assertEqual(ask(s, b"after"), b"after")
+        self.assertEqual(daemon.count(r"cannot take back|unexpectedly"), 0, daemon.log())
 
     def test_transient_send_failures_are_retried_not_taken_for_a_hang_up(self):
         """ENOBUFS on sending to a child (memory short for a moment) pauses
