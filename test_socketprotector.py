@@ -62,7 +62,8 @@ SESSIONS = set()        # process groups (sessions) tests started and not yet ki
 # as the file holds wait in its queue) the server forks, the parent exits
 # and the fork serves on (a server that daemonizes itself).
 # SP_TEST_RECORD names a file that gets the peer port of every connection the
-# server takes.
+# server takes.  SP_TEST_FAIL_WORKER / SP_TEST_HOLD_WORKER hold a worker index:
+# that worker exits 1 / waits before ready while the file exists.
 APP = r'''
 import os, resource, socket, sys, threading, time
 sys.path.insert(0, os.environ["SP_TEST_LIBDIR"])
@@ -116,6 +117,10 @@ def main():
     failing = flag("SP_TEST_FAIL_WORKER")   # only the worker whose index it holds exits 1
     if failing and open(failing).read().strip() == os.environ.get("SOCKETPROTECTOR_WORKER"):
         sys.exit(1)
+    held = flag("SP_TEST_HOLD_WORKER")  # the worker whose index it holds waits while it exists
+    if held and open(held).read().strip() == os.environ.get("SOCKETPROTECTOR_WORKER"):
+        while os.path.exists(held):
+            time.sleep(0.01)
     die = flag("SP_TEST_DIE")           # ready, then exit with that status at once
     if die:
         ConnectionReceiver(_batch=1)
@@ -895,7 +900,8 @@ class ProtectorTestCase(unittest.TestCase):
                       for name in ("SP_TEST_FAIL", "SP_TEST_HANG", "SP_TEST_DELAY",
                                    "SP_TEST_NOREAD", "SP_TEST_GARBAGE", "SP_TEST_HANGUP",
                                    "SP_TEST_SLOW", "SP_TEST_ORPHAN", "SP_TEST_NOFILE",
-                                   "SP_TEST_FORK", "SP_TEST_DIE", "SP_TEST_FAIL_WORKER")}
+                                   "SP_TEST_FORK", "SP_TEST_DIE", "SP_TEST_FAIL_WORKER",
+                                   "SP_TEST_HOLD_WORKER")}
         self.record = os.path.join(self.tmp, "taken")
         self.env = dict(os.environ, SP_TEST_LIBDIR=HERE, PYTHONDONTWRITEBYTECODE="1",
                         SP_TEST_RECORD=self.record, **self.flags)
@@ -3009,6 +3015,25 @@ class WorkersTest(ProtectorTestCase):
             self.assertTrue(alive(pid), f"old worker {pid} gone")
         wait_until(lambda: len([p for p in children_of(daemon.pid) if alive(p)]) == 3,
                    "the new generation's other workers to be stopped")
+
+    def test_a_generation_serves_only_once_every_worker_is_ready(self):
+        """Start-first for the whole generation: with one new worker held back
+        before ready, its two ready siblings wait; only the old generation
+        serves and none of it retires.  Once the last one is ready the whole
+        new generation serves and the old one retires."""
+        daemon, old = self.start()
+        self.set_flag("SP_TEST_HOLD_WORKER", "2")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(r"ready; 2 of 3 workers ready", mark)
+        for _ in range(12):
+            self.assertIn(served_by(daemon.port), old)
+        self.assertFalse([line for line in daemon.lines[mark:] if line and "retiring" in line],
+                         daemon.log())
+        self.clear_flag("SP_TEST_HOLD_WORKER")
+        new = daemon.generation(mark)
+        self.assertEqual(set(new) & set(old), set())
+        wait_until(lambda: served_by(daemon.port) in new, "the new generation to serve")
 
     def test_slow_new_generation_no_gap(self):
         """A new generation that needs 1 s: the old one serves all along."""
