@@ -887,6 +887,18 @@ class _Generation:
     def ready(self) -> List[_Child]:
         return [c for c in self.slots if c is not None and c.state is _State.SERVING]
 
+    def vacate(self, child: _Child) -> bool:
+        """The child no longer fills its slot (a replacement may); whether it did."""
+        if child.index < len(self.slots) and self.slots[child.index] is child:
+            self.slots[child.index] = None
+            return True
+        return False
+
+    def forget(self, index: int) -> None:
+        """A slot removed (SIGTTOU): its respawn and crash history go with it."""
+        for table in (self.respawn_at, self.backoff, self.quick_deaths):
+            table.pop(index, None)
+
 
 class _SpawnError(SocketProtectorError):
     """The command could not be started."""
@@ -2317,12 +2329,6 @@ class _Supervisor:
             _log.warning("cannot hand the listener to child %d: %s", child.pid, e.strerror)
             self._channel_closed(child)
 
-    def _vacate(self, child: _Child) -> None:
-        """The child no longer fills its slot (a replacement may)."""
-        slots = child.generation.slots
-        if child.index < len(slots) and slots[child.index] is child:
-            slots[child.index] = None
-
     def _update_takers(self) -> None:
         serving = self._serving
         self._queue.set_takers(
@@ -2331,7 +2337,7 @@ class _Supervisor:
 
     def _let_go(self, child: _Child, drain: bool = False) -> None:
         """No more connections for this child: it leaves its slot and its stream ends."""
-        self._vacate(child)
+        child.generation.vacate(child)
         if child.channel is not None:
             try:
                 if drain:
@@ -2389,57 +2395,78 @@ class _Supervisor:
         self._close_notify(child)
         self._queue.exited(child)
         self._on_exec_report(child)     # a failed exec has written why: read it now
-        generation = child.generation
-        slots = generation.slots
-        in_slot = child.index < len(slots) and slots[child.index] is child
-        self._vacate(child)
-        self._update_takers()
+        named = not child.exec_error
         if child.exec_error:
             _, _, text = child.exec_error.decode(errors="replace").partition(":")
-            why, child_named = f"cannot run {self._command[0]!r}: {text}", None
+            what = f"cannot run {self._command[0]!r}: {text}"
         else:
-            why, child_named = (f"{how} before it was ready" if was is _State.STARTING else
-                                f"{how} before all workers were ready"), child
-        if in_slot and generation is self._starting:
-            self._generation_failed(generation, child_named, why)
-        elif in_slot and generation is self._serving and not self._stopping:
-            self._slot_lost(child, was, status, why if child_named is None else
-                            f"{self._name(child)} {why}")
-        elif in_slot and self._stopping and was is _State.SERVING:
-            self.crashes += 1
-            _log.warning("%s %s while shutting down", self._name(child), how)
-        else:
+            what = {_State.STARTING: f"{how} before it was ready",
+                    _State.READY: f"{how} before all workers were ready",
+                    _State.SERVING: f"{how} unexpectedly"}.get(was, how)
+        if not self._worker_ended(child, was, what, named=named, status=status):
             # Dying of the signal we sent to stop it is how it was asked to end.
             expected = status == 0 or (was is _State.RETIRING and self._activation and
                                        os.waitstatus_to_exitcode(status) == -self._stop_signal)
             _log.log(logging.INFO if expected else logging.WARNING,
                      "%s %s (%s)", self._name(child), how, was.value)
 
-    def _slot_lost(self, child: _Child, was: _State, status: int, failure: str) -> None:
-        """A serving generation's child died: a serving one is replaced at
-        once (its unreceived connections went to the others already); one
-        that never got ready, or keeps crashing soon after it does, after a
-        back-off."""
-        generation, index = child.generation, child.index
+    def _worker_ended(self, child: _Child, was: _State, what: str, *, named: bool = True,
+                      status: Optional[int] = None, late: bool = False) -> bool:
+        """The one place that decides what follows when a worker ends before
+        it was retired: it exited (``status``), was not ready in time
+        (``late``), lost its channel or hung.  ``what`` says what happened,
+        after the child's name (``named``).  False if nothing follows: the
+        worker no longer filled its slot (retired, removed, replaced).
+
+        Its slot is vacated first.  In a generation still starting, the
+        whole generation fails (the serving one keeps serving).  A serving
+        worker's end is a crash.  In the serving generation the slot is
+        refilled: at once for a worker that had served (what it had not
+        received went to the others already), after a back-off for one that
+        never got ready or keeps crashing soon after it does; while shutting
+        down, never."""
+        generation = child.generation
+        if not generation.vacate(child):
+            return False
+        self._update_takers()
+        failure = f"{self._name(child)} {what}" if named else what
+        if generation is self._starting:
+            self._generation_failed(generation, child if named else None, what, late=late)
+            return True
+        if was is _State.SERVING:
+            self.crashes += 1
+        if self._stopping or generation is not self._serving:
+            if was is _State.SERVING:
+                _log.warning("%s while shutting down", failure)
+            return was is _State.SERVING
         if was is not _State.SERVING:
-            _log.error("%s; %s", failure, self._schedule_respawn(generation, index, backoff=True))
-            return
-        self.crashes += 1
+            _log.error("%s; %s", failure,
+                       self._schedule_respawn(generation, child.index, backoff=True))
+            return True
+        crash_loop = self._crash_loop(child, status)
+        plan = self._schedule_respawn(generation, child.index, backoff=crash_loop)
+        _log.warning("%s; %s%s", failure, plan,
+                     " (it keeps crashing soon after it is ready)" if crash_loop else "")
+        self._on_event("status", self._serving_detail())
+        return True
+
+    @staticmethod
+    def _crash_loop(child: _Child, status: Optional[int]) -> bool:
+        """Count a serving worker's death toward its slot's crash loop: only a
+        death of its own doing (an exit, or a crash signal) soon after it was
+        ready counts; one that served long enough clears the back-off."""
+        generation, index = child.generation, child.index
         served = time.monotonic() - child.ready_at
         if served >= _STABLE_AFTER:
             generation.backoff.pop(index, None)
             generation.quick_deaths.pop(index, None)
-        code = os.waitstatus_to_exitcode(status)
+        code = os.waitstatus_to_exitcode(status) if status is not None else -signal.SIGKILL
         own_doing = code >= 0 or -code in _CRASH_SIGNALS
         if own_doing and served < _QUICK_DEATH:
             generation.quick_deaths[index] = generation.quick_deaths.get(index, 0) + 1
         else:
             generation.quick_deaths[index] = 0
-        crash_loop = generation.quick_deaths[index] >= _CRASH_LOOP
-        plan = self._schedule_respawn(generation, index, backoff=crash_loop)
-        _log.warning("%s %s unexpectedly; %s%s", self._name(child), _describe_status(status),
-                     plan, " (it keeps crashing soon after it is ready)" if crash_loop else "")
-        self._on_event("status", self._serving_detail())
+        return generation.quick_deaths[index] >= _CRASH_LOOP
 
     def _schedule_respawn(self, generation: _Generation, index: int, backoff: bool) -> str:
         """Start the slot's next child now, or after its back-off; what was done."""
@@ -2501,22 +2528,15 @@ class _Supervisor:
                                               self._own_pids() - {child.pid}))
         if all(_frozen(pid) for pid in readers):
             self._queue.reclaim(child)
+        self._worker_ended(child, child.state, "hung")
         self._terminate(child)          # else what it holds comes back when it exits
         self._signal(child, signal.SIGCONT)     # so that it gets the SIGTERM
-        self.crashes += 1
-        _log.warning("%s hung; %s", self._name(child),
-                     self._schedule_respawn(child.generation, child.index, backoff=False))
 
     def _not_ready_in_time(self, child: _Child) -> None:
-        generation = child.generation
-        in_slot = child.index < len(generation.slots) and generation.slots[child.index] is child
+        self._worker_ended(child, child.state,
+                           f"was not ready within {self._ready_timeout:g} s; stopped it",
+                           late=True)
         self._terminate(child)
-        why = f"was not ready within {self._ready_timeout:g} s; stopped it"
-        if in_slot and generation is self._starting:
-            self._generation_failed(generation, child, why, late=True)
-        elif in_slot and generation is self._serving:
-            _log.error("%s %s; %s", self._name(child), why,
-                       self._schedule_respawn(generation, child.index, backoff=True))
 
     def _fail(self, why: str) -> None:
         _log.error("%s", why)
@@ -2757,7 +2777,7 @@ class _Supervisor:
             if generation is None:
                 continue
             child = generation.slots[-1]
-            generation.respawn_at.pop(len(generation.slots) - 1, None)
+            generation.forget(len(generation.slots) - 1)
             if child is not None:
                 if child.state is _State.SERVING:
                     self._retire(child)
@@ -2849,21 +2869,13 @@ class _Supervisor:
     def _lost(self, child: _Child, what: str) -> None:
         """A live child we can no longer talk to: a starting one is stopped
         (a failed start); a serving one retires and is replaced."""
-        generation = child.generation
-        in_slot = child.index < len(generation.slots) and generation.slots[child.index] is child
-        if child.state in (_State.STARTING, _State.READY):
+        was = child.state
+        if was in (_State.STARTING, _State.READY):
+            self._worker_ended(child, was, f"{what} before it was ready")
             self._terminate(child)
-            if in_slot and generation is self._starting:
-                self._generation_failed(generation, child, f"{what} before it was ready")
-            elif in_slot and generation is self._serving and not self._stopping:
-                _log.error("%s %s before it was ready; %s", self._name(child), what,
-                           self._schedule_respawn(generation, child.index, backoff=True))
-        elif child.state is _State.SERVING:
+        elif was is _State.SERVING:
+            self._worker_ended(child, was, what)
             self._retire(child)
-            self.crashes += 1
-            if in_slot and not self._stopping:
-                _log.warning("%s %s; %s", self._name(child), what,
-                             self._schedule_respawn(generation, child.index, backoff=False))
 
     def _close_notify(self, child: _Child) -> None:
         if child.notify is not None:

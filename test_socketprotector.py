@@ -3547,7 +3547,8 @@ class ActivationTest(ProtectorTestCase):
                 code = 1
                 try:
                     os.setuid(65534)
-                    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1", address)
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                        s.sendto(b"READY=1", address)
                     code = 0
                 except PermissionError:
                     code = 13
