@@ -1,6 +1,7 @@
 """Tests for socketprotector: real processes, real sockets on 127.0.0.1.
 
-Run: python3 -m unittest -v test_socketprotector
+Run: python3 test_socketprotector.py  (the classes in two processes at once; -j N for N)
+     python3 -m unittest -v test_socketprotector[.CLASS]  (one process)
 
 Each test starts the daemon in its own session and registers a cleanup that
 kills the whole session, so no process outlives a test, even a failed one.
@@ -3657,6 +3658,19 @@ def read_environ(pid):
 
 VENV_BIN = os.path.join(HERE, ".ci", "venv", "bin")
 
+
+def venv_python():
+    """The Python version (X.Y) of .ci/venv, or None if there is none."""
+    try:
+        with open(os.path.join(HERE, ".ci", "venv", "pyvenv.cfg")) as f:
+            for line in f:
+                key, _, value = line.partition("=")
+                if key.strip() in ("version", "version_info"):
+                    return ".".join(value.strip().split(".")[:2])
+    except OSError:
+        pass
+    return None
+
 # A tiny WSGI app and ASGI app for the third-party servers; with the file
 # named by SP_TEST_BROKEN present, importing them fails (a broken build).
 WEB_APP = r'''
@@ -3729,6 +3743,10 @@ class ThirdPartyServerTest(ProtectorTestCase):
         if not os.access(path, os.X_OK):
             self.skipTest(f"{name} is not installed in .ci/venv: `bash .ci/run` installs it "
                           f"from .ci/requirements-test.txt")
+        venv = venv_python()
+        if venv and venv != "%d.%d" % sys.version_info[:2]:
+            self.skipTest(f"the gunicorn and uvicorn tests run under Python {venv} only, the "
+                          f".ci/venv's, which runs those servers whatever runs the daemon")
         return path
 
     def commands(self):
@@ -4381,5 +4399,101 @@ def served_by_or_none(port):
         return None
 
 
+# ---------------------------------------------------------------------------
+# Running the test classes in parallel processes
+# ---------------------------------------------------------------------------
+
+# Seconds each class took here, alone (python3 -m unittest, Python 3.11): the
+# longest are handed out first, so the workers finish together.  A class not
+# listed counts as 5.
+COST = {"ListenerChaosTest": 19, "ChaosTest": 19, "HostileTest": 18, "DaemonModeTest": 18,
+        "WorkersTest": 14, "WorkersUpgradeTest": 12, "SampleTest": 11,
+        "ThirdPartyServerTest": 10, "UpgradeTest": 10, "ListenerWorkersTest": 9,
+        "ListenerUpgradeTest": 8, "ActivationUpgradeTest": 8, "RestartTest": 8,
+        "OperationsTest": 6}
+DONE = "@@ class done"
+
+
+def run_worker():
+    """--worker: run the test classes named on stdin, one per line, each
+    followed on stdout by a DONE line with its counts."""
+    loader = unittest.TestLoader()
+    for line in sys.stdin:
+        name = line.strip()
+        result = unittest.TextTestRunner(stream=sys.stdout, verbosity=2).run(
+            loader.loadTestsFromName(name, sys.modules[__name__]))
+        print(f"{DONE} {name} {result.testsRun} {len(result.failures)} {len(result.errors)} "
+              f"{len(result.skipped)} {len(result.unexpectedSuccesses)}", flush=True)
+
+
+def run_parallel(jobs):
+    """The whole suite in `jobs` worker processes, each taking the next class
+    as it finishes one (longest first); each class's output is printed whole
+    as it ends, then one summary in unittest's words.  Returns the exit code."""
+    module = sys.modules[__name__]
+    names = sorted((name for name, obj in vars(module).items()
+                    if isinstance(obj, type) and issubclass(obj, unittest.TestCase)
+                    and unittest.TestLoader().getTestCaseNames(obj)),
+                   key=lambda name: -COST.get(name, 5))
+    start = time.monotonic()
+    totals = [0, 0, 0, 0, 0]        # run, failures, errors, skipped, unexpected successes
+    lock = threading.Lock()
+    queue = list(names)
+
+    def work():
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        try:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    name = queue.pop(0)
+                proc.stdin.write(name + "\n")
+                proc.stdin.flush()
+                output = []
+                for line in proc.stdout:
+                    if line.startswith(DONE + " " + name + " "):
+                        counts = [int(n) for n in line.split()[-5:]]
+                        break
+                    output.append(line)
+                else:       # the worker died (its watchdog ends a hung run)
+                    output.append(f"worker running {name} exited\n")
+                    counts = [0, 0, 1, 0, 0]
+                with lock:
+                    sys.stdout.write(f"=== {name}\n" + "".join(output))
+                    sys.stdout.flush()
+                    for i, n in enumerate(counts):
+                        totals[i] += n
+                if counts == [0, 0, 1, 0, 0] and proc.poll() is not None:
+                    return
+        finally:
+            proc.stdin.close()
+            proc.wait()
+            proc.stdout.close()
+    threads = [threading.Thread(target=work) for _ in range(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    run, failures, errors, skipped, unexpected = totals
+    print("-" * 70)
+    print(f"Ran {run} tests in {time.monotonic() - start:.3f}s ({jobs} processes)\n")
+    details = [f"{label}={n}" for label, n in (("failures", failures), ("errors", errors),
+                                                ("skipped", skipped),
+                                                ("unexpected successes", unexpected)) if n]
+    ok = not (failures or errors or unexpected or queue)
+    print(("OK" if ok else "FAILED") + (f" ({', '.join(details)})" if details else ""))
+    return 0 if ok else 1
+
+
 if __name__ == "__main__":
-    unittest.main()
+    if sys.argv[1:] == ["--worker"]:
+        run_worker()
+    elif sys.argv[1:2] == ["-j"] and len(sys.argv) == 3 and sys.argv[2].isdigit():
+        sys.exit(run_parallel(max(1, int(sys.argv[2]))))
+    elif len(sys.argv) == 1:
+        sys.exit(run_parallel(2))
+    else:
+        unittest.main()
