@@ -79,6 +79,7 @@ import logging.handlers
 import os
 import pwd
 import re
+import resource
 import select
 import shutil
 import signal
@@ -136,6 +137,11 @@ _QUICK_DEATH = 2.0         # a crash this soon after ready counts toward a crash
 _CRASH_LOOP = 3            # that many in a row: the slot's replacements are backed off
 _MAX_WORKERS = 256         # each costs the daemon a few descriptors and a process
 _EXIT_GRACE = 1.0          # after a child hangs up, how long to wait for it to exit
+_DEFAULT_QUIET = 0.3       # activation: the old generation's quiet period before its stop
+_QUIET_LOOK = 0.05         # how often its backlog is looked at meanwhile
+_QUIET_MAX = 10.0          # a backlog not drained by then is not going to be
+_SO_ATTACH_REUSEPORT_CBPF = 51
+_BPF_RET_K = 0x06          # BPF_RET | BPF_K: "return the constant k"
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -729,22 +735,34 @@ def _accept_into(accept, more, limit: int, out: list) -> Optional[OSError]:
     return None
 
 
-def _listen(host: Optional[str], port: int, backlog: int) -> socket.socket:
-    """A listening TCP socket: on every interface (IPv6 and IPv4) when host is None."""
+def _listen(host: Optional[str], port: int, backlog: int,
+            reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket: on every interface (IPv6 and IPv4) when host is None.
+    reuse_port: with SO_REUSEPORT, once a probe (a plain bind) has found
+    nothing listening there: another daemon must not silently share it."""
     where = f"{host or '*'}:{port}"
+
+    def create(address, family, **options):
+        if reuse_port and port:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if options.get("dualstack_ipv6"):
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                probe.bind(address)
+        return socket.create_server(address, family=family, backlog=backlog,
+                                    reuse_port=reuse_port, **options)
     try:
         if host is None:
             if socket.has_dualstack_ipv6():
                 try:
-                    return socket.create_server(("", port), family=socket.AF_INET6,
-                                                backlog=backlog, dualstack_ipv6=True)
+                    return create(("", port), socket.AF_INET6, dualstack_ipv6=True)
                 except OSError as e:
                     if e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                         raise
-            return socket.create_server(("", port), backlog=backlog)
+            return create(("", port), socket.AF_INET)
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, _, _, _, address = infos[0]
-        return socket.create_server(address, family=family, backlog=backlog)
+        return create(address, family)
     except socket.gaierror as e:
         raise SocketProtectorError(f"cannot resolve bind address {host!r}: {e.strerror}") from None
     except OSError as e:
@@ -788,6 +806,7 @@ class _State(enum.Enum):
     STARTING = "starting"    # forked; not yet asked for a connection
     READY = "ready"          # asked; waits for the rest of its generation
     SERVING = "serving"      # its generation serves: it is sent new connections
+    QUIETING = "quieting"    # activation: steered away; accepting its backlog, then retired
     RETIRING = "retiring"    # stream ended; finishing its connections
     STOPPING = "stopping"    # sent SIGTERM; SIGKILL at kill_at
     EXITED = "exited"
@@ -877,6 +896,13 @@ class _Generation:
         self.respawn_at: dict = {}               # slot -> when to start its next child
         self.backoff: dict = {}                  # slot -> the next back-off, seconds
         self.quick_deaths: dict = {}             # slot -> crashes soon after ready, in a row
+        # Activation with steering: the listening sockets of its own (None:
+        # the daemon's, shared), and once steered away, when to look at their
+        # backlog next, when it retires if nothing more waits, and at the latest.
+        self.sockets: Optional[List[socket.socket]] = None
+        self.look_at: Optional[float] = None
+        self.quiet_at: Optional[float] = None
+        self.quiet_limit: Optional[float] = None
 
     def children(self) -> List[_Child]:
         return [c for c in self.slots if c is not None]
@@ -1416,8 +1442,9 @@ class _ConnectionQueue:
         complete = self.reclaim(child, report=False)
         # Once per child at warning: at its limit it may ask every pause.
         _log.log(logging.DEBUG if child.nacked else logging.WARNING,
-                 "child %d could not receive %d connections; sending them again",
-                 child.pid, child.reclaimed - before)
+                 "child %d could not receive %s; sending them again", child.pid,
+                 _plural(child.reclaimed - before, "connection") if complete else
+                 "the connections sent to it")
         child.nacked = True
         if complete:
             self.resume(child)
@@ -1516,6 +1543,162 @@ class _ConnectionQueue:
 
 
 # ---------------------------------------------------------------------------
+# The daemon: steering new connections to one generation (activation)
+# ---------------------------------------------------------------------------
+
+
+def _inode(sock: socket.socket) -> int:
+    return os.fstat(sock.fileno()).st_ino
+
+
+def _listening_inodes() -> set:
+    """The inodes of every TCP socket listening in this network namespace.
+    /proc/net/tcp* lists the listening sockets first: the rest is not read."""
+    found = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) <= 9 or fields[3] != "0A":
+                        break
+                    found.add(int(fields[9]))
+        except OSError:
+            pass
+    return found
+
+
+def _listen_beside(sock: socket.socket, backlog: int) -> socket.socket:
+    """A new listening socket on sock's address, in its SO_REUSEPORT group."""
+    new = socket.socket(sock.family, socket.SOCK_STREAM)
+    try:
+        new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if sock.family == socket.AF_INET6:
+            new.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY,
+                           sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+        new.bind(sock.getsockname())
+        new.listen(backlog)
+    except BaseException:
+        new.close()
+        raise
+    new.setblocking(True)       # as the servers get it
+    return new
+
+
+class _Steering:
+    """Activation mode: each generation after the first listens on sockets of
+    its own, which join the SO_REUSEPORT group of the daemon's socket for
+    the same address; a one-instruction classic BPF program on each group
+    returns the index of the serving generation's socket, so every new
+    connection goes to it and an old generation gets nothing new once its
+    successor serves (it accepts what waits in its own backlog, then stops).
+
+    The kernel indexes a group's sockets in the order they joined; when one
+    leaves (its last holder closes it) the last one takes its place.  The
+    program must stay right at every instant, so a socket steered to is
+    never moved: a retired generation's socket is let go of only when that
+    moves nothing steered to (it is the last, or the one steered to is
+    not), else it is kept, idle, until a newer one joins.  ``groups``
+    models each group (inodes in index order); one the daemon let go of
+    that still listens (a process left behind holds it) stays in the model
+    (``ghosts``, in the order let go of) until it no longer does.
+    """
+
+    def __init__(self, anchors: List[socket.socket], backlog: int, attach: bool = True) -> None:
+        """attach false: after an upgrade, the restore sets the groups and
+        steers (the program on the sockets steers meanwhile)."""
+        self.anchors = anchors                   # the daemon's own sockets (the first generation's)
+        self.backlog = backlog
+        self.groups: List[List[int]] = [[_inode(sock)] for sock in anchors]
+        self.targets: List[int] = [group[0] for group in self.groups]   # steered to, per group
+        self.steered: List[socket.socket] = list(anchors)   # those sockets, held by the daemon
+        self.retired: List[socket.socket] = []   # let go of when that moves nothing steered to
+        self.ghosts: List[int] = []
+        if attach:
+            self.attach()
+
+    def open(self) -> List[socket.socket]:
+        """A new generation's sockets, one per address; OSError if the kernel refuses."""
+        sockets: List[socket.socket] = []
+        try:
+            for anchor in self.anchors:
+                sockets.append(_listen_beside(anchor, self.backlog))
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        for group, sock in zip(self.groups, sockets):
+            group.append(_inode(sock))
+        self._prune()           # a retired one waiting for a newer member may go now
+        return sockets
+
+    def steer(self, sockets: Optional[List[socket.socket]]) -> None:
+        """Every new connection to the given sockets (None: the daemon's own)."""
+        self.steered = list(sockets or self.anchors)
+        self.targets = [_inode(sock) for sock in self.steered]
+        self.attach()
+        self._prune()
+
+    def release(self, sockets: List[socket.socket]) -> None:
+        """A generation is gone: its sockets leave their groups, in time."""
+        self.retired += sockets
+        self._prune()
+
+    def recheck(self) -> None:
+        """A process left behind has been reaped: did a ghost leave with it?"""
+        if self.ghosts:
+            self._settle()
+
+    def inodes(self) -> set:
+        return {inode for group in self.groups for inode in group}
+
+    def close(self) -> None:
+        for sock in self.retired:
+            sock.close()
+        self.retired = []
+
+    def _prune(self) -> None:
+        for sock in list(self.retired):
+            inode = _inode(sock)
+            g = next(i for i, group in enumerate(self.groups) if inode in group)
+            if self.groups[g][-1] == self.targets[g]:
+                continue        # the socket steered to would take its place
+            self.retired.remove(sock)
+            sock.close()
+            self.ghosts.append(inode)
+            self._settle()
+
+    def _settle(self) -> None:
+        """The kernel's rule, in order, for each ghost that no longer listens."""
+        listening = _listening_inodes()
+        moved = False
+        for inode in [g for g in self.ghosts if g not in listening]:
+            self.ghosts.remove(inode)
+            for group, target in zip(self.groups, self.targets):
+                if inode in group:
+                    i = group.index(inode)
+                    moved = moved or group[-1] == target
+                    group[i] = group[-1]
+                    group.pop()
+        if moved:
+            self.attach()       # only a ghost that left late can have moved it
+
+    def attach(self) -> None:
+        _log.debug("steering: group members (inodes) %s; new connections to %s", self.groups,
+                   self.targets)
+        # Through the socket steered to: the daemon holds it as long as it serves.
+        for sock, group, target in zip(self.steered, self.groups, self.targets):
+            if sock.fileno() < 0:
+                continue        # shutting down: closed already
+            code = array.array("B", struct.pack("=HBBI", _BPF_RET_K, 0, 0, group.index(target)))
+            address, _ = code.buffer_info()
+            sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF,
+                            struct.pack("@HP", 1, address))
+
+
+# ---------------------------------------------------------------------------
 # The daemon: what an upgrade carries across its exec
 # ---------------------------------------------------------------------------
 #
@@ -1558,6 +1741,10 @@ def _table(convert, missing=KeyError) -> _Kind:
 
 _INT = _Kind(_as_is, int)
 _PATH = _Kind(_as_is, _optional(str), missing=None)
+_LATER = _Kind(_as_is, _optional(float), missing=None)     # a time new versions carry
+_INODES = _Kind(lambda inodes, keep: list(inodes), lambda inodes: [int(n) for n in inodes])
+_GROUPS = _Kind(lambda groups, keep: [list(g) for g in groups],
+                lambda groups: [[int(n) for n in g] for g in groups])
 _FLAG = _Kind(_as_is, bool)
 _NUMBER = _Kind(_as_is, _optional(float))           # times (CLOCK_MONOTONIC) and the like
 _FD = _Kind(lambda fd, keep: keep(fd), _optional(int), lambda fd, refs: _adopt_fd(fd))
@@ -1604,15 +1791,16 @@ _CHILD_STATE = _fields(
     channel=_SOCKET, inbox=_SOCKET, notify=_SOCKET, exec_report=_FD)
 _GENERATION_STATE = _fields(
     number=_INT, serving=_FLAG, slots=_SLOTS, respawn_at=_table(float),
-    backoff=_table(float), quick_deaths=_table(int))
+    backoff=_table(float), quick_deaths=_table(int), sockets=_SOCKETS, look_at=_LATER,
+    quiet_at=_LATER, quiet_limit=_LATER)
+_STEERING_STATE = _fields(groups=_GROUPS, targets=_INODES, ghosts=_INODES, retired=_SOCKETS)
 _QUEUE_STATE = _fields(
     waiting=_FDS, take_back=_CHILDREN, deferred=_CHILDREN, accept_paused_until=_NUMBER,
     forwarded=_INT, spill=_SOCKETS, spilled=_counts(missing=()))
 _SUPERVISOR_STATE = {
     **_fields("_", workers=_INT, generation_count=_INT, ever_ready=_FLAG,
               restart_again=_FLAG, restart_open=_FLAG),
-    **_fields("_", serving=_GENERATION, starting=_GENERATION, notify_dir=_PATH,
-              strays=_table(float, missing=())),
+    **_fields("_", serving=_GENERATION, starting=_GENERATION, notify_dir=_PATH),
     **_fields(restarts=_INT, failed_restarts=_INT, crashes=_INT)}
 
 # Everything else each object holds, and why it need not cross.
@@ -1621,6 +1809,9 @@ _NOT_CARRIED = {
     "child": {"on_channel": "its selector callback, made anew",
               "holders": "watched anew: check_holders() after the restore"},
     "generation": {},
+    "steering": {"anchors": "the daemon's listeners, carried as such",
+                 "backlog": _GIVEN,
+                 "steered": "the serving generation's sockets: steer() again after the restore"},
     "queue": {
         **dict.fromkeys(("_sel", "listeners", "by_fd", "_forwarding", "_backlog",
                          "_hang_timeout", "_hung_up", "own_pids", "_message", "_debug"), _GIVEN),
@@ -1645,9 +1836,13 @@ _NOT_CARRIED = {
         "_stopping": "never: an upgrade is refused while shutting down",
         "_stop_deadline": "none: not shutting down",
         "_next_deadline": "computed anew", "_error": "none while running",
-        "_listener_inodes": "derived from the listeners"}}
+        "_listener_inodes": "derived from the listeners",
+        "_strays": "found again: a process left behind is looked for at each child's exit",
+        "_steering": "carried as its own fields (_STEERING_STATE)",
+        "_child_nofile": "carried beside the supervisor's state (nofile)",
+        "_quiet": _GIVEN}}
 _CARRIED = {"child": _CHILD_STATE, "generation": _GENERATION_STATE, "queue": _QUEUE_STATE,
-            "supervisor": _SUPERVISOR_STATE}
+            "supervisor": _SUPERVISOR_STATE, "steering": _STEERING_STATE}
 
 
 def _dump(obj, fields: dict, keep) -> dict:
@@ -1664,8 +1859,10 @@ def _adopt(obj, loaded: dict, fields: dict, refs: dict) -> None:
         setattr(obj, attr, kind.adopt(loaded[key], refs))
 
 
-_STATE_VERSION = 1          # of what export_state() hands over; the check confirms it
-_STATE_VERSIONS = (1,)      # the versions this code can take over from
+# Of what export_state() hands over; the check confirms it.  2: parked
+# connections and steering, which code reading only 1 would drop.
+_STATE_VERSION = 2
+_STATE_VERSIONS = (1, 2)    # the versions this code can take over from
 _UPGRADE_CHECK_TIMEOUT = 15.0
 ENV_UPGRADE = "SOCKETPROTECTOR_UPGRADE"     # the descriptor of the state an upgrade hands over
 
@@ -1678,6 +1875,8 @@ def _load_state(state: dict) -> dict:
     loaded["children"] = [_load(c, _CHILD_STATE) for c in state["children"]]
     loaded["generations"] = [_load(g, _GENERATION_STATE) for g in state["generations"]]
     loaded["listeners"] = [int(fd) for fd in state["listeners"]]
+    loaded["steering"] = (_load(state["steering"], _STEERING_STATE) if state.get("steering")
+                          else None)
     # Signals the exec interrupted (written by versions that carried them).
     loaded["pending_signals"] = [int(n) for n in state.get("pending_signals", ())]
     numbers = {g["number"] for g in loaded["generations"]}
@@ -1717,7 +1916,9 @@ class _Supervisor:
                  output: Optional[str] = None, ready_delay: Optional[float] = None,
                  stop_signal: int = signal.SIGTERM, script: Optional[str] = None,
                  on_upgrade: Optional[Callable[[dict], str]] = None,
-                 restore: Optional[dict] = None) -> None:
+                 restore: Optional[dict] = None, steering: Optional[_Steering] = None,
+                 quiet_period: float = _DEFAULT_QUIET,
+                 child_nofile: Optional[int] = None) -> None:
         self._script = script       # the socketprotector.py on disk, for an upgrade
         self._on_upgrade = on_upgrade   # hands everything over and execs; or says why not
         self._restore = restore     # the state an upgrade handed us, to take over from
@@ -1749,10 +1950,13 @@ class _Supervisor:
                                        backlog=backlog, hang_timeout=hang_timeout,
                                        hung_up=self._channel_closed, own_pids=self._own_pids)
         self._children: dict = {}                # pid -> _Child, until reaped
-        # Processes our children left behind that held a listening socket:
-        # pid -> when to SIGKILL it (None: sent), until reaped.
+        # Processes a child left behind holding a listening socket, being
+        # stopped: pid -> [pidfd (-1: none), when to SIGKILL it, killed], until gone.
         self._strays: dict = {}
         self._listener_inodes = {os.fstat(sock.fileno()).st_ino for sock in listeners}
+        self._steering = steering       # activation: each generation its own sockets
+        self._child_nofile = child_nofile   # the soft RLIMIT_NOFILE the children get back
+        self._quiet = quiet_period
         self._serving: Optional[_Generation] = None
         self._starting: Optional[_Generation] = None    # begun, not yet complete
         self._generation_count = 0
@@ -1844,7 +2048,8 @@ class _Supervisor:
             pending.append(self._upgrade["deadline"])
         if self._serving is not None and self._serving.respawn_at:
             pending += self._serving.respawn_at.values()
-        pending += [when for when in self._strays.values() if when is not None]
+        pending += [when for _, when, _ in self._strays.values()]
+        pending += [g.look_at for g in self._quieting() if g.look_at is not None]
         for child in self._children.values():
             if child.deadline is not None:
                 pending.append(child.deadline)
@@ -1862,15 +2067,19 @@ class _Supervisor:
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
-        for pid, when in list(self._strays.items()):
-            if when is not None and now >= when:
+        for pid, stray in list(self._strays.items()):
+            fd, when, killed = stray
+            if now < when:
+                continue
+            if fd < 0 and _process_gone(pid):   # no pidfd to say so
+                self._stray_gone(pid)
+            elif not killed:
                 _log.warning("process %d still running %.0f s after SIGTERM; sending SIGKILL",
                              pid, _KILL_GRACE)
-                self._strays[pid] = None
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+                self._signal_stray(pid, signal.SIGKILL)
+                stray[1:] = [now + (_KILL_GRACE if fd >= 0 else 0.2), True]
+            else:
+                stray[1] = now + (_KILL_GRACE if fd >= 0 else 0.2)
         for child in list(self._children.values()):
             if child.kill_at is not None and now >= child.kill_at:
                 _log.warning("child %d still running %.0f s after SIGTERM; sending SIGKILL",
@@ -1900,6 +2109,9 @@ class _Supervisor:
                     _log.warning("child %d still draining after %g s; stopping it",
                                  child.pid, self._drain_timeout)
                     self._terminate(child)
+        for generation in self._quieting():
+            if generation.look_at is not None and now >= generation.look_at:
+                self._look_at_quieting(generation, now)
         if self._serving is not None:
             for index, when in list(self._serving.respawn_at.items()):
                 if now >= when:
@@ -1929,6 +2141,16 @@ class _Supervisor:
 
     def _close_everything(self) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        for generation in {id(g): g for g in [*(c.generation for c in self._children.values()),
+                                              self._serving, self._starting]
+                           if g is not None}.values():
+            for sock in generation.sockets or ():
+                sock.close()
+            generation.sockets = None
+        if self._steering is not None:
+            self._steering.close()
+        for pid in list(self._strays):
+            self._stray_gone(pid)
         self._queue.close([*self._children.values()])
         for child in self._children.values():
             self._close_channel(child)
@@ -1996,8 +2218,13 @@ class _Supervisor:
             if child is not None:
                 self._exited(child, status)
                 self._stop_leftovers()
-            else:                       # an orphan reparented to us
-                self._strays.pop(pid, None)
+                self._release_generation(child.generation)
+            elif pid in self._strays:   # an orphan we stopped
+                self._stray_gone(pid)
+
+    def _quieting(self) -> List[_Generation]:
+        return list({id(c.generation): c.generation for c in self._children.values()
+                     if c.state is _State.QUIETING}.values())
 
     def _stop_leftovers(self) -> None:
         """A child has exited: whatever it started and left behind (now ours,
@@ -2009,16 +2236,43 @@ class _Supervisor:
         holding its channel is the connection queue's business."""
         if self._forwarding:
             return
-        for pid in _processes_holding(self._listener_inodes, self._own_pids()):
-            if pid in self._strays:
-                continue
+        inodes = self._listener_inodes | (self._steering.inodes() if self._steering else set())
+        live = {c.pid for c in self._children.values()}     # each leads its process group
+        for pid in _processes_holding(inodes, self._own_pids()):
+            try:
+                if pid in self._strays or os.getpgid(pid) in live:
+                    continue        # a live server's own helper, reparented to us
+            except OSError:
+                continue            # gone meanwhile
             _log.warning("process %d, left behind by a child that has exited, still holds "
                          "the listening socket; stopping it", pid)
-            self._strays[pid] = time.monotonic() + _KILL_GRACE
             try:
-                os.kill(pid, signal.SIGTERM)
-            except OSError:
-                pass
+                fd = os.pidfd_open(pid)     # so that neither a signal nor "gone" can miss
+            except (AttributeError, OSError):
+                fd = -1
+            if fd >= 0:
+                self._sel.register(fd, _IN, functools.partial(self._stray_gone, pid))
+            self._strays[pid] = [fd, time.monotonic() + _KILL_GRACE, False]
+            self._signal_stray(pid, signal.SIGTERM)
+
+    def _signal_stray(self, pid: int, sig: int) -> None:
+        fd = self._strays[pid][0]
+        try:
+            if fd >= 0:
+                signal.pidfd_send_signal(fd, sig)
+            elif not _process_gone(pid):
+                os.kill(pid, sig)
+        except OSError:
+            pass
+
+    def _stray_gone(self, pid: int, mask: int = 0) -> None:
+        """A process left behind has exited (reaped by us or by its parent)."""
+        fd, _, _ = self._strays.pop(pid, (-1, 0, 0))
+        if fd >= 0:
+            self._sel.unregister(fd)
+            os.close(fd)
+        if self._steering is not None:
+            self._steering.recheck()    # what it held may leave its group now
 
     def snapshot(self) -> dict:
         """What the status line says, as data (times: CLOCK_MONOTONIC ns)."""
@@ -2030,7 +2284,7 @@ class _Supervisor:
             "starting": [c.pid for c in self._children.values()
                          if c.state in (_State.STARTING, _State.READY)],
             "draining": [[c.pid, int(c.retired_at * 1e9)] for c in self._children.values()
-                         if c.state in (_State.RETIRING, _State.STOPPING)],
+                         if c.state in (_State.QUIETING, _State.RETIRING, _State.STOPPING)],
             "forwarded": self.forwarded, "restarts": self.restarts,
             "failed": self.failed_restarts, "crashes": self.crashes}
 
@@ -2087,6 +2341,13 @@ class _Supervisor:
         self._generation_count += 1
         generation = _Generation(self._generation_count, self._workers)
         self._starting = generation
+        if self._steering is not None and self._serving is not None:
+            try:
+                generation.sockets = self._steering.open()
+            except OSError as e:
+                _log.warning("cannot open listening sockets for the new generation (%s): it "
+                             "shares the serving one's, which may take connections until "
+                             "it stops", e.strerror)
         try:
             for index in range(len(generation.slots)):
                 self._spawn(generation, index)
@@ -2105,7 +2366,7 @@ class _Supervisor:
         env = self._environment(index)
         try:
             pid, report_fd = _fork_exec(executable, self._command, self._cwd, env,
-                                        theirs.fileno())
+                                        theirs.fileno(), nofile=self._child_nofile)
         except BaseException:
             ours.close()
             theirs.close()
@@ -2129,20 +2390,23 @@ class _Supervisor:
         address = self._notify_address()
         try:
             notify.bind(address)
+            if address[0] != "\0":
+                os.chmod(address, 0o666)    # whichever user the server becomes
             notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             notify.setblocking(False)
         except OSError as e:
             notify.close()
             raise _SpawnError(f"cannot start {self._command[0]!r}: notification socket: "
                               f"{e.strerror}") from None
-        listeners = self._queue.sockets()
+        listeners = generation.sockets or self._queue.sockets()
         env = self._environment(index)
         env.update(LISTEN_FDS=str(len(listeners)),
                    LISTEN_FDNAMES=":".join(["socketprotector"] * len(listeners)),
                    NOTIFY_SOCKET="@" + address[1:] if address[0] == "\0" else address)
         try:
             pid, report_fd = _fork_exec(executable, self._command, self._cwd, env, None,
-                                        [sock.fileno() for sock in listeners])
+                                        [sock.fileno() for sock in listeners],
+                                        nofile=self._child_nofile)
         except BaseException:
             notify.close()
             raise
@@ -2154,13 +2418,17 @@ class _Supervisor:
 
     def _notify_address(self) -> str:
         """Where a new child's NOTIFY_SOCKET is bound: a path in a directory of
-        our own (mode 0700), which only our user and root can reach, so a
-        notification whose sender has exited meanwhile (a helper such as
-        systemd-notify) can be trusted.  Where no such directory can be made,
-        an abstract name, which any local process can reach."""
+        our own, which nobody can list (mode 0711: a server that changes user,
+        as gosu or setpriv do, still reaches its socket), made anew if it has
+        been removed (a cleaner of /tmp).  The kernel tells us who sent each
+        notification; see _trusted().  Where no directory can be made, an
+        abstract name."""
+        if self._notify_dir and not os.path.isdir(self._notify_dir):
+            self._notify_dir = None
         if self._notify_dir is None:
             try:
                 self._notify_dir = tempfile.mkdtemp(prefix="socketprotector-")
+                os.chmod(self._notify_dir, 0o711)
             except OSError as e:
                 self._notify_dir = ""
                 _log.warning("cannot make a directory for the children's notification "
@@ -2230,6 +2498,11 @@ class _Supervisor:
         self._starting = None
         self._serving = generation
         generation.serving = True
+        if self._steering is not None:
+            try:
+                self._steering.steer(generation.sockets)
+            except OSError as e:
+                _log.error("cannot steer new connections to the new generation: %s", e.strerror)
         for child in generation.children():
             self._serve(child)
         new = self._describe(generation.children())
@@ -2256,13 +2529,57 @@ class _Supervisor:
             self._request_restart()
 
     def _retire_generation(self, generation: _Generation) -> None:
+        """The serving generation has been replaced.  Steered away from (its
+        own sockets get nothing new), it first accepts what waits in its
+        backlog and is retired once that has stayed empty for the quiet
+        period, so that a request on a connection it has just accepted is
+        read before it is asked to stop; else at once."""
         generation.serving = False
         generation.respawn_at.clear()
+        quiet = (self._steering is not None and self._serving is not None
+                 and generation.sockets is not self._serving.sockets)
+        now = time.monotonic()
+        if quiet:
+            generation.look_at = now
+            generation.quiet_at = now + self._quiet
+            generation.quiet_limit = now + max(_QUIET_MAX, self._quiet)
         for child in generation.children():
             if child.state is _State.STARTING:
                 self._terminate(child)      # a replacement nobody needs now
+            elif quiet:
+                generation.vacate(child)
+                child.state = _State.QUIETING
+                child.retired_at = now
             else:
                 self._retire(child)
+
+    def _look_at_quieting(self, generation: _Generation, now: float) -> None:
+        """A generation steered away: retire it once its backlog has stayed
+        empty for the quiet period (or at the latest after _QUIET_MAX)."""
+        waiting = sum(_backlog_length(sock) or 0
+                      for sock in generation.sockets or self._queue.sockets())
+        if waiting:
+            generation.quiet_at = now + self._quiet
+        generation.look_at = now + _QUIET_LOOK
+        if now < min(generation.quiet_at, generation.quiet_limit):
+            return
+        if waiting:
+            _log.warning("the old generation still has %s waiting after %g s; stopping it",
+                         _plural(waiting, "connection"), _QUIET_MAX)
+        generation.look_at = generation.quiet_at = generation.quiet_limit = None
+        for child in list(self._children.values()):
+            if child.generation is generation and child.state is _State.QUIETING:
+                self._retire(child)
+
+    def _release_generation(self, generation: _Generation) -> None:
+        """A generation none of whose processes is left: the daemon lets go of
+        its sockets, which leave their groups."""
+        if (self._steering is None or generation.sockets is None
+                or generation is self._serving or generation is self._starting
+                or any(c.generation is generation for c in self._children.values())):
+            return
+        sockets, generation.sockets = generation.sockets, None
+        self._steering.release(sockets)
 
     def _generation_failed(self, generation: _Generation, child: Optional[_Child],
                            why: str, late: bool = False) -> None:
@@ -2676,7 +2993,10 @@ class _Supervisor:
                  **_dump(self, _SUPERVISOR_STATE, keep), **_dump(queue, _QUEUE_STATE, keep),
                  "children": [_dump(c, _CHILD_STATE, keep) for c in children],
                  "generations": [_dump(g, _GENERATION_STATE, keep)
-                                 for _, g in sorted(generations.items())]}
+                                 for _, g in sorted(generations.items())],
+                 "steering": (_dump(self._steering, _STEERING_STATE, keep)
+                              if self._steering is not None else None),
+                 "pending_signals": []}      # read by version 1: the exec now carries none
         return state, fds
 
     def _restore_state(self, state: dict) -> None:
@@ -2704,6 +3024,9 @@ class _Supervisor:
         queue = self._queue
         _adopt(queue, loaded, _QUEUE_STATE, refs)
         queue.restored()
+        if self._steering is not None and loaded["steering"] is not None:
+            _adopt(self._steering, loaded["steering"], _STEERING_STATE, refs)
+            self._steering.steer(self._serving.sockets if self._serving is not None else None)
         self._update_takers()
         for child in list(queue.deferred):
             queue.check_holders(child)      # watch anew; taken back if none holds it now
@@ -2809,6 +3132,9 @@ class _Supervisor:
                 if child.state in _LIVE_ROLES:
                     self._retire(child)
             self._starting = None
+        for child in list(self._children.values()):
+            if child.state is _State.QUIETING:
+                self._retire(child)
         self._end_check("shutting down")
         self._pump()
 
@@ -2877,6 +3203,19 @@ class _Supervisor:
             self._worker_ended(child, was, what)
             self._retire(child)
 
+    @staticmethod
+    def _trusted(child: _Child, sender: Optional[int], uid: Optional[int]) -> bool:
+        """Whether a notification comes from the child or a process it started.
+        The sender is judged by its ancestry while it runs; one that has
+        exited by now (a helper such as systemd-notify) by the user the
+        kernel says sent it: root, ours, or the child's own (who could act
+        as the child anyway)."""
+        if sender is None:
+            return False
+        if _descends_from(sender, child.pid):
+            return True
+        return _process_gone(sender) and uid in (0, os.geteuid(), _process_uid(child.pid))
+
     def _close_notify(self, child: _Child) -> None:
         if child.notify is not None:
             self._sel.unregister(child.notify)
@@ -2895,13 +3234,8 @@ class _Supervisor:
                 data, ancdata, _, _ = child.notify.recvmsg(4096, _CREDENTIALS_ROOM)
             except (BlockingIOError, InterruptedError):
                 return
-            sender = _sender_pid(ancdata)
-            # A sender gone by now may have been the child's helper; only our
-            # user or root could reach a path in our private directory.
-            trusted = sender is not None and (
-                _descends_from(sender, child.pid) or
-                (isinstance(child.notify.getsockname(), str) and _process_gone(sender)))
-            if not trusted:
+            sender, uid = _sender(ancdata)
+            if not self._trusted(child, sender, uid):
                 _log.warning("ignored a notification for %s from process %s, which is not "
                              "it or started by it", self._name(child), sender)
                 continue
@@ -3043,11 +3377,25 @@ _LIVE_ROLES = (_State.STARTING, _State.READY, _State.SERVING)
 _CREDENTIALS_ROOM = socket.CMSG_SPACE(struct.calcsize("3i"))
 
 
-def _sender_pid(ancdata) -> Optional[int]:
-    """The sending process, from SCM_CREDENTIALS (struct ucred: pid, uid, gid)."""
+def _sender(ancdata) -> tuple:
+    """The sending process and its user, from SCM_CREDENTIALS (struct ucred:
+    pid, uid, gid); (None, None) if absent."""
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= 12:
-            return struct.unpack("3i", data[:12])[0]
+            pid, uid, _ = struct.unpack("3i", data[:12])
+            return pid, uid
+    return None, None
+
+
+def _process_uid(pid: int) -> Optional[int]:
+    """A process's real user id, from /proc; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
     return None
 
 
@@ -3136,10 +3484,13 @@ def _resolve_command(name: str, cwd: str) -> str:
 
 
 def _fork_exec(executable: str, argv: List[str], cwd: str, env: dict,
-               channel_fd: Optional[int], listen_fds: List[int] = ()):
+               channel_fd: Optional[int], listen_fds: List[int] = (),
+               nofile: Optional[int] = None):
     """Start the command with channel_fd as its channel, or (socket
-    activation) with listen_fds as its fds 3, 4, ...: (pid, the read end of a
-    non-blocking close-on-exec pipe: EOF once exec succeeds, "errno:strerror" if not)."""
+    activation) with listen_fds as its fds 3, 4, ...; with nofile, its soft
+    RLIMIT_NOFILE (the one the daemon was started with, before it raised
+    its own): (pid, the read end of a non-blocking close-on-exec pipe: EOF
+    once exec succeeds, "errno:strerror" if not)."""
     if channel_fd is not None:
         env[ENV_FD] = str(channel_fd)
     try:
@@ -3160,7 +3511,7 @@ def _fork_exec(executable: str, argv: List[str], cwd: str, env: dict,
             if pid != 0:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if pid == 0:
-            _exec_child(executable, argv, env, cwd, channel_fd, err_w, mask, listen_fds)
+            _exec_child(executable, argv, env, cwd, channel_fd, err_w, mask, listen_fds, nofile)
         os.close(err_w)
         err_w = -1
         try:
@@ -3178,9 +3529,13 @@ def _fork_exec(executable: str, argv: List[str], cwd: str, env: dict,
 
 
 def _exec_child(executable: str, argv: List[str], env: dict, cwd: str,
-                channel_fd: Optional[int], err_w: int, mask, listen_fds: List[int]) -> None:
+                channel_fd: Optional[int], err_w: int, mask, listen_fds: List[int],
+                nofile: Optional[int]) -> None:
     """In the forked child: exec the command or report why not; never returns."""
     try:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
         signal.set_wakeup_fd(-1)
         for sig in (*_HANDLED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)   # Python ignores SIGPIPE; a server expects the default
@@ -3258,7 +3613,7 @@ def _parse_bind(spec: str, port: Optional[int]) -> tuple:
 
 
 def _open_listeners(opts: argparse.Namespace, owner: Optional[tuple],
-                    made: List[tuple]) -> List[socket.socket]:
+                    made: List[tuple], reuse_port: bool = False) -> List[socket.socket]:
     """Every address to listen on; on any failure, those opened are closed.
     The Unix sockets made are added to ``made``, for _remove_unix_paths()."""
     binds = opts.binds or [("tcp", None, opts.port)]
@@ -3269,7 +3624,7 @@ def _open_listeners(opts: argparse.Namespace, owner: Optional[tuple],
                 listeners.append(_listen_unix(where, opts.backlog, opts.socket_mode, owner,
                                               made))
             else:
-                listeners.append(_listen(where, port, opts.backlog))
+                listeners.append(_listen(where, port, opts.backlog, reuse_port))
     except BaseException:
         for sock in listeners:
             sock.close()
@@ -4029,6 +4384,11 @@ def _build_parser() -> _Parser:
     parser.add_argument("--ready-delay", metavar="S", type=_seconds,
                         help="--handoff activation: a child that has sent no READY=1 counts "
                              "as ready once it has run S seconds (a guess; READY=1 is better)")
+    parser.add_argument("--quiet-period", metavar="S", type=_seconds, default=_DEFAULT_QUIET,
+                        help="--handoff activation: once the new generation serves, the old "
+                             "one gets no new connection, accepts what waits for it, and is "
+                             "asked to stop once nothing has waited for S seconds (default "
+                             f"{_DEFAULT_QUIET:g})")
     parser.add_argument("--stop-signal", metavar="SIG", type=_signal, default=signal.SIGTERM,
                         help="--handoff activation: the signal that asks a retiring child to "
                              "stop gracefully (default SIGTERM; nginx wants SIGQUIT)")
@@ -4103,7 +4463,8 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
     opts.binds = [_parse_bind(spec, opts.port) for spec in opts.bind or ()]
     if opts.handoff != "activation":
         for name, given in (("--ready-delay", opts.ready_delay is not None),
-                            ("--stop-signal", opts.stop_signal != signal.SIGTERM)):
+                            ("--stop-signal", opts.stop_signal != signal.SIGTERM),
+                            ("--quiet-period", opts.quiet_period != _DEFAULT_QUIET)):
             if given:
                 raise UsageError(f"{name} is for --handoff activation")
     if opts.port is None and not opts.binds:
@@ -4249,7 +4610,8 @@ def _serve(opts: argparse.Namespace) -> None:
             listeners = _activated_listeners()
             activated = bool(listeners)
             if not listeners:
-                listeners = _open_listeners(opts, owner, made)
+                listeners = _open_listeners(
+                    opts, owner, made, reuse_port=_why_not_steer(opts, False) is None)
         for sock in listeners:
             # Activation: the children get them as systemd passes them, blocking.
             sock.setblocking(opts.handoff == "activation")
@@ -4276,6 +4638,8 @@ def _serve(opts: argparse.Namespace) -> None:
         else:
             _log.info("listening on %s%s", ", ".join(map(_format_address, listeners)),
                       " (socket activation)" if activated else "")
+        steering = _steering_for(opts, activated, listeners, inherited)
+        nofile = inherited.get("nofile") if inherited else _raise_nofile()
 
         def exec_upgrade(supervisor_state: dict, fds: List[int]) -> str:
             """Hand everything to the new code and exec it; why not, if it failed."""
@@ -4283,6 +4647,7 @@ def _serve(opts: argparse.Namespace) -> None:
                      for f in (pid_file, state_file, log_file)]
             state = {"version": _STATE_VERSION, "from": __version__, "script": script,
                      "cwd": cwd, "envdir": envdir, "activated": activated, "made": made,
+                     "nofile": nofile,
                      "pid_file": files[0], "state_file": files[1], "log_file": files[2],
                      "supervisor": supervisor_state}
             return _exec_self(script, state, [*fds, *(f["fd"] for f in files if f)])
@@ -4304,7 +4669,8 @@ def _serve(opts: argparse.Namespace) -> None:
                 "its output went to /dev/null: pass --log-file to keep it",
                 ready_delay=opts.ready_delay, stop_signal=opts.stop_signal, script=script,
                 on_upgrade=exec_upgrade,
-                restore=inherited["supervisor"] if inherited else None)
+                restore=inherited["supervisor"] if inherited else None,
+                steering=steering, quiet_period=opts.quiet_period, child_nofile=nofile)
             try:
                 supervisor.run()
             finally:
@@ -4327,6 +4693,59 @@ def _serve(opts: argparse.Namespace) -> None:
             pid_file.release()
         if log_file is not None:
             log_file.close()
+
+
+def _raise_nofile() -> Optional[int]:
+    """Raise our soft RLIMIT_NOFILE to the hard limit: what the daemon holds,
+    parks and has in flight to its children counts against it (in flight,
+    for a user without CAP_SYS_RESOURCE).  The soft limit the children get
+    back, or None if it was not raised."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft >= hard:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return None
+    return soft
+
+
+def _why_not_steer(opts: argparse.Namespace, activated: bool) -> Optional[str]:
+    """Why restarts in activation mode cannot give each generation a socket
+    of its own (None: they can); "" outside activation mode."""
+    if opts.handoff != "activation":
+        return ""
+    if activated:
+        return "systemd passed the sockets"
+    if any(kind == "unix" for kind, _, _ in opts.binds):
+        return "a unix: address"
+    if opts.user:
+        return "--user: the daemon, no longer root, could not join root's sockets"
+    return None
+
+
+def _steering_for(opts: argparse.Namespace, activated: bool, listeners: List[socket.socket],
+                  inherited: Optional[dict]) -> Optional[_Steering]:
+    """Activation mode: a _Steering over the daemon's sockets, or None (and
+    one line saying what is lost) where the setup or the kernel refuses."""
+    if inherited is not None:       # as the code before the upgrade had it
+        return (_Steering(listeners, opts.backlog, attach=False)
+                if inherited["supervisor"].get("steering") else None)
+    why = _why_not_steer(opts, activated)
+    if why == "":
+        return None
+    if why is None:
+        try:
+            steering = _Steering(listeners, opts.backlog)
+        except OSError as e:
+            why = f"the kernel refused the steering program: {e.strerror}"
+        else:
+            _log.info("each generation listens on sockets of its own; new connections go to "
+                      "the serving one's (SO_REUSEPORT, BPF)")
+            return steering
+    _log.warning("restarts share one listening socket (%s): an old server may take new "
+                 "connections until it stops", why)
+    return None
 
 
 def _working_directory(chdir: Optional[str]) -> str:
