@@ -139,6 +139,11 @@ _MAX_WORKERS = 256         # each costs the daemon a few descriptors and a proce
 _EXIT_GRACE = 1.0          # after a child hangs up, how long to wait for it to exit
 _DEFAULT_QUIET = 0.3       # activation: the old generation's quiet period before its stop
 _QUIET_LOOK = 0.05         # how often its backlog is looked at meanwhile
+_READY_LOOK = 0.05         # activation: how often a starting server is looked at
+# accept(2) and accept4(2), by machine: a thread blocked in one shows it in
+# /proc/PID/task/TID/syscall.
+_ACCEPT_SYSCALLS = {"x86_64": (43, 288), "aarch64": (202, 242), "arm64": (202, 242),
+                    "riscv64": (202, 242), "i686": (), "armv7l": (285, 366)}
 _QUIET_MAX = 10.0          # a backlog not drained by then is not going to be
 _SO_ATTACH_REUSEPORT_CBPF = 51
 _BPF_RET_K = 0x06          # BPF_RET | BPF_K: "return the constant k"
@@ -859,6 +864,7 @@ class _Child:
         # --handoff activation: its NOTIFY_SOCKET, and --ready-delay's deadline.
         self.notify: Optional[socket.socket] = None
         self.assume_ready_at: Optional[float] = None
+        self.look_at: Optional[float] = None     # activation: next look for it waiting
 
     def can_take(self, now: float) -> bool:
         return (self.channel is not None and not self.blocked and not self.stalled
@@ -1631,7 +1637,6 @@ class _Steering:
             raise
         for group, sock in zip(self.groups, sockets):
             group.append(_inode(sock))
-        self._prune()           # a retired one waiting for a newer member may go now
         return sockets
 
     def steer(self, sockets: Optional[List[socket.socket]]) -> None:
@@ -1639,12 +1644,10 @@ class _Steering:
         self.steered = list(sockets or self.anchors)
         self.targets = [_inode(sock) for sock in self.steered]
         self.attach()
-        self._prune()
 
     def release(self, sockets: List[socket.socket]) -> None:
-        """A generation is gone: its sockets leave their groups, in time."""
+        """A generation is gone: its sockets leave their groups, in time (prune())."""
         self.retired += sockets
-        self._prune()
 
     def recheck(self) -> None:
         """A process left behind has been reaped: did a ghost leave with it?"""
@@ -1659,7 +1662,11 @@ class _Steering:
             sock.close()
         self.retired = []
 
-    def _prune(self) -> None:
+    def prune(self) -> None:
+        """Let go of the retired sockets whose leaving moves nothing steered
+        to.  Only while no child of the daemon is between fork and exec:
+        such a child holds a copy of every socket, and the one let go of
+        would leave the group later, when it execs, unseen."""
         for sock in list(self.retired):
             inode = _inode(sock)
             g = next(i for i, group in enumerate(self.groups) if inode in group)
@@ -1787,7 +1794,7 @@ _CHILD_STATE = _fields(
     ready_at=_NUMBER, retired_at=_NUMBER, report_at=_NUMBER, deadline=_NUMBER,
     kill_at=_NUMBER, paused_until=_NUMBER, batch_limit=_INT, blocked=_FLAG, stalled=_FLAG,
     nacked=_FLAG, queued=_COUNTS, unread=_INT, waiting_since=_NUMBER, reclaimed=_INT,
-    exec_error=_HEX, assume_ready_at=_NUMBER,
+    exec_error=_HEX, assume_ready_at=_NUMBER, look_at=_LATER,
     channel=_SOCKET, inbox=_SOCKET, notify=_SOCKET, exec_report=_FD)
 _GENERATION_STATE = _fields(
     number=_INT, serving=_FLAG, slots=_SLOTS, respawn_at=_table(float),
@@ -2059,6 +2066,8 @@ class _Supervisor:
                 pending.append(child.report_at)
             if child.assume_ready_at is not None:
                 pending.append(child.assume_ready_at)
+            if child.look_at is not None:
+                pending.append(child.look_at)
         if not pending:
             self._next_deadline = None
             return None
@@ -2089,6 +2098,8 @@ class _Supervisor:
             if child.report_at is not None and now >= child.report_at:
                 child.report_at = now + _DRAIN_REPORT_EVERY
                 self._report_draining(child, now)
+            if child.look_at is not None and now >= child.look_at:
+                self._look_for_waiting(child, now)
             if child.assume_ready_at is not None and now >= child.assume_ready_at:
                 child.assume_ready_at = None
                 if child.state is _State.STARTING:
@@ -2344,6 +2355,7 @@ class _Supervisor:
         if self._steering is not None and self._serving is not None:
             try:
                 generation.sockets = self._steering.open()
+                self._prune()       # a retired socket waiting for a newer member may go
             except OSError as e:
                 _log.warning("cannot open listening sockets for the new generation (%s): it "
                              "shares the serving one's, which may take connections until "
@@ -2414,6 +2426,7 @@ class _Supervisor:
         child.notify = notify
         if self._ready_delay is not None:
             child.assume_ready_at = child.started + self._ready_delay
+        child.look_at = child.started + _READY_LOOK
         return self._started(child, report_fd)
 
     def _notify_address(self) -> str:
@@ -2470,7 +2483,7 @@ class _Supervisor:
         if child.state is not _State.STARTING:
             return      # retired or stopped before it got here
         child.ready_at = time.monotonic()
-        child.deadline = None
+        child.deadline = child.look_at = child.assume_ready_at = None
         generation = child.generation
         if generation.serving:      # a replacement
             self._serve(child)
@@ -2503,6 +2516,7 @@ class _Supervisor:
                 self._steering.steer(generation.sockets)
             except OSError as e:
                 _log.error("cannot steer new connections to the new generation: %s", e.strerror)
+            self._prune()
         for child in generation.children():
             self._serve(child)
         new = self._describe(generation.children())
@@ -2580,6 +2594,13 @@ class _Supervisor:
             return
         sockets, generation.sockets = generation.sockets, None
         self._steering.release(sockets)
+        self._prune()
+
+    def _prune(self) -> None:
+        """_Steering.prune(), once no child of ours is between fork and exec."""
+        if self._steering is not None and self._steering.retired and not any(
+                c.exec_report is not None for c in self._children.values()):
+            self._steering.prune()
 
     def _generation_failed(self, generation: _Generation, child: Optional[_Child],
                            why: str, late: bool = False) -> None:
@@ -2820,6 +2841,25 @@ class _Supervisor:
             self._sel.unregister(child.exec_report)
             os.close(child.exec_report)
             child.exec_report = None
+            self._prune()       # what waited for this child's exec
+    def _look_for_waiting(self, child: _Child, now: float) -> None:
+        """Activation: a starting server that sent no READY=1 is ready once
+        it, or a process it started, is seen waiting for connections on its
+        listening socket (an epoll watching it, or a thread blocked in
+        accept() on it), after its exec (before, it holds our descriptors)."""
+        child.look_at = None
+        if child.state is not _State.STARTING:
+            return
+        how = None
+        if child.exec_report is None and not child.exec_error:
+            sockets = child.generation.sockets or self._queue.sockets()
+            how = _seen_waiting(child.pid, {_inode(sock) for sock in sockets})
+        if how is None:
+            child.look_at = now + _READY_LOOK
+            return
+        _log.info("%s is waiting for connections on its listening socket (%s): ready",
+                  self._name(child), how)
+        self._ready(child)
 
     def _report_draining(self, child: _Child, now: float) -> None:
         """A retired child still runs: say so, and why (keep-alive clients
@@ -3242,6 +3282,8 @@ class _Supervisor:
             for line in data.decode(errors="replace").split("\n"):
                 key, _, value = line.partition("=")
                 if line == "READY=1":
+                    if child.state is _State.STARTING:
+                        _log.info("%s sent READY=1", self._name(child))
                     self._ready(child)
                 elif key == "STATUS":
                     _log.info("%s: %s", self._name(child), value)
@@ -3411,6 +3453,69 @@ def _descends_from(pid: int, ancestor: int) -> bool:
         except (OSError, ValueError, IndexError):
             return False
     return False
+
+
+def _process_tree(root: int) -> List[int]:
+    """root and every process below it."""
+    below: dict = collections.defaultdict(list)
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                below[int(_proc_stat(f"/proc/{name}/stat")[1])].append(int(name))
+            except (OSError, ValueError, IndexError):
+                pass
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += below[pid]
+    return tree
+
+
+def _seen_waiting(root: int, inodes: set) -> Optional[str]:
+    """How root, or a process it started, is seen waiting for connections on
+    one of the listening sockets ``inodes``: "epoll, pid N" (an epoll
+    instance watches it: asyncio, uvicorn, gthread, Node, Go, tokio) or
+    "accept(), pid N" (a thread blocked in accept on it); None if not seen
+    (select() and poll() servers cannot be)."""
+    accepts = _ACCEPT_SYSCALLS.get(os.uname().machine, ())
+    for pid in _process_tree(root):
+        held, epolls = set(), []
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link == "anon_inode:[eventpoll]":
+                    epolls.append(fd)
+                elif link.startswith("socket:[") and int(link[8:-1]) in inodes:
+                    held.add(int(fd))
+        except OSError:
+            continue
+        if not held:
+            continue        # it holds none: it cannot wait on one
+        for fd in epolls:
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    watched = re.findall(r"^tfd:.*\bino:([0-9a-f]+)", f.read(), re.M)
+            except OSError:
+                continue
+            if any(int(ino, 16) in inodes for ino in watched):
+                return f"epoll, pid {pid}"
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                    fields = f.read().split()
+                if int(fields[0]) in accepts and int(fields[1], 16) in held:
+                    return f"accept(), pid {pid}"
+            except (OSError, ValueError, IndexError):
+                continue
+    return None
 
 
 def _count_sockets(pid: int) -> Optional[int]:

@@ -3471,7 +3471,8 @@ if flag("SP_TEST_PREFORK"):
         os.write(2, b"stopped by %s pid %d\n" % (signal.Signals(got[0]).name.encode(),
                                                    os.getpid()))
         sys.exit(0)
-sel = selectors.DefaultSelector()
+# SP_TEST_UNSEEN: wait with select(), which the daemon cannot see (epoll, it can).
+sel = selectors.SelectSelector() if flag("SP_TEST_UNSEEN") else selectors.DefaultSelector()
 for listener in listeners:
     listener.setblocking(False)
     sel.register(listener, selectors.EVENT_READ)
@@ -3506,7 +3507,8 @@ class ActivationTest(ProtectorTestCase):
         self.flags.update(SP_TEST_SILENT=os.path.join(self.tmp, "silent"),
                           SP_TEST_STOP=os.path.join(self.tmp, "stop"),
                           SP_TEST_HELPER=os.path.join(self.tmp, "helper"),
-                          SP_TEST_PREFORK=os.path.join(self.tmp, "prefork"))
+                          SP_TEST_PREFORK=os.path.join(self.tmp, "prefork"),
+                          SP_TEST_UNSEEN=os.path.join(self.tmp, "unseen"))
         self.env.update(self.flags)
 
     def test_restarts_under_load_lose_nothing(self):
@@ -3535,6 +3537,7 @@ class ActivationTest(ProtectorTestCase):
         daemon reads it; the directory cannot be listed, and the socket goes
         with its child."""
         self.set_flag("SP_TEST_SILENT")
+        self.set_flag("SP_TEST_UNSEEN")
         daemon = Daemon(self, "--ready-timeout", "30")
         child = int(daemon.wait_line(r"child (\d+) started").group(1))
         address = wait_until(lambda: read_environ(child).get(b"NOTIFY_SOCKET"),
@@ -3711,10 +3714,47 @@ class ActivationTest(ProtectorTestCase):
         self.assertEqual(daemon.serving(), child)
         self.assertEqual(served_by(daemon.port), child)
 
+    def test_a_silent_server_is_ready_once_seen_waiting_for_connections(self):
+        """No READY=1 and no --ready-delay: a server is ready once it (or a
+        process it started) is seen waiting on its listening socket, by an
+        epoll instance or a thread blocked in accept(); a server that
+        starts slowly (a second of sleep before it listens) is not taken as
+        ready before, and the old one serves meanwhile."""
+        self.set_flag("SP_TEST_SILENT")
+        daemon = Daemon(self)
+        first = int(daemon.wait_line(r"child (\d+) is waiting for connections on its "
+                                     r"listening socket \(epoll, pid (\d+)\): ready").group(1))
+        self.assertEqual(served_by(daemon.port), first)
+        blocking = os.path.join(self.tmp, "blocking.py")
+        with open(blocking, "w") as f:
+            f.write("import os, socket, time\n"
+                    "time.sleep(1)\n"
+                    "listener = socket.socket(fileno=3)\n"
+                    "while True:\n"
+                    "    conn, _ = listener.accept()\n"
+                    "    conn.sendall(b'%d\\n' % os.getpid())\n"
+                    "    conn.close()\n")
+        with open(self.app, "w") as f:      # the next build: blocking accept(), slow to start
+            f.write(f"import os, sys\nos.execv(sys.executable, [sys.executable, {blocking!r}])\n")
+        mark = daemon.mark()
+        started = time.monotonic()
+        daemon.signal(signal.SIGHUP)
+        second = int(daemon.wait_line(r"child (\d+) started", mark).group(1))
+        while not daemon.count(rf"child {second} is waiting"):
+            self.assertEqual(served_by(daemon.port), first)
+            self.assertLess(time.monotonic() - started, TIMEOUT)
+            time.sleep(0.02)    # the pace of the checks
+        daemon.wait_line(rf"child {second} is waiting for connections on its listening socket "
+                         rf"\(accept\(\), pid {second}\): ready", mark)
+        self.assertGreaterEqual(time.monotonic() - started, 1.0)
+        with connect(daemon.port) as s:
+            self.assertEqual(int(read_line(s)), second)
+
     def test_ready_delay_takes_a_silent_server_as_ready(self):
         """--ready-delay: a server that never says READY=1 is taken as ready
         once it has run that long, and serves."""
         self.set_flag("SP_TEST_SILENT")
+        self.set_flag("SP_TEST_UNSEEN")
         daemon = Daemon(self, "--ready-delay", "0.3")
         daemon.wait_line(r"child \d+ has run 0.3 s \(--ready-delay\): taking it as ready")
         served_by(daemon.port)
@@ -3725,6 +3765,7 @@ class ActivationTest(ProtectorTestCase):
         daemon = Daemon(self, "--ready-timeout", "0.5")
         first = daemon.serving()
         self.set_flag("SP_TEST_SILENT")
+        self.set_flag("SP_TEST_UNSEEN")
         mark = daemon.mark()
         daemon.signal(signal.SIGHUP)
         late = int(daemon.wait_line(rf"restart failed: child (\d+) was not ready within 0.5 s; "
