@@ -38,9 +38,12 @@ of stream from the daemon means "take no more": the child finishes and
 exits.  A child that stops receiving shuts down its end for writing.
 
 Activation mode (--handoff activation) needs no library at all: the child
-gets the listening sockets as descriptors 3.. with LISTEN_FDS and
-LISTEN_PID, as systemd passes them, and reports readiness with sd_notify
-READY=1 (or after --ready-delay).  -n N runs N workers per generation.
+gets listening sockets as descriptors 3.. with LISTEN_FDS and LISTEN_PID,
+as systemd passes them, and is ready when it sends sd_notify READY=1, or
+is seen waiting on its socket (epoll or accept(), read from /proc), or
+after --ready-delay.  Each generation after the first gets sockets of its
+own, and new connections go to the serving generation's (SO_REUSEPORT and
+a classic BPF program).  -n N runs N workers per generation.
 
 Signals: HUP restarts (start-first), TERM/INT shut down gracefully (twice:
 at once), USR1 reopens --log-file, USR2 re-executes the socketprotector.py
@@ -4487,8 +4490,9 @@ def _build_parser() -> _Parser:
                              "gets the listening sockets as systemd passes them (fd 3, "
                              "LISTEN_FDS): for servers not written for socketprotector")
     parser.add_argument("--ready-delay", metavar="S", type=_seconds,
-                        help="--handoff activation: a child that has sent no READY=1 counts "
-                             "as ready once it has run S seconds (a guess; READY=1 is better)")
+                        help="--handoff activation: a child that has sent no READY=1 and is "
+                             "not seen waiting on its listening socket (a select() or poll() "
+                             "server) counts as ready once it has run S seconds (a guess)")
     parser.add_argument("--quiet-period", metavar="S", type=_seconds, default=_DEFAULT_QUIET,
                         help="--handoff activation: once the new generation serves, the old "
                              "one gets no new connection, accepts what waits for it, and is "
