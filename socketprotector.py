@@ -668,16 +668,9 @@ def _processes_holding(inodes, ours=()) -> List[int]:
     closes.  Only run when a child has exited (or hung): it reads every
     process's stat.
     """
-    me = os.getpid()
-    below: dict = collections.defaultdict(list)
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                below[int(_proc_stat(f"/proc/{name}/stat")[1])].append(int(name))
-            except (OSError, ValueError, IndexError):
-                pass    # gone meanwhile
+    below = _children_map()
     targets = {f"socket:[{inode}]" for inode in inodes}
-    holders, todo = [], list(below[me])
+    holders, todo = [], list(below[os.getpid()])
     while todo:
         pid = todo.pop()
         if pid in ours:
@@ -703,6 +696,18 @@ def _spill_pair() -> List[socket.socket]:
     for sock in pair:
         sock.setblocking(False)
     return pair
+
+
+def _children_map() -> dict:
+    """Every process's children, read from /proc: {ppid: [pid, ...]}."""
+    below: dict = collections.defaultdict(list)
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                below[int(_proc_stat(f"/proc/{name}/stat")[1])].append(int(name))
+            except (OSError, ValueError, IndexError):
+                pass    # gone meanwhile
+    return below
 
 
 def _consume_message(sock: socket.socket) -> None:
@@ -3460,13 +3465,7 @@ def _descends_from(pid: int, ancestor: int) -> bool:
 
 def _process_tree(root: int) -> List[int]:
     """root and every process below it."""
-    below: dict = collections.defaultdict(list)
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                below[int(_proc_stat(f"/proc/{name}/stat")[1])].append(int(name))
-            except (OSError, ValueError, IndexError):
-                pass
+    below = _children_map()
     tree, todo = [], [root]
     while todo:
         pid = todo.pop()
@@ -4515,7 +4514,7 @@ def _build_parser() -> _Parser:
     parser.add_argument("--hang-timeout", metavar="S", type=_seconds, default=None,
                         help="a serving child that takes no connection for S seconds while "
                              "some wait for it is stopped and replaced; what it had not "
-                             "taken goes to the replacement (default: off)")
+                             "taken goes to the replacement (default: off; forwarding only)")
     parser.add_argument("--stop-timeout", metavar="S", type=_seconds,
                         default=_DEFAULT_STOP_TIMEOUT,
                         help="on shutdown, children still running after S seconds get "
@@ -4576,6 +4575,9 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
                             ("--quiet-period", opts.quiet_period != _DEFAULT_QUIET)):
             if given:
                 raise UsageError(f"{name} is for --handoff activation")
+    if opts.hang_timeout is not None and opts.handoff != "forward":
+        raise UsageError(f"--hang-timeout watches forwarding queues only, not --handoff "
+                         f"{opts.handoff}")
     if opts.port is None and not opts.binds:
         raise UsageError("the following arguments are required: PORT")
     if command is None:

@@ -985,6 +985,20 @@ class ProtectorTestCase(unittest.TestCase):
         self.assertEqual(int(ask(held, b"pid")), first)
         return held, first
 
+    def queued_while_frozen(self, daemon, count):
+        """Clients that each send "pid", opened while the daemon is frozen
+        (SIGSTOP), so that it takes them all in one batch: (the clients, the
+        log mark from just before it goes on)."""
+        daemon.signal(signal.SIGSTOP)
+        self.addCleanup(lambda: daemon.signal(signal.SIGCONT) if alive(daemon.pid) else None)
+        clients = [connect(daemon.port) for _ in range(count)]
+        for c in clients:
+            self.addCleanup(c.close)
+            c.sendall(b"pid\n")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGCONT)
+        return clients, mark
+
     def open_held_clients(self, port, count):
         """Clients that each send one line and stay open once served, so every
         one served holds a descriptor in the server: {socket: its line}."""
@@ -1714,6 +1728,12 @@ class CommandLineTest(ProtectorTestCase):
              r"argument --stop-signal: not a signal: 'NOPE'"),
             (["--ready-delay", "1", "4321", "--", "true"], r"--ready-delay is for --handoff "
                                                            r"activation"),
+            (["--quiet-period", "1", "4321", "--", "true"], r"--quiet-period is for --handoff "
+                                                            r"activation"),
+            (["--handoff", "activation", "--hang-timeout", "2", "4321", "--", "true"],
+             r"--hang-timeout watches forwarding queues only, not --handoff activation"),
+            (["--handoff", "listener", "--hang-timeout", "2", "4321", "--", "true"],
+             r"--hang-timeout watches forwarding queues only, not --handoff listener"),
             (["--reload", "--stop", "--pid-file", "p"], r"--reload and --stop cannot be combined"),
             (["--workers", "0", "4321", "--", "true"],
              r"argument -n/--workers: must be a whole number from 1 to 256: '0'"),
@@ -1974,14 +1994,7 @@ class ChaosTest(ProtectorTestCase):
         daemon = Daemon(self)
         first = daemon.serving()
         self.clear_flag("SP_TEST_SLOW")
-        daemon.signal(signal.SIGSTOP)      # so the connections pile up and go in one batch
-        self.addCleanup(lambda: daemon.signal(signal.SIGCONT) if alive(daemon.pid) else None)
-        clients = [connect(daemon.port) for _ in range(20)]
-        for c in clients:
-            self.addCleanup(c.close)
-            c.sendall(b"pid\n")
-        mark = daemon.mark()
-        daemon.signal(signal.SIGCONT)
+        clients, mark = self.queued_while_frozen(daemon, 20)
         wait_until(lambda: self.taken(), "the child to take a connection")
         os.kill(first, signal.SIGKILL)     # it is asleep after taking exactly one
         taken = self.taken()                # before its successor adds to the record
@@ -2540,15 +2553,8 @@ class HostileTest(ProtectorTestCase):
         first = daemon.serving()
         self.clear_flag("SP_TEST_FORK")
         self.clear_flag("SP_TEST_SLOW")
-        daemon.signal(signal.SIGSTOP)       # so all 8 are queued for the child at once
-        self.addCleanup(lambda: daemon.signal(signal.SIGCONT) if alive(daemon.pid) else None)
-        clients = [connect(daemon.port) for _ in range(8)]
+        clients, mark = self.queued_while_frozen(daemon, 8)
         ports = sorted(c.getsockname()[1] for c in clients)
-        for c in clients:
-            self.addCleanup(c.close)
-            c.sendall(b"pid\n")
-        mark = daemon.mark()
-        daemon.signal(signal.SIGCONT)
         holder = int(daemon.wait_line(rf"child {first} exited, but process (\d+) started by "
                                       rf"it still holds its channel", mark).group(1))
         servers = [int(read_line(c)) for c in clients]
@@ -4210,14 +4216,7 @@ class UpgradeTest(ProtectorTestCase):
         first = daemon.serving()
         self.clear_flag("SP_TEST_FORK")
         self.clear_flag("SP_TEST_SLOW")
-        daemon.signal(signal.SIGSTOP)       # so all 6 are queued for the child at once
-        self.addCleanup(lambda: daemon.signal(signal.SIGCONT) if alive(daemon.pid) else None)
-        clients = [connect(daemon.port) for _ in range(6)]
-        for c in clients:
-            self.addCleanup(c.close)
-            c.sendall(b"pid\n")
-        mark = daemon.mark()
-        daemon.signal(signal.SIGCONT)
+        clients, mark = self.queued_while_frozen(daemon, 6)
         holder = int(daemon.wait_line(rf"child {first} exited, but process (\d+) started by "
                                       rf"it still holds its channel", mark).group(1))
         os.kill(holder, signal.SIGSTOP)
