@@ -90,7 +90,6 @@ import socket
 import stat
 import struct
 import sys
-import tempfile
 import termios
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -2447,6 +2446,7 @@ class _Supervisor:
         if self._notify_dir and not os.path.isdir(self._notify_dir):
             self._notify_dir = None
         if self._notify_dir is None:
+            import tempfile     # here: only activation mode needs it (and random, hashlib...)
             try:
                 self._notify_dir = tempfile.mkdtemp(prefix="socketprotector-")
                 os.chmod(self._notify_dir, 0o711)
