@@ -140,6 +140,7 @@ _CRASH_LOOP = 3            # that many in a row: the slot's replacements are bac
 _MAX_WORKERS = 256         # each costs the daemon a few descriptors and a process
 _EXIT_GRACE = 1.0          # after a child hangs up, how long to wait for it to exit
 _DEFAULT_QUIET = 0.3       # activation: the old generation's quiet period before its stop
+_DEFAULT_PROBATION = 2.0   # activation: how long the old generation stays ready to take over
 _QUIET_LOOK = 0.05         # how often its backlog is looked at meanwhile
 _READY_LOOK = 0.05         # activation: how often a starting server is looked at
 # accept(2) and accept4(2), by machine: a thread blocked in one shows it in
@@ -916,6 +917,7 @@ class _Generation:
         self.look_at: Optional[float] = None
         self.quiet_at: Optional[float] = None
         self.quiet_limit: Optional[float] = None
+        self.probation_until: Optional[float] = None     # serving, its predecessor kept
 
     def children(self) -> List[_Child]:
         return [c for c in self.slots if c is not None]
@@ -1781,6 +1783,7 @@ _COUNTS = _counts()
 _HEX = _Kind(lambda data, keep: data.hex(), bytes.fromhex)
 _GENERATION = _Kind(lambda g, keep: None if g is None else g.number, _optional(int),
                     lambda number, refs: None if number is None else refs["generations"][number])
+_FALLBACK = _Kind(_GENERATION.dump, _GENERATION.load, _GENERATION.adopt, missing=None)
 _SLOTS = _Kind(lambda slots, keep: [None if c is None else c.pid for c in slots],
                lambda pids: [None if pid is None else int(pid) for pid in pids],
                lambda pids, refs: [None if pid is None else refs["children"].get(pid)
@@ -1806,7 +1809,7 @@ _CHILD_STATE = _fields(
 _GENERATION_STATE = _fields(
     number=_INT, serving=_FLAG, slots=_SLOTS, respawn_at=_table(float),
     backoff=_table(float), quick_deaths=_table(int), sockets=_SOCKETS, look_at=_LATER,
-    quiet_at=_LATER, quiet_limit=_LATER)
+    quiet_at=_LATER, quiet_limit=_LATER, probation_until=_LATER)
 _STEERING_STATE = _fields(groups=_GROUPS, targets=_INODES, ghosts=_INODES, retired=_SOCKETS)
 _QUEUE_STATE = _fields(
     waiting=_FDS, take_back=_CHILDREN, deferred=_CHILDREN, accept_paused_until=_NUMBER,
@@ -1814,7 +1817,8 @@ _QUEUE_STATE = _fields(
 _SUPERVISOR_STATE = {
     **_fields("_", workers=_INT, generation_count=_INT, ever_ready=_FLAG,
               restart_again=_FLAG, restart_open=_FLAG),
-    **_fields("_", serving=_GENERATION, starting=_GENERATION, notify_dir=_PATH),
+    **_fields("_", serving=_GENERATION, starting=_GENERATION, notify_dir=_PATH,
+              fallback=_FALLBACK),
     **_fields(restarts=_INT, failed_restarts=_INT, crashes=_INT)}
 
 # Everything else each object holds, and why it need not cross.
@@ -1854,7 +1858,7 @@ _NOT_CARRIED = {
         "_strays": "found again: a process left behind is looked for at each child's exit",
         "_steering": "carried as its own fields (_STEERING_STATE)",
         "_child_nofile": "carried beside the supervisor's state (nofile)",
-        "_quiet": _GIVEN}}
+        "_quiet": _GIVEN, "_probation": _GIVEN}}
 _CARRIED = {"child": _CHILD_STATE, "generation": _GENERATION_STATE, "queue": _QUEUE_STATE,
             "supervisor": _SUPERVISOR_STATE, "steering": _STEERING_STATE}
 
@@ -1931,7 +1935,7 @@ class _Supervisor:
                  stop_signal: int = signal.SIGTERM, script: Optional[str] = None,
                  on_upgrade: Optional[Callable[[dict], str]] = None,
                  restore: Optional[dict] = None, steering: Optional[_Steering] = None,
-                 quiet_period: float = _DEFAULT_QUIET,
+                 quiet_period: float = _DEFAULT_QUIET, probation: float = 0.0,
                  child_nofile: Optional[int] = None) -> None:
         self._script = script       # the socketprotector.py on disk, for an upgrade
         self._on_upgrade = on_upgrade   # hands everything over and execs; or says why not
@@ -1971,6 +1975,10 @@ class _Supervisor:
         self._steering = steering       # activation: each generation its own sockets
         self._child_nofile = child_nofile   # the soft RLIMIT_NOFILE the children get back
         self._quiet = quiet_period
+        self._probation = probation
+        # On probation: the generation that served before, kept ready (its
+        # servers never told to stop) to serve again if a new worker dies.
+        self._fallback: Optional[_Generation] = None
         self._serving: Optional[_Generation] = None
         self._starting: Optional[_Generation] = None    # begun, not yet complete
         self._generation_count = 0
@@ -2064,6 +2072,8 @@ class _Supervisor:
             pending += self._serving.respawn_at.values()
         pending += [when for _, when, _ in self._strays.values()]
         pending += [g.look_at for g in self._quieting() if g.look_at is not None]
+        if self._serving is not None and self._serving.probation_until is not None:
+            pending.append(self._serving.probation_until)
         for child in self._children.values():
             if child.deadline is not None:
                 pending.append(child.deadline)
@@ -2127,6 +2137,9 @@ class _Supervisor:
                     _log.warning("child %d still draining after %g s; stopping it",
                                  child.pid, self._drain_timeout)
                     self._terminate(child)
+        if (self._serving is not None and self._serving.probation_until is not None
+                and now >= self._serving.probation_until):
+            self._probation_passed(now)
         for generation in self._quieting():
             if generation.look_at is not None and now >= generation.look_at:
                 self._look_at_quieting(generation, now)
@@ -2528,12 +2541,23 @@ class _Supervisor:
         for child in generation.children():
             self._serve(child)
         new = self._describe(generation.children())
+        probation = False
         if old is not None:
-            self.restarts += 1
             retiring = old.ready()
             self._retire_generation(old)    # before saying so: whoever reads the log may act
+            # Kept ready to serve again only where it can be steered back to.
+            probation = self._probation > 0 and any(
+                c.generation is old and c.state is _State.QUIETING
+                for c in self._children.values())
+            if probation:
+                self._fallback = old
+                generation.probation_until = time.monotonic() + self._probation
+            else:
+                self.restarts += 1
             if retiring:
-                _log.info("%s ready; %s retiring", new, self._describe(retiring))
+                _log.info("%s ready; %s retiring%s", new, self._describe(retiring),
+                          f" once the new one has served {self._probation:g} s (probation)"
+                          if probation else "")
             else:
                 _log.info("%s ready, serving", new)
         else:
@@ -2541,11 +2565,66 @@ class _Supervisor:
         detail = self._serving_detail()
         if not self._ever_ready:
             self._on_event("ready", detail)
+        elif probation:
+            pass            # decided when the probation ends
         elif self._restart_open:
             self._restart_finished(detail)
         else:
             self._on_event("recovered", detail)
         self._ever_ready = True
+        if self._restart_again and not probation:
+            self._restart_again = False
+            self._request_restart()
+
+    def _probation_passed(self, now: float) -> None:
+        """The new generation served its probation: the old one may retire."""
+        generation, old = self._serving, self._fallback
+        generation.probation_until = None
+        self._fallback = None
+        self.restarts += 1
+        if old is not None:
+            old.look_at = now
+        _log.info("%s passed probation (%g s)", self._describe(generation.children()),
+                  self._probation)
+        if self._restart_open:
+            self._restart_finished(self._serving_detail())
+        if self._restart_again:
+            self._restart_again = False
+            self._request_restart()
+
+    def _roll_back(self, failure: str) -> None:
+        """A new worker ended on probation: the generation before it serves
+        again (new connections go back to its sockets; its servers were
+        never told to stop), and the new one is stopped."""
+        new, old = self._serving, self._fallback
+        new.probation_until = None
+        self._fallback = None
+        self._serving = old
+        old.serving = True
+        old.look_at = old.quiet_at = old.quiet_limit = None
+        new.serving = False
+        for child in list(self._children.values()):
+            if child.generation is old and child.state is _State.QUIETING:
+                old.slots[child.index] = child
+                child.state = _State.SERVING
+                child.retired_at = 0.0
+        if self._steering is not None:
+            try:
+                self._steering.steer(old.sockets)
+            except OSError as e:
+                _log.error("cannot steer new connections back: %s", e.strerror)
+        for child in new.children():
+            self._terminate(child)
+        self._update_takers()
+        self.failed_restarts += 1
+        failure = (f"restart failed: {failure} on probation; rolled back: "
+                   f"{self._describe(old.ready())} "
+                   f"{'keeps' if len(old.ready()) == 1 else 'keep'} serving")
+        _log.error("%s", failure)
+        self._restart_finished(failure)
+        for index, child in enumerate(old.slots):
+            if child is None:
+                self._respawn(index)
         if self._restart_again:
             self._restart_again = False
             self._request_restart()
@@ -2578,6 +2657,9 @@ class _Supervisor:
     def _look_at_quieting(self, generation: _Generation, now: float) -> None:
         """A generation steered away: retire it once its backlog has stayed
         empty for the quiet period (or at the latest after _QUIET_MAX)."""
+        if generation is self._fallback:    # on probation: kept as it is
+            generation.look_at = self._serving.probation_until
+            return
         waiting = sum(_backlog_length(sock) or 0
                       for sock in generation.sockets or self._queue.sockets())
         if waiting:
@@ -2788,6 +2870,9 @@ class _Supervisor:
         if was is not _State.SERVING:
             _log.error("%s; %s", failure,
                        self._schedule_respawn(generation, child.index, backoff=True))
+            return True
+        if generation.probation_until is not None and self._fallback is not None:
+            self._roll_back(failure)
             return True
         crash_loop = self._crash_loop(child, status)
         plan = self._schedule_respawn(generation, child.index, backoff=crash_loop)
@@ -3034,7 +3119,7 @@ class _Supervisor:
         children = list({id(c): c for c in [*self._children.values(), *queue.take_back,
                                              *queue.deferred]}.values())
         generations = {c.generation.number: c.generation for c in children}
-        for generation in (self._serving, self._starting):
+        for generation in (self._serving, self._starting, self._fallback):
             if generation is not None:
                 generations[generation.number] = generation
         state = {"listeners": [keep(sock) for sock in queue.sockets()],
@@ -3099,6 +3184,11 @@ class _Supervisor:
     def _request_restart(self) -> None:
         if self._stopping:
             _log.info("SIGHUP ignored: shutting down")
+            return
+        if self._serving is not None and self._serving.probation_until is not None:
+            self._restart_again = True
+            _log.info("SIGHUP: the new generation is on probation; one more restart will "
+                      "follow once it is decided")
             return
         if self._starting is not None:
             self._restart_again = True
@@ -3180,6 +3270,9 @@ class _Supervisor:
                 if child.state in _LIVE_ROLES:
                     self._retire(child)
             self._starting = None
+        self._fallback = None
+        if self._serving is not None:
+            self._serving.probation_until = None
         for child in list(self._children.values()):
             if child.state is _State.QUIETING:
                 self._retire(child)
@@ -4406,6 +4499,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -4497,6 +4600,11 @@ def _build_parser() -> _Parser:
                              "one gets no new connection, accepts what waits for it, and is "
                              "asked to stop once nothing has waited for S seconds (default "
                              f"{_DEFAULT_QUIET:g})")
+    parser.add_argument("--probation", metavar="S", type=_non_negative, default=_DEFAULT_PROBATION,
+                        help="--handoff activation: the old generation stays ready to serve "
+                             "again for S seconds after the new one serves; a new worker "
+                             "that dies meanwhile rolls the restart back (default "
+                             f"{_DEFAULT_PROBATION:g}; 0: none)")
     parser.add_argument("--stop-signal", metavar="SIG", type=_signal, default=signal.SIGTERM,
                         help="--handoff activation: the signal that asks a retiring child to "
                              "stop gracefully (default SIGTERM; nginx wants SIGQUIT)")
@@ -4572,7 +4680,8 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
     if opts.handoff != "activation":
         for name, given in (("--ready-delay", opts.ready_delay is not None),
                             ("--stop-signal", opts.stop_signal != signal.SIGTERM),
-                            ("--quiet-period", opts.quiet_period != _DEFAULT_QUIET)):
+                            ("--quiet-period", opts.quiet_period != _DEFAULT_QUIET),
+                            ("--probation", opts.probation != _DEFAULT_PROBATION)):
             if given:
                 raise UsageError(f"{name} is for --handoff activation")
     if opts.hang_timeout is not None and opts.handoff != "forward":
@@ -4781,7 +4890,9 @@ def _serve(opts: argparse.Namespace) -> None:
                 ready_delay=opts.ready_delay, stop_signal=opts.stop_signal, script=script,
                 on_upgrade=exec_upgrade,
                 restore=inherited["supervisor"] if inherited else None,
-                steering=steering, quiet_period=opts.quiet_period, child_nofile=nofile)
+                steering=steering, quiet_period=opts.quiet_period,
+                probation=opts.probation if opts.handoff == "activation" else 0.0,
+                child_nofile=nofile)
             try:
                 supervisor.run()
             finally:

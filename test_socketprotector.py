@@ -3460,6 +3460,9 @@ if notify and helper:
 elif notify and not flag("SP_TEST_SILENT"):
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.sendto(b"READY=1\nSTATUS=accepting", "\0" + notify[1:] if notify[0] == "@" else notify)
+doomed = flag("SP_TEST_DIE_AFTER")     # ready, then dies that many seconds later
+if doomed:
+    threading.Timer(float(open(doomed).read()), os._exit, (3,)).start()
 if flag("SP_TEST_PREFORK"):
     # A prefork server: two workers accept; the master only waits, and on its
     # stop signal stops them and exits.
@@ -3514,7 +3517,8 @@ class ActivationTest(ProtectorTestCase):
                           SP_TEST_STOP=os.path.join(self.tmp, "stop"),
                           SP_TEST_HELPER=os.path.join(self.tmp, "helper"),
                           SP_TEST_PREFORK=os.path.join(self.tmp, "prefork"),
-                          SP_TEST_UNSEEN=os.path.join(self.tmp, "unseen"))
+                          SP_TEST_UNSEEN=os.path.join(self.tmp, "unseen"),
+                          SP_TEST_DIE_AFTER=os.path.join(self.tmp, "die-after"))
         self.env.update(self.flags)
 
     def test_restarts_under_load_lose_nothing(self):
@@ -3756,6 +3760,30 @@ class ActivationTest(ProtectorTestCase):
         with connect(daemon.port) as s:
             self.assertEqual(int(read_line(s)), second)
 
+    def test_a_new_server_that_dies_on_probation_is_rolled_back(self):
+        """A new build says READY=1, then dies half a second later (as gunicorn
+        without --preload, whose workers fail to load the app): within the
+        probation, new connections go back to the old server, which was never
+        told to stop; --reload exits 1 naming the worker.  A good build then
+        passes its probation, and only then is the old server stopped."""
+        daemon = Daemon(self, "--probation", "3")
+        first = daemon.serving()
+        self.set_flag("SP_TEST_DIE_AFTER", "0.5")
+        code, lines = self.run_protector("--reload", "--pid-file", daemon.pid_file)
+        self.clear_flag("SP_TEST_DIE_AFTER")
+        self.assertEqual(code, 1, daemon.log())
+        self.assertOneLineError(lines, r"restart failed: child \d+ exited with status 3 "
+                                       r"unexpectedly on probation; rolled back: child "
+                                       rf"{first} keeps serving$")
+        self.assertEqual({served_by(daemon.port) for _ in range(10)}, {first})
+        self.assertEqual(daemon.count(rf"stopped by .* pid {first}$"), 0, daemon.log())
+        mark = daemon.mark()
+        code, lines = self.run_protector("--reload", "--pid-file", daemon.pid_file)
+        self.assertEqual(code, 0, lines)
+        second = int(daemon.wait_line(r"child (\d+) passed probation \(3 s\)", mark).group(1))
+        daemon.wait_line(rf"^stopped by SIGTERM pid {first}$", mark)
+        self.assertEqual(served_by(daemon.port), second)
+
     def test_ready_delay_takes_a_silent_server_as_ready(self):
         """--ready-delay: a server that never says READY=1 is taken as ready
         once it has run that long, and serves."""
@@ -3944,8 +3972,8 @@ class ThirdPartyServerTest(ProtectorTestCase):
         restarts (counted from the log) under HTTP load, not one request
         fails."""
         uvicorn = self.server("uvicorn")
-        daemon = Daemon(self, "--ready-delay", "0.5", command=[uvicorn, "--fd", "3",
-                                                               "webapp:asgi"])
+        daemon = Daemon(self, "--ready-delay", "0.5", "--probation", "0.2",
+                        command=[uvicorn, "--fd", "3", "webapp:asgi"])
         daemon.serving()
         daemon.wait_line(r"new connections go to the serving one's")
         load = HttpLoad(daemon.port, threads=4)
