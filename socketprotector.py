@@ -2679,7 +2679,7 @@ class _Supervisor:
         """A generation none of whose processes is left: the daemon lets go of
         its sockets, which leave their groups."""
         if (self._steering is None or generation.sockets is None
-                or generation is self._serving or generation is self._starting
+                or generation in (self._serving, self._starting, self._fallback)
                 or any(c.generation is generation for c in self._children.values())):
             return
         sockets, generation.sockets = generation.sockets, None
