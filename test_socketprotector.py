@@ -4299,10 +4299,10 @@ class UpgradeTest(ProtectorTestCase):
 
 class StateDeclarationTest(unittest.TestCase):
     def test_every_attribute_is_carried_or_named_as_not(self):
-        """Each attribute the supervisor, its connection queue, a child and a
-        generation hold is either declared as carried across an upgrade's
-        exec or named (with the reason) as not: a field added and forgotten
-        fails here."""
+        """Each attribute the supervisor, its connection queue, a child, a
+        generation and the steering hold is either declared as carried
+        across an upgrade's exec or named (with the reason) as not: a field
+        added and forgotten fails here."""
         listener = socket.create_server(("127.0.0.1", 0))
         wake, other = socket.socketpair()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -4314,8 +4314,9 @@ class StateDeclarationTest(unittest.TestCase):
         self.addCleanup(supervisor._sel.close)
         generation = socketprotector._Generation(1, 2)
         child = socketprotector._Child(1, 0, generation, ours, theirs)
+        steering = socketprotector._Steering([listener], 16, attach=False)
         for name, obj in (("supervisor", supervisor), ("queue", supervisor._queue),
-                          ("generation", generation), ("child", child)):
+                          ("generation", generation), ("child", child), ("steering", steering)):
             carried = {attr for attr, _ in socketprotector._CARRIED[name].values()}
             not_carried = set(socketprotector._NOT_CARRIED[name])
             with self.subTest(name):
