@@ -4280,9 +4280,14 @@ def _running_pid(pid_file: str) -> Optional[int]:
             # a file only root or we could have written.
             if genuine or (genuine is None and st.st_uid in (0, os.geteuid())):
                 return pid
-            raise SocketProtectorError(
-                f"pid file {pid_file} is locked, but not by the process it names "
-                f"({pid if pid is not None else 'none'})")
+            try:
+                # A daemon exiting lets go of the file, then of the lock, in
+                # between our two looks: is it still locked?
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SocketProtectorError(
+                    f"pid file {pid_file} is locked, but not by the process it names "
+                    f"({pid if pid is not None else 'none'})") from None
         return None     # nobody holds the lock: a stale file
     finally:
         os.close(fd)
