@@ -1491,7 +1491,7 @@ class _ConnectionQueue:
         theirs until they are gone.  True while any holds it."""
         holders = []
         if child.inbox is not None and _unread_bytes(child.inbox):
-            holders = _processes_holding({os.fstat(child.inbox.fileno()).st_ino},
+            holders = _processes_holding({_inode(child.inbox)},
                                          self.own_pids())
         if not holders:
             self._stop_watching_holders(child)
@@ -1971,7 +1971,7 @@ class _Supervisor:
         # Processes a child left behind holding a listening socket, being
         # stopped: pid -> [pidfd (-1: none), when to SIGKILL it, killed], until gone.
         self._strays: dict = {}
-        self._listener_inodes = {os.fstat(sock.fileno()).st_ino for sock in listeners}
+        self._listener_inodes = {_inode(sock) for sock in listeners}
         self._steering = steering       # activation: each generation its own sockets
         self._child_nofile = child_nofile   # the soft RLIMIT_NOFILE the children get back
         self._quiet = quiet_period
@@ -2974,7 +2974,7 @@ class _Supervisor:
         self._signal(child, signal.SIGSTOP)
         readers = {child.pid}   # and whatever else holds its channel (a forked server)
         if child.inbox is not None:
-            readers.update(_processes_holding({os.fstat(child.inbox.fileno()).st_ino},
+            readers.update(_processes_holding({_inode(child.inbox)},
                                               self._own_pids() - {child.pid}))
         if all(_frozen(pid) for pid in readers):
             self._queue.reclaim(child)
