@@ -918,6 +918,7 @@ class _Generation:
         self.quiet_at: Optional[float] = None
         self.quiet_limit: Optional[float] = None
         self.probation_until: Optional[float] = None     # serving, its predecessor kept
+        self.hung = False       # left its connections unaccepted: ended once replaced
 
     def children(self) -> List[_Child]:
         return [c for c in self.slots if c is not None]
@@ -1584,6 +1585,54 @@ def _listening_inodes() -> set:
     return found
 
 
+class _QueueWatch:
+    """--hang-timeout where the servers accept for themselves (listener and
+    activation modes): how long the longest-waiting connection that nobody
+    has accepted has waited.  A queued connection is listed in
+    /proc/net/tcp* with inode 0 until a process accepts it.  Its length
+    alone would not do: a loaded, healthy server keeps a queue too, but it
+    does not leave the same connection in it for seconds."""
+
+    def __init__(self, listeners: List[socket.socket]) -> None:
+        # The local addresses to look for, as /proc/net/tcp* writes them.
+        self.ends = set()
+        for sock in listeners:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                host, port = sock.getsockname()[:2]
+                wildcard = host in ("0.0.0.0", "::") or sock.family == socket.AF_INET6
+                self.ends.add((sock.family, None if wildcard else
+                               "%08X" % struct.unpack("=I", socket.inet_aton(host))[0],
+                               "%04X" % port))
+        self.first_seen: dict = {}      # (local, remote) -> when first seen unaccepted
+        self.look_at: Optional[float] = None
+
+    def oldest(self, now: float) -> float:
+        """Seconds the longest-waiting unaccepted connection has waited (as far as seen)."""
+        seen = {}
+        for family, path in ((socket.AF_INET, "/proc/net/tcp"), (socket.AF_INET6, "/proc/net/tcp6")):
+            ends = [(host, port) for f, host, port in self.ends if f == family]
+            if not ends:
+                continue
+            try:
+                with open(path) as f:
+                    next(f, None)
+                    for line in f:
+                        fields = line.split(None, 10)
+                        # ESTABLISHED or CLOSE_WAIT (the client has sent all and
+                        # half-closed), owned by no process: in an accept queue.
+                        if (len(fields) < 10 or fields[9] != "0"
+                                or fields[3] not in ("01", "08")):
+                            continue
+                        host, _, port = fields[1].rpartition(":")
+                        if any(port == p and h in (None, host) for h, p in ends):
+                            key = (fields[1], fields[2])
+                            seen[key] = self.first_seen.get(key, now)
+            except OSError:
+                pass
+        self.first_seen = seen
+        return now - min(seen.values(), default=now)
+
+
 def _listen_beside(sock: socket.socket, backlog: int) -> socket.socket:
     """A new listening socket on sock's address, in its SO_REUSEPORT group."""
     new = socket.socket(sock.family, socket.SOCK_STREAM)
@@ -1762,6 +1811,7 @@ _INODES = _Kind(lambda inodes, keep: list(inodes), lambda inodes: [int(n) for n 
 _GROUPS = _Kind(lambda groups, keep: [list(g) for g in groups],
                 lambda groups: [[int(n) for n in g] for g in groups])
 _FLAG = _Kind(_as_is, bool)
+_LATER_FLAG = _Kind(_as_is, bool, missing=False)    # a flag new versions carry
 _NUMBER = _Kind(_as_is, _optional(float))           # times (CLOCK_MONOTONIC) and the like
 _FD = _Kind(lambda fd, keep: keep(fd), _optional(int), lambda fd, refs: _adopt_fd(fd))
 _SOCKET = _Kind(lambda sock, keep: keep(sock), _optional(int),
@@ -1809,7 +1859,7 @@ _CHILD_STATE = _fields(
 _GENERATION_STATE = _fields(
     number=_INT, serving=_FLAG, slots=_SLOTS, respawn_at=_table(float),
     backoff=_table(float), quick_deaths=_table(int), sockets=_SOCKETS, look_at=_LATER,
-    quiet_at=_LATER, quiet_limit=_LATER, probation_until=_LATER)
+    quiet_at=_LATER, quiet_limit=_LATER, probation_until=_LATER, hung=_LATER_FLAG)
 _STEERING_STATE = _fields(groups=_GROUPS, targets=_INODES, ghosts=_INODES, retired=_SOCKETS)
 _QUEUE_STATE = _fields(
     waiting=_FDS, take_back=_CHILDREN, deferred=_CHILDREN, accept_paused_until=_NUMBER,
@@ -1858,7 +1908,8 @@ _NOT_CARRIED = {
         "_strays": "found again: a process left behind is looked for at each child's exit",
         "_steering": "carried as its own fields (_STEERING_STATE)",
         "_child_nofile": "carried beside the supervisor's state (nofile)",
-        "_quiet": _GIVEN, "_probation": _GIVEN}}
+        "_quiet": _GIVEN, "_probation": _GIVEN,
+        "_queue_watch": "started anew: a connection waiting across the exec is timed afresh"}}
 _CARRIED = {"child": _CHILD_STATE, "generation": _GENERATION_STATE, "queue": _QUEUE_STATE,
             "supervisor": _SUPERVISOR_STATE, "steering": _STEERING_STATE}
 
@@ -1965,7 +2016,8 @@ class _Supervisor:
         self._sel.register(wakeup, _IN, self._on_wakeup)
         self._wakeup = wakeup
         self._queue = _ConnectionQueue(self._sel, listeners, forwarding=self._forwarding,
-                                       backlog=backlog, hang_timeout=hang_timeout,
+                                       backlog=backlog,
+                                       hang_timeout=hang_timeout if self._forwarding else None,
                                        hung_up=self._channel_closed, own_pids=self._own_pids)
         self._children: dict = {}                # pid -> _Child, until reaped
         # Processes a child left behind holding a listening socket, being
@@ -1973,6 +2025,14 @@ class _Supervisor:
         self._strays: dict = {}
         self._listener_inodes = {_inode(sock) for sock in listeners}
         self._steering = steering       # activation: each generation its own sockets
+        # --hang-timeout where the servers accept for themselves.
+        self._queue_watch = (_QueueWatch(listeners) if hang_timeout is not None
+                             and not self._forwarding else None)
+        if self._queue_watch is not None:
+            if not self._queue_watch.ends:
+                _log.warning("--hang-timeout: only TCP accept queues can be watched; unix: "
+                             "addresses are not")
+            self._queue_watch.look_at = time.monotonic()
         self._child_nofile = child_nofile   # the soft RLIMIT_NOFILE the children get back
         self._quiet = quiet_period
         self._probation = probation
@@ -2072,6 +2132,8 @@ class _Supervisor:
             pending += self._serving.respawn_at.values()
         pending += [when for _, when, _ in self._strays.values()]
         pending += [g.look_at for g in self._quieting() if g.look_at is not None]
+        if self._queue_watch is not None and self._queue_watch.look_at is not None:
+            pending.append(self._queue_watch.look_at)
         if self._serving is not None and self._serving.probation_until is not None:
             pending.append(self._serving.probation_until)
         for child in self._children.values():
@@ -2143,6 +2205,9 @@ class _Supervisor:
         for generation in self._quieting():
             if generation.look_at is not None and now >= generation.look_at:
                 self._look_at_quieting(generation, now)
+        if (self._queue_watch is not None and self._queue_watch.look_at is not None
+                and now >= self._queue_watch.look_at):
+            self._look_for_hang(now)
         if self._serving is not None:
             for index, when in list(self._serving.respawn_at.items()):
                 if now >= when:
@@ -2367,12 +2432,21 @@ class _Supervisor:
 
     # -- generations --------------------------------------------------------
 
-    def _start_generation(self) -> None:
-        """A new generation of workers, all starting: the restart's, or the first."""
+    def _start_generation(self, share: Optional[_Generation] = None) -> None:
+        """A new generation of workers, all starting: the restart's, or the
+        first; or a hung one's replacement, on copies of its sockets (share)."""
         self._generation_count += 1
         generation = _Generation(self._generation_count, self._workers)
         self._starting = generation
-        if self._steering is not None and self._serving is not None:
+        if share is not None:
+            try:
+                generation.sockets = (None if share.sockets is None else
+                                      [sock.dup() for sock in share.sockets])
+            except OSError as e:
+                self._generation_failed(generation, None, f"cannot start a replacement: "
+                                        f"{e.strerror}")
+                return
+        elif self._steering is not None and self._serving is not None:
             try:
                 generation.sockets = self._steering.open()
                 self._prune()       # a retired socket waiting for a newer member may go
@@ -2542,7 +2616,11 @@ class _Supervisor:
             self._serve(child)
         new = self._describe(generation.children())
         probation = False
-        if old is not None:
+        if old is not None and old.hung:
+            _log.info("%s ready, serving; stopping %s, hung", new,
+                      self._describe(old.children()))
+            self._retire_generation(old)
+        elif old is not None:
             retiring = old.ready()
             self._retire_generation(old)    # before saying so: whoever reads the log may act
             # Kept ready to serve again only where it can be steered back to.
@@ -2637,6 +2715,10 @@ class _Supervisor:
         read before it is asked to stop; else at once."""
         generation.serving = False
         generation.respawn_at.clear()
+        if generation.hung:     # what waits for it is its successor's: nothing to quiet
+            for child in generation.children():
+                self._terminate(child)
+            return
         quiet = (self._steering is not None and self._serving is not None
                  and generation.sockets is not self._serving.sockets)
         now = time.monotonic()
@@ -2683,6 +2765,12 @@ class _Supervisor:
                 or any(c.generation is generation for c in self._children.values())):
             return
         sockets, generation.sockets = generation.sockets, None
+        # A hung generation's successor holds copies of its sockets: those stay.
+        kept = {_inode(sock) for g in (self._serving, self._starting, self._fallback)
+                if g is not None and g.sockets is not None for sock in g.sockets}
+        for sock in [sock for sock in sockets if _inode(sock) in kept]:
+            sockets.remove(sock)
+            sock.close()
         self._steering.release(sockets)
         self._prune()
 
@@ -2981,6 +3069,33 @@ class _Supervisor:
         self._worker_ended(child, child.state, "hung")
         self._terminate(child)          # else what it holds comes back when it exits
         self._signal(child, signal.SIGCONT)     # so that it gets the SIGTERM
+
+    def _look_for_hang(self, now: float) -> None:
+        """--hang-timeout, listener and activation modes: a connection left
+        unaccepted that long while the serving generation has a backlog
+        means it is hung.  A replacement starts on the same listening
+        sockets, so that it accepts what waits there; once it is ready the
+        hung generation is stopped (_retire_generation)."""
+        watch = self._queue_watch
+        watch.look_at = None if self._stopping else now + max(self._hang_timeout / 4, _QUIET_LOOK)
+        generation = self._serving
+        if (generation is None or self._stopping or self._starting is not None
+                or generation.probation_until is not None):
+            return      # a restart under way or undecided replaces it anyway
+        waited = watch.oldest(now)
+        if waited < self._hang_timeout:
+            return
+        sockets = generation.sockets or self._queue.sockets()
+        waiting = sum(_backlog_length(sock) or 0 for sock in sockets)
+        if not waiting:
+            return          # an older generation's queue, ending with it
+        watch.first_seen.clear()    # a replacement that fails is tried again after as long
+        generation.hung = True
+        _log.warning("%s accepted none of the %s waiting for it for %g s: hung; starting a "
+                     "replacement, which takes them over", self._describe(generation.children()),
+                     _plural(waiting, "connection"), self._hang_timeout)
+        self._on_event("reloading", "replacing a hung server")
+        self._start_generation(share=generation)
 
     def _not_ready_in_time(self, child: _Child) -> None:
         self._worker_ended(child, child.state,
@@ -4625,9 +4740,10 @@ def _build_parser() -> _Parser:
                         help="a retired child still running after S seconds gets SIGTERM, "
                              "then SIGKILL (default: no limit)")
     parser.add_argument("--hang-timeout", metavar="S", type=_seconds, default=None,
-                        help="a serving child that takes no connection for S seconds while "
-                             "some wait for it is stopped and replaced; what it had not "
-                             "taken goes to the replacement (default: off; forwarding only)")
+                        help="a server that takes no connection for S seconds while some "
+                             "wait for it is replaced and stopped; what it had not taken "
+                             "goes to the replacement (forwarding: that child; listener and "
+                             "activation: its generation, replaced start-first; default: off)")
     parser.add_argument("--stop-timeout", metavar="S", type=_seconds,
                         default=_DEFAULT_STOP_TIMEOUT,
                         help="on shutdown, children still running after S seconds get "
@@ -4689,9 +4805,6 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
                             ("--probation", opts.probation != _DEFAULT_PROBATION)):
             if given:
                 raise UsageError(f"{name} is for --handoff activation")
-    if opts.hang_timeout is not None and opts.handoff != "forward":
-        raise UsageError(f"--hang-timeout watches forwarding queues only, not --handoff "
-                         f"{opts.handoff}")
     if opts.port is None and not opts.binds:
         raise UsageError("the following arguments are required: PORT")
     if command is None:

@@ -1730,10 +1730,6 @@ class CommandLineTest(ProtectorTestCase):
                                                            r"activation"),
             (["--quiet-period", "1", "4321", "--", "true"], r"--quiet-period is for --handoff "
                                                             r"activation"),
-            (["--handoff", "activation", "--hang-timeout", "2", "4321", "--", "true"],
-             r"--hang-timeout watches forwarding queues only, not --handoff activation"),
-            (["--handoff", "listener", "--hang-timeout", "2", "4321", "--", "true"],
-             r"--hang-timeout watches forwarding queues only, not --handoff listener"),
             (["--reload", "--stop", "--pid-file", "p"], r"--reload and --stop cannot be combined"),
             (["--workers", "0", "4321", "--", "true"],
              r"argument -n/--workers: must be a whole number from 1 to 256: '0'"),
@@ -2218,6 +2214,11 @@ class ListenerModeTest(ProtectorTestCase):
                          "the retired child still holds the listening socket")
         held.close()
         daemon.wait_line(rf"child {first} exited with status 0 \(retiring\)")
+
+    def test_a_hung_server_is_replaced_and_what_queued_for_it_is_served(self):
+        """--hang-timeout in listener mode (check_hung_server_replaced)."""
+        daemon = Daemon(self, "--hang-timeout", "1")
+        check_hung_server_replaced(self, daemon, daemon.serving())
 
     def test_failed_upgrade_keeps_old_child(self):
         """A new child that fails never gets the listener; the old one serves on."""
@@ -3400,6 +3401,38 @@ class SampleTest(ProtectorTestCase):
         self.assertNotIn(b"Traceback", proc.stderr.read())
 
 
+def check_hung_server_replaced(test, daemon, hung):
+    """--hang-timeout 1, listener or activation mode: the only server is
+    frozen while idle; connections queue behind it, each with a request
+    sent.  Once one has waited a second unaccepted, a replacement starts on
+    the same listening socket and takes them over; the hung server is
+    stopped once it is ready.  None refused, each answered by the
+    replacement, within the hang timeout and a start; a restart after it
+    works as usual."""
+    mark = daemon.mark()
+    os.kill(hung, signal.SIGSTOP)       # idle: no client has connected since it was ready
+    test.addCleanup(lambda: alive(hung) and os.kill(hung, signal.SIGKILL))
+    began = time.monotonic()
+    clients = []
+    for _ in range(5):
+        clients.append(connect(daemon.port))
+        test.addCleanup(clients[-1].close)
+        clients[-1].sendall(b"pid\n")
+    daemon.wait_line(rf"child {hung}( \(worker \d\))? accepted none of the 5 connections waiting "
+                     r"for it for 1 s: hung; starting a replacement", mark)
+    replacement = int(daemon.wait_line(r"child (\d+) ready, serving; stopping "
+                                       rf"child {hung}( \(worker \d\))?, hung", mark).group(1))
+    for client in clients:
+        test.assertEqual(int(read_line(client)), replacement)
+    test.assertLess(time.monotonic() - began, 1 + 5, "the queued connections waited too long")
+    wait_until(lambda: not alive(hung), "the hung server to be stopped")
+    test.assertEqual(served_by(daemon.port), replacement)
+    successor = daemon.restart()
+    for _ in range(10):
+        test.assertEqual(served_by(daemon.port), successor)
+    test.assertEqual(daemon.count(r"restart failed"), 0, daemon.log())
+
+
 def served_or_refused(port):
     try:
         with connect(port) as s:
@@ -3485,14 +3518,22 @@ sel = selectors.SelectSelector() if flag("SP_TEST_UNSEEN") else selectors.Defaul
 for listener in listeners:
     listener.setblocking(False)
     sel.register(listener, selectors.EVENT_READ)
+# SP_TEST_ACCEPT_EVERY: accept in bursts, everything waiting, every that many seconds.
+burst = flag("SP_TEST_ACCEPT_EVERY")
+burst = float(open(burst).read()) if burst else 0.0
 while not stopping.is_set():
     for key, _ in sel.select(0.05):
-        try:
-            conn, _ = key.fileobj.accept()
-        except BlockingIOError:
-            continue
-        conn.setblocking(True)
-        threading.Thread(target=serve, args=(conn,)).start()
+        while True:
+            try:
+                conn, _ = key.fileobj.accept()
+            except BlockingIOError:
+                break
+            conn.setblocking(True)
+            threading.Thread(target=serve, args=(conn,)).start()
+            if not burst:
+                break
+    if burst:
+        stopping.wait(burst)
 for listener in listeners:
     listener.close()
 os.write(2, b"stopped by %s pid %d\n" % (signal.Signals(got[0]).name.encode(), os.getpid()))
@@ -3518,7 +3559,8 @@ class ActivationTest(ProtectorTestCase):
                           SP_TEST_HELPER=os.path.join(self.tmp, "helper"),
                           SP_TEST_PREFORK=os.path.join(self.tmp, "prefork"),
                           SP_TEST_UNSEEN=os.path.join(self.tmp, "unseen"),
-                          SP_TEST_DIE_AFTER=os.path.join(self.tmp, "die-after"))
+                          SP_TEST_DIE_AFTER=os.path.join(self.tmp, "die-after"),
+                          SP_TEST_ACCEPT_EVERY=os.path.join(self.tmp, "accept-every"))
         self.env.update(self.flags)
 
     def test_restarts_under_load_lose_nothing(self):
@@ -3539,6 +3581,33 @@ class ActivationTest(ProtectorTestCase):
         daemon.wait_line(rf"^stopped by SIGTERM pid {first}$")
         self.assertEqual(daemon.forwarded(), 0)
         self.assertEqual(daemon.count(r"killed|unexpectedly"), 0, daemon.log())
+
+    def test_a_hung_server_is_replaced_and_what_queued_for_it_is_served(self):
+        """--hang-timeout in activation mode (check_hung_server_replaced),
+        after a restart: the hung generation listens on a socket of its own,
+        and the replacement takes copies of it."""
+        daemon = Daemon(self, "--hang-timeout", "1", "--probation", "0.2")
+        daemon.serving()
+        hung = daemon.restart()
+        daemon.wait_line(rf"child {hung} passed probation")
+        check_hung_server_replaced(self, daemon, hung)
+
+    def test_a_busy_server_is_not_taken_for_a_hung_one(self):
+        """--hang-timeout 1.2: a server that accepts in bursts every 0.4 s
+        while a client connects every 30 ms always has a queue, but no
+        connection waits in it for long: it is not replaced (the queue's
+        length alone would say it is hung)."""
+        self.set_flag("SP_TEST_ACCEPT_EVERY", "0.4")
+        daemon = Daemon(self, "--hang-timeout", "1.2")
+        server = daemon.serving()
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            client = connect(daemon.port)
+            self.addCleanup(client.close)
+            client.sendall(b"pid\n")
+            time.sleep(0.03)        # the load's pace, not a wait for anything
+        self.assertEqual(int(read_line(client)), server)
+        self.assertEqual(daemon.count(r"hung"), 0, daemon.log())
 
     def test_a_notification_from_an_unrelated_process_is_ignored(self):
         """READY=1 sent to a child's NOTIFY_SOCKET by a running process that is
