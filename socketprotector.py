@@ -1633,6 +1633,16 @@ class _QueueWatch:
         return now - min(seen.values(), default=now)
 
 
+def _migrates_queues() -> bool:
+    """Whether a listening socket closed moves its accept queue to another of
+    its SO_REUSEPORT group (Linux 5.14+, per network namespace)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_migrate_req") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
 def _listen_beside(sock: socket.socket, backlog: int) -> socket.socket:
     """A new listening socket on sock's address, in its SO_REUSEPORT group."""
     new = socket.socket(sock.family, socket.SOCK_STREAM)
@@ -1731,6 +1741,11 @@ class _Steering:
             if self.groups[g][-1] == self.targets[g]:
                 continue        # the socket steered to would take its place
             self.retired.remove(sock)
+            waiting = _backlog_length(sock)
+            if waiting:
+                _log.warning("%s waiting on a listening socket let go of %s", _plural(
+                    waiting, "connection"), "move to the serving one (net.ipv4.tcp_migrate_req)"
+                    if _migrates_queues() else "are reset: net.ipv4.tcp_migrate_req is off")
             sock.close()
             self.ghosts.append(inode)
             self._settle()
@@ -5081,7 +5096,10 @@ def _steering_for(opts: argparse.Namespace, activated: bool, listeners: List[soc
             why = f"the kernel refused the steering program: {e.strerror}"
         else:
             _log.info("each generation listens on sockets of its own; new connections go to "
-                      "the serving one's (SO_REUSEPORT, BPF)")
+                      "the serving one's (SO_REUSEPORT, BPF); %s", "what waits on a generation "
+                      "rolled back moves to the one serving (net.ipv4.tcp_migrate_req)"
+                      if _migrates_queues() else "net.ipv4.tcp_migrate_req is off: what waits "
+                      "on a generation rolled back is reset")
             return steering
     _log.warning("restarts share one listening socket (%s): an old server may take new "
                  "connections until it stops", why)

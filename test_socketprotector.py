@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -299,6 +300,14 @@ def listener_inode(port):
             if fields[3] == "0A" and fields[1] == "0100007F:%04X" % port:
                 return int(fields[9])
     raise AssertionError(f"no listener on 127.0.0.1:{port}")
+
+
+def listen_queue(port):
+    """Connections to 127.0.0.1:port that no process has accepted (inode 0)."""
+    with open("/proc/net/tcp") as f:
+        return sum(1 for line in f.readlines()[1:]
+                   if line.split()[1] == "0100007F:%04X" % port
+                   and line.split()[3] == "01" and line.split()[9] == "0")
 
 
 def fd_links(pid):
@@ -3433,6 +3442,15 @@ def check_hung_server_replaced(test, daemon, hung):
     test.assertEqual(daemon.count(r"restart failed"), 0, daemon.log())
 
 
+def loopback_up():
+    """In a new network namespace: bring lo up (SIOCGIFFLAGS, SIOCSIFFLAGS)."""
+    import fcntl
+    with socket.socket() as s:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, 0x8913, request))[1]
+        fcntl.ioctl(s, 0x8914, struct.pack("16sH14x", b"lo", flags | 1))
+
+
 def served_or_refused(port):
     try:
         with connect(port) as s:
@@ -3513,6 +3531,9 @@ if flag("SP_TEST_PREFORK"):
         os.write(2, b"stopped by %s pid %d\n" % (signal.Signals(got[0]).name.encode(),
                                                    os.getpid()))
         sys.exit(0)
+if flag("SP_TEST_NO_ACCEPT"):      # ready, and never accepts
+    stopping.wait()
+    sys.exit(0)
 # SP_TEST_UNSEEN: wait with select(), which the daemon cannot see (epoll, it can).
 sel = selectors.SelectSelector() if flag("SP_TEST_UNSEEN") else selectors.DefaultSelector()
 for listener in listeners:
@@ -3560,7 +3581,8 @@ class ActivationTest(ProtectorTestCase):
                           SP_TEST_PREFORK=os.path.join(self.tmp, "prefork"),
                           SP_TEST_UNSEEN=os.path.join(self.tmp, "unseen"),
                           SP_TEST_DIE_AFTER=os.path.join(self.tmp, "die-after"),
-                          SP_TEST_ACCEPT_EVERY=os.path.join(self.tmp, "accept-every"))
+                          SP_TEST_ACCEPT_EVERY=os.path.join(self.tmp, "accept-every"),
+                          SP_TEST_NO_ACCEPT=os.path.join(self.tmp, "no-accept"))
         self.env.update(self.flags)
 
     def test_restarts_under_load_lose_nothing(self):
@@ -3852,6 +3874,55 @@ class ActivationTest(ProtectorTestCase):
         second = int(daemon.wait_line(r"child (\d+) passed probation \(3 s\)", mark).group(1))
         daemon.wait_line(rf"^stopped by SIGTERM pid {first}$", mark)
         self.assertEqual(served_by(daemon.port), second)
+
+    def test_what_waits_on_a_generation_rolled_back_moves_with_tcp_migrate_req(self):
+        """In a network namespace of its own (where the sysctl is the test's):
+        a new build says READY=1, accepts nothing and is killed on probation;
+        with net.ipv4.tcp_migrate_req=1 the connections that queued on its
+        socket are served by the old server after the rollback, and the log
+        says they moved; with it off, the log says how many were reset."""
+        migrate = os.environ.get("SP_TEST_NETNS")
+        if migrate is None:
+            if os.geteuid() != 0 or not shutil.which("unshare"):
+                self.skipTest("needs root and unshare(1) for a private network namespace")
+            for migrate in ("1", "0"):
+                test = f"{__name__}.{type(self).__name__}.{self._testMethodName}"
+                run = subprocess.run(["unshare", "--net", sys.executable, "-m", "unittest", test],
+                                     env={**os.environ, "SP_TEST_NETNS": migrate},
+                                     cwd=os.path.dirname(os.path.abspath(__file__)),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     timeout=TIMEOUT * 6)
+                self.assertEqual(run.returncode, 0, run.stdout.decode(errors="replace"))
+            return
+        loopback_up()
+        with open("/proc/sys/net/ipv4/tcp_migrate_req", "w") as f:
+            f.write(migrate)
+        daemon = Daemon(self, "--probation", "10")
+        first = daemon.serving()
+        self.set_flag("SP_TEST_NO_ACCEPT")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        new = int(daemon.wait_line(rf"child (\d+) ready; child {first} retiring once",
+                                   mark).group(1))
+        self.clear_flag("SP_TEST_NO_ACCEPT")
+        clients = []
+        for _ in range(5):
+            clients.append(connect(daemon.port))
+            self.addCleanup(clients[-1].close)
+            clients[-1].sendall(b"pid\n")
+        wait_until(lambda: listen_queue(daemon.port) == 5, "5 connections queued")
+        os.kill(new, signal.SIGKILL)
+        daemon.wait_line(rf"rolled back: child {first} keeps serving", mark)
+        if migrate == "1":
+            daemon.wait_line(r"5 connections waiting on a listening socket let go of move to "
+                             r"the serving one", mark)
+            for client in clients:
+                self.assertEqual(int(read_line(client)), first)
+        else:
+            daemon.wait_line(r"5 connections waiting on a listening socket let go of are "
+                             r"reset: net.ipv4.tcp_migrate_req is off", mark)
+            for client in clients:
+                self.assertRaises(ConnectionResetError, client.recv, 1)
 
     def test_ready_delay_takes_a_silent_server_as_ready(self):
         """--ready-delay: a server that never says READY=1 is taken as ready
