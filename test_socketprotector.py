@@ -3475,6 +3475,15 @@ count = int(os.environ.pop("LISTEN_FDS"))
 names = os.environ.pop("LISTEN_FDNAMES", "")
 listeners = [socket.socket(fileno=3 + n) for n in range(count)]
 stopping, got = threading.Event(), []
+# Every flag is read before READY=1: the test may set one for the next
+# server as soon as this one is ready.
+doomed = flag("SP_TEST_DIE_AFTER")     # ready, then dies that many seconds later
+doomed = float(open(doomed).read()) if doomed else None
+no_accept = flag("SP_TEST_NO_ACCEPT")
+prefork = flag("SP_TEST_PREFORK")
+unseen = flag("SP_TEST_UNSEEN")
+burst = flag("SP_TEST_ACCEPT_EVERY")    # accept in bursts, all that waits, every that many s
+burst = float(open(burst).read()) if burst else 0.0
 stop = flag("SP_TEST_STOP")
 stop_signal = getattr(signal, open(stop).read().strip()) if stop else signal.SIGTERM
 def on_stop(signum, frame):
@@ -3511,10 +3520,9 @@ if notify and helper:
 elif notify and not flag("SP_TEST_SILENT"):
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.sendto(b"READY=1\nSTATUS=accepting", "\0" + notify[1:] if notify[0] == "@" else notify)
-doomed = flag("SP_TEST_DIE_AFTER")     # ready, then dies that many seconds later
-if doomed:
-    threading.Timer(float(open(doomed).read()), os._exit, (3,)).start()
-if flag("SP_TEST_PREFORK"):
+if doomed is not None:
+    threading.Timer(doomed, os._exit, (3,)).start()
+if prefork:
     # A prefork server: two workers accept; the master only waits, and on its
     # stop signal stops them and exits.
     workers = []
@@ -3531,17 +3539,14 @@ if flag("SP_TEST_PREFORK"):
         os.write(2, b"stopped by %s pid %d\n" % (signal.Signals(got[0]).name.encode(),
                                                    os.getpid()))
         sys.exit(0)
-if flag("SP_TEST_NO_ACCEPT"):      # ready, and never accepts
+if no_accept:      # ready, and never accepts
     stopping.wait()
     sys.exit(0)
 # SP_TEST_UNSEEN: wait with select(), which the daemon cannot see (epoll, it can).
-sel = selectors.SelectSelector() if flag("SP_TEST_UNSEEN") else selectors.DefaultSelector()
+sel = selectors.SelectSelector() if unseen else selectors.DefaultSelector()
 for listener in listeners:
     listener.setblocking(False)
     sel.register(listener, selectors.EVENT_READ)
-# SP_TEST_ACCEPT_EVERY: accept in bursts, everything waiting, every that many seconds.
-burst = flag("SP_TEST_ACCEPT_EVERY")
-burst = float(open(burst).read()) if burst else 0.0
 while not stopping.is_set():
     for key, _ in sel.select(0.05):
         while True:
