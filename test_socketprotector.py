@@ -3800,6 +3800,8 @@ class ActivationTest(ProtectorTestCase):
         first = daemon.serving()
         second = daemon.restart()
         self.assertNotEqual(first, second)
+        # Until it has stopped the old server may take one (what is lost here).
+        daemon.wait_line(rf"^stopped by SIGTERM pid {first}$")
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(path)
             self.assertEqual(ask(s, b"pid"), b"%d" % second)
