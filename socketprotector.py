@@ -143,6 +143,7 @@ _DEFAULT_QUIET = 0.3       # activation: the old generation's quiet period befor
 _DEFAULT_PROBATION = 2.0   # activation: how long the old generation stays ready to take over
 _QUIET_LOOK = 0.05         # how often its backlog is looked at meanwhile
 _READY_LOOK = 0.05         # activation: how often a starting server is looked at
+_READY_UNSEEN = 1.0        # activation: READY=1 taken alone once not seen waiting for this long
 # accept(2) and accept4(2), by machine: a thread blocked in one shows it in
 # /proc/PID/task/TID/syscall.
 _ACCEPT_SYSCALLS = {"x86_64": (43, 288), "aarch64": (202, 242), "arm64": (202, 242),
@@ -872,6 +873,7 @@ class _Child:
         # --handoff activation: its NOTIFY_SOCKET, and --ready-delay's deadline.
         self.notify: Optional[socket.socket] = None
         self.assume_ready_at: Optional[float] = None
+        self.notified = False       # activation: sent READY=1, not yet seen waiting
         self.look_at: Optional[float] = None     # activation: next look for it waiting
 
     def can_take(self, now: float) -> bool:
@@ -1869,7 +1871,7 @@ _CHILD_STATE = _fields(
     ready_at=_NUMBER, retired_at=_NUMBER, report_at=_NUMBER, deadline=_NUMBER,
     kill_at=_NUMBER, paused_until=_NUMBER, batch_limit=_INT, blocked=_FLAG, stalled=_FLAG,
     nacked=_FLAG, queued=_COUNTS, unread=_INT, waiting_since=_NUMBER, reclaimed=_INT,
-    exec_error=_HEX, assume_ready_at=_NUMBER, look_at=_LATER,
+    exec_error=_HEX, assume_ready_at=_NUMBER, look_at=_LATER, notified=_LATER_FLAG,
     channel=_SOCKET, inbox=_SOCKET, notify=_SOCKET, exec_report=_FD)
 _GENERATION_STATE = _fields(
     number=_INT, serving=_FLAG, slots=_SLOTS, respawn_at=_table(float),
@@ -2196,7 +2198,12 @@ class _Supervisor:
                 self._look_for_waiting(child, now)
             if child.assume_ready_at is not None and now >= child.assume_ready_at:
                 child.assume_ready_at = None
-                if child.state is _State.STARTING:
+                if child.state is _State.STARTING and child.notified:
+                    _log.info("%s sent READY=1 and was not seen waiting on its listening socket "
+                              "within %g s (a select() or poll() server cannot be): taking "
+                              "READY=1 alone", self._name(child), _READY_UNSEEN)
+                    self._ready(child)
+                elif child.state is _State.STARTING:
                     _log.info("%s has run %g s (--ready-delay): taking it as ready",
                               self._name(child), self._ready_delay)
                     self._ready(child)
@@ -3039,23 +3046,47 @@ class _Supervisor:
             child.exec_report = None
             self._prune()       # what waited for this child's exec
     def _look_for_waiting(self, child: _Child, now: float) -> None:
-        """Activation: a starting server that sent no READY=1 is ready once
-        it, or a process it started, is seen waiting for connections on its
-        listening socket (an epoll watching it, or a thread blocked in
-        accept() on it), after its exec (before, it holds our descriptors)."""
+        """Activation: a starting server is ready once it, or a process it
+        started, is seen waiting for connections on its listening socket
+        (an epoll watching it, or a thread blocked in accept() on it), after
+        its exec (before, it holds our descriptors); READY=1 alone is not
+        enough where that can be seen (_notified())."""
         child.look_at = None
         if child.state is not _State.STARTING:
             return
-        how = None
-        if child.exec_report is None and not child.exec_error:
-            sockets = child.generation.sockets or self._queue.sockets()
-            how = _seen_waiting(child.pid, {_inode(sock) for sock in sockets})
+        how = self._seen_waiting(child)
         if how is None:
             child.look_at = now + _READY_LOOK
             return
-        _log.info("%s is waiting for connections on its listening socket (%s): ready",
-                  self._name(child), how)
+        _log.info("%s %s waiting for connections on its listening socket (%s): ready",
+                  self._name(child), "sent READY=1 and is" if child.notified else "is", how)
         self._ready(child)
+
+    def _seen_waiting(self, child: _Child) -> Optional[str]:
+        if child.exec_report is not None or child.exec_error:
+            return None
+        sockets = child.generation.sockets or self._queue.sockets()
+        return _seen_waiting(child.pid, {_inode(sock) for sock in sockets})
+
+    def _notified(self, child: _Child, now: float) -> None:
+        """READY=1 from a starting server.  It does not prove anyone accepts:
+        gunicorn's arbiter sends it before its workers have imported the
+        application.  So it is ready once also seen waiting on its socket,
+        or, where that cannot be seen (select() or poll()), after
+        _READY_UNSEEN."""
+        if child.state is not _State.STARTING or child.notified:
+            return
+        child.notified = True
+        if self._seen_waiting(child) is not None:
+            child.look_at = now         # says how, at once
+            self._look_for_waiting(child, now)
+            return
+        _log.info("%s sent READY=1; ready once seen waiting on its listening socket, or in "
+                  "%g s", self._name(child), _READY_UNSEEN)
+        deadline = now + _READY_UNSEEN
+        child.assume_ready_at = min(child.assume_ready_at or deadline, deadline)
+        if child.look_at is None:
+            child.look_at = now + _READY_LOOK
 
     def _report_draining(self, child: _Child, now: float) -> None:
         """A retired child still runs: say so, and why (keep-alive clients
@@ -3513,9 +3544,7 @@ class _Supervisor:
             for line in data.decode(errors="replace").split("\n"):
                 key, _, value = line.partition("=")
                 if line == "READY=1":
-                    if child.state is _State.STARTING:
-                        _log.info("%s sent READY=1", self._name(child))
-                    self._ready(child)
+                    self._notified(child, time.monotonic())
                 elif key == "STATUS":
                     _log.info("%s: %s", self._name(child), value)
                 elif line == "STOPPING=1":

@@ -787,10 +787,10 @@ class Daemon:
                                          f"{timeout:g} s:\n" + self.log())
                 self._cond.wait(left)
 
-    def count(self, pattern):
+    def count(self, pattern, start=0):
         regex = re.compile(pattern)
         with self._cond:
-            return sum(1 for line in self.lines if line is not None and regex.search(line))
+            return sum(1 for line in self.lines[start:] if line is not None and regex.search(line))
 
     def child_pids(self):
         with self._cond:
@@ -3480,6 +3480,8 @@ stopping, got = threading.Event(), []
 doomed = flag("SP_TEST_DIE_AFTER")     # ready, then dies that many seconds later
 doomed = float(open(doomed).read()) if doomed else None
 no_accept = flag("SP_TEST_NO_ACCEPT")
+late = flag("SP_TEST_LATE_ACCEPT")     # READY=1, then that many seconds until it listens
+late = float(open(late).read()) if late else 0.0
 prefork = flag("SP_TEST_PREFORK")
 unseen = flag("SP_TEST_UNSEEN")
 burst = flag("SP_TEST_ACCEPT_EVERY")    # accept in bursts, all that waits, every that many s
@@ -3539,6 +3541,8 @@ if prefork:
         os.write(2, b"stopped by %s pid %d\n" % (signal.Signals(got[0]).name.encode(),
                                                    os.getpid()))
         sys.exit(0)
+if late:
+    stopping.wait(late)
 if no_accept:      # ready, and never accepts
     stopping.wait()
     sys.exit(0)
@@ -3587,7 +3591,8 @@ class ActivationTest(ProtectorTestCase):
                           SP_TEST_UNSEEN=os.path.join(self.tmp, "unseen"),
                           SP_TEST_DIE_AFTER=os.path.join(self.tmp, "die-after"),
                           SP_TEST_ACCEPT_EVERY=os.path.join(self.tmp, "accept-every"),
-                          SP_TEST_NO_ACCEPT=os.path.join(self.tmp, "no-accept"))
+                          SP_TEST_NO_ACCEPT=os.path.join(self.tmp, "no-accept"),
+                          SP_TEST_LATE_ACCEPT=os.path.join(self.tmp, "late-accept"))
         self.env.update(self.flags)
 
     def test_restarts_under_load_lose_nothing(self):
@@ -3931,6 +3936,48 @@ class ActivationTest(ProtectorTestCase):
             for client in clients:
                 self.assertRaises(ConnectionResetError, client.recv, 1)
 
+    def test_ready_1_from_a_server_not_yet_waiting_is_not_enough(self):
+        """A new build sends READY=1 and then dies 0.5 s later without ever
+        waiting on its socket (as gunicorn's arbiter, whose workers fail to
+        import the application): it was never ready, so no connection went
+        to it, and every client meanwhile is served by the old server (none
+        reset at the rollback).  A build that sends READY=1 and waits on its
+        socket 0.5 s later is ready then, and the log says how; one that
+        waits with select(), which cannot be seen, is taken at its READY=1
+        a second later."""
+        daemon = Daemon(self, "--probation", "0.5")
+        first = daemon.serving()
+        self.set_flag("SP_TEST_LATE_ACCEPT", "5")
+        self.set_flag("SP_TEST_DIE_AFTER", "0.5")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(r"child \d+ sent READY=1", mark)
+        self.clear_flag("SP_TEST_LATE_ACCEPT")
+        self.clear_flag("SP_TEST_DIE_AFTER")
+        served, deadline = [], time.monotonic() + TIMEOUT
+        while not daemon.count(r"restart failed", mark) and time.monotonic() < deadline:
+            served.append(served_by_or_none(daemon.port))
+        self.assertEqual(set(served), {first})
+        daemon.wait_line(r"child \d+ sent READY=1; ready once seen waiting on its listening "
+                         r"socket, or in 1 s", mark)
+        self.assertEqual(daemon.count(r"restart failed: child \d+ exited with status 3 .*; "
+                                      rf"child {first} keeps serving", mark), 1, daemon.log())
+        self.assertEqual(daemon.count(r"on probation|rolled back", mark), 0, daemon.log())
+        self.set_flag("SP_TEST_LATE_ACCEPT", "0.5")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        second = int(daemon.wait_line(r"child (\d+) sent READY=1 and is waiting for connections "
+                                      r"on its listening socket \(epoll, pid \d+\): ready",
+                                      mark).group(1))
+        self.clear_flag("SP_TEST_LATE_ACCEPT")
+        daemon.wait_line(rf"child {second} passed probation", mark)
+        self.set_flag("SP_TEST_UNSEEN")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(r"child \d+ sent READY=1 and was not seen waiting on its listening "
+                         r"socket within 1 s \(a select\(\) or poll\(\) server cannot be\): "
+                         r"taking READY=1 alone", mark)
+
     def test_ready_delay_takes_a_silent_server_as_ready(self):
         """--ready-delay: a server that never says READY=1 is taken as ready
         once it has run that long, and serves."""
@@ -4084,8 +4131,7 @@ class ThirdPartyServerTest(ProtectorTestCase):
             "gunicorn sync": ([], [*gunicorn, "webapp:wsgi"]),
             "gunicorn gthread": ([], [*gunicorn, "-k", "gthread", "--threads", "4",
                                       "webapp:wsgi"]),
-            "uvicorn": (["--ready-delay", "1"], [self.server("uvicorn"), "--fd", "3",
-                                                 "webapp:asgi"]),
+            "uvicorn": ([], [self.server("uvicorn"), "--fd", "3", "webapp:asgi"]),
         }
 
     def test_restarts_every_second_under_load_answer_every_request(self):
