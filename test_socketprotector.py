@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DAEMON = os.path.join(HERE, "socketprotector.py")
@@ -3920,10 +3921,15 @@ class ThirdPartyServerTest(ProtectorTestCase):
         self.env["SP_TEST_BROKEN"] = self.broken
 
     def server(self, name):
+        """The path of gunicorn or uvicorn in .ci/venv; or skip, naming what is missing."""
         path = os.path.join(VENV_BIN, name)
         if not os.access(path, os.X_OK):
-            self.skipTest(f"{name} is not installed in .ci/venv: `bash .ci/run` installs it "
-                          f"from .ci/requirements-test.txt")
+            missing = [server for server in ("gunicorn", "uvicorn")
+                       if not os.access(os.path.join(VENV_BIN, server), os.X_OK)]
+            self.skipTest(f"the gunicorn and uvicorn tests need them in .ci/venv, and "
+                          f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                          f"not installed there: `bash .ci/run` installs them from "
+                          f".ci/requirements-test.txt")
         venv = venv_python()
         if venv and venv != "%d.%d" % sys.version_info[:2]:
             self.skipTest(f"the gunicorn and uvicorn tests run under Python {venv} only, the "
@@ -3940,6 +3946,20 @@ class ThirdPartyServerTest(ProtectorTestCase):
             "uvicorn": (["--ready-delay", "1"], [self.server("uvicorn"), "--fd", "3",
                                                  "webapp:asgi"]),
         }
+
+    def test_without_the_servers_the_skip_names_both(self):
+        """Without .ci/venv, the tests skip saying that gunicorn and uvicorn are
+        not installed and how to install them (the message named gunicorn
+        alone, and the uvicorn tests skipped under it)."""
+        empty = os.path.join(self.tmp, "no-venv")
+        os.mkdir(empty)
+        with unittest.mock.patch.object(sys.modules[__name__], "VENV_BIN", empty):
+            with self.assertRaises(unittest.SkipTest) as skipped:
+                self.commands()
+        self.assertEqual(str(skipped.exception),
+                         "the gunicorn and uvicorn tests need them in .ci/venv, and gunicorn "
+                         "and uvicorn are not installed there: `bash .ci/run` installs them "
+                         "from .ci/requirements-test.txt")
 
     def test_restarts_every_second_under_load_answer_every_request(self):
         """SIGHUP every second under steady HTTP load: every request gets a 200."""
