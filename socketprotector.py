@@ -4440,19 +4440,48 @@ def _await(condition: Callable[[], object], deadline: float, failure: str):
         time.sleep(0.02)
 
 
-def _activated_listeners() -> List[socket.socket]:
-    """The listening sockets systemd passed (socket activation: fds 3, 4, ...),
-    or [] if none were passed to this process."""
+def _passed_by_systemd() -> range:
+    """The descriptors systemd passed this process (socket activation: 3, 4,
+    ... as many as $LISTEN_FDS says, if $LISTEN_PID is ours); SocketProtectorError
+    if $LISTEN_FDS makes no sense."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return []
+        return range(0)
     count = os.environ.get("LISTEN_FDS", "0")
-    for name in _ACTIVATION_ENV:
-        os.environ.pop(name, None)
     if not count.isdigit() or not 1 <= int(count) <= 64:
         raise SocketProtectorError(f"socket activation passed {count!r} sockets; expected 1 "
                                    f"to 64")
+    return range(3, 3 + int(count))
+
+
+def _close_inherited() -> None:
+    """A fresh start: close every descriptor the caller left open but stdio
+    and what systemd passed.  A deploy tool that waits for the end of the
+    output of the command it ran (a CI runner, Ansible, ssh) would wait
+    until the daemon exits: the daemon and every child held its pipe.
+    Python's own descriptors are close-on-exec, so cannot have come from
+    the caller: only inheritable ones are closed."""
+    keep = _passed_by_systemd()
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        if fd > 2 and fd not in keep:
+            try:
+                if os.get_inheritable(fd):
+                    os.close(fd)
+            except OSError:
+                pass        # the directory's own, closed by now
+
+
+def _activated_listeners() -> List[socket.socket]:
+    """The listening sockets systemd passed (socket activation: fds 3, 4, ...),
+    or [] if none were passed to this process."""
+    fds = _passed_by_systemd()
+    for name in _ACTIVATION_ENV:
+        os.environ.pop(name, None)
     listeners: List[socket.socket] = []
-    for fd in range(3, 3 + int(count)):
+    for fd in fds:
         try:
             sock = socket.socket(fileno=fd)
         except OSError as e:
@@ -4805,6 +4834,8 @@ def _serve(opts: argparse.Namespace) -> None:
     file), then detach, then drop privileges, then supervise.  After an
     upgrade (the same process, the new code) all of it is taken over instead."""
     inherited = _inherited_state()
+    if not inherited:
+        _close_inherited()      # an upgrade's exec inherits its own, on purpose
     script = inherited["script"] if inherited else os.path.abspath(sys.argv[0])
     if inherited:
         # As resolved where the daemon started (a detached one now runs in /).

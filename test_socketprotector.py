@@ -929,11 +929,12 @@ class ProtectorTestCase(unittest.TestCase):
     def clear_flag(self, name):
         os.unlink(self.flags[name])
 
-    def run_protector(self, *args, timeout=TIMEOUT * 2):
+    def run_protector(self, *args, timeout=TIMEOUT * 2, pass_fds=()):
         """Run socketprotector.py to completion; return (exit code, stderr lines).
         What it printed on stdout is in self.stdout (lines)."""
         proc = subprocess.run([sys.executable, DAEMON, *args], stdin=subprocess.DEVNULL,
-                              capture_output=True, timeout=timeout, cwd=self.tmp, env=self.env)
+                              capture_output=True, timeout=timeout, cwd=self.tmp, env=self.env,
+                              pass_fds=pass_fds)
         self.stdout = proc.stdout.decode().splitlines()
         return proc.returncode, proc.stderr.decode().splitlines()
 
@@ -1432,14 +1433,14 @@ class ShutdownTest(ProtectorTestCase):
 
 
 class DaemonModeTest(ProtectorTestCase):
-    def start_detached(self, *extra, log=True):
+    def start_detached(self, *extra, log=True, pass_fds=()):
         self.pid_file = os.path.join(self.tmp, "sp.pid")
         self.log_file = os.path.join(self.tmp, "sp.log")
         self.port = free_port()
         code, lines = self.run_protector("--pid-file", self.pid_file, "--bind", "127.0.0.1",
                                          *(["--log-file", "sp.log"] if log else []),
                                          *extra, str(self.port), "--", sys.executable,
-                                         "app.py")
+                                         "app.py", pass_fds=pass_fds)
         if os.path.exists(self.pid_file):
             pid = read_pid(self.pid_file)
             sid = proc_stat(pid)[2] if proc_stat(pid) else None
@@ -1459,6 +1460,27 @@ class DaemonModeTest(ProtectorTestCase):
         os.kill(pid, signal.SIGTERM)
         wait_until(lambda: not alive(pid), "the daemon to exit")
         self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_a_descriptor_the_caller_left_open_is_closed(self):
+        """A deploy tool that reads what the command it ran writes (a pipe
+        left open on another descriptor too, as `{ socketprotector.py ...;
+        } 5>&1 | cat` does) sees the end of it once the launcher has
+        returned: neither the detached daemon nor its child holds it (both
+        did, until the daemon exited)."""
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        try:
+            code, lines = self.start_detached(pass_fds=(write_end,))
+        finally:
+            os.close(write_end)
+        self.assertEqual((code, lines), (0, []))
+        pipe = f"pipe:[{os.fstat(read_end).st_ino}]"
+        for pid in (read_pid(self.pid_file), served_by(self.port)):
+            self.assertNotIn(pipe, fd_links(pid), f"process {pid} holds the caller's pipe")
+        readable, _, _ = select.select([read_end], [], [], TIMEOUT)
+        self.assertEqual(readable, [read_end], "no end of file on the caller's pipe")
+        self.assertEqual(os.read(read_end, 1), b"")
+        self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file)[0], 0)
 
     def test_second_instance_on_the_same_pid_file_is_refused(self):
         """A second daemon with the same pid file exits 1 naming the running one."""
