@@ -4519,8 +4519,43 @@ def _become_subreaper() -> None:
 
 
 class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as UsageError, which tells the options a
+    command line gave from the defaults (parse_given())."""
+
+    def __init__(self, **kwargs) -> None:
+        self.option_defaults: Dict[str, Any] = {}  # dest -> default
+        self.option_names: Dict[str, str] = {}     # dest -> its name in messages: "--workers"
+        super().__init__(**kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.default is not argparse.SUPPRESS:     # not -h, --version
+            self.option_defaults[action.dest] = action.default
+            self.option_names[action.dest] = (action.option_strings[-1] if action.option_strings
+                                              else action.metavar)
+        return action
+
     def error(self, message: str):
         raise UsageError(message)
+
+    def parse_given(self, args: List[str]) -> tuple:
+        """(the options, defaults filled in; the dests of those given; the
+        arguments not recognized).  Given means on the command line, even
+        with its default value."""
+        unset = object()
+        # argparse leaves what the namespace already holds, where nothing is
+        # given; an option whose default is None is given if not None.
+        namespace = argparse.Namespace(**{dest: unset for dest, default
+                                          in self.option_defaults.items()
+                                          if default is not None})
+        opts, extras = self.parse_known_args(args, namespace)
+        given = set()
+        for dest, default in self.option_defaults.items():
+            if getattr(opts, dest) is unset:
+                setattr(opts, dest, default)
+            elif getattr(opts, dest) is not None:
+                given.add(dest)
+        return opts, given, extras
 
 
 def _seconds(text: str) -> float:
@@ -4686,7 +4721,9 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
         own, command = argv[:split], argv[split + 1:]
     else:
         own, command = argv, None
-    opts = parser.parse_args(own)     # -h and --version exit here
+    opts, given, extras = parser.parse_given(own)     # -h and --version exit here
+    if extras:
+        _refuse_unrecognized(extras, command)
     opts.command = command
     if opts.pid_file:
         opts.pid_file = os.path.abspath(opts.pid_file)
@@ -4702,6 +4739,7 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
             raise UsageError(f"--{actions[0]} needs --pid-file")
         if opts.port is not None or command is not None:
             raise UsageError(f"--{actions[0]} takes no PORT or command")
+        _refuse_idle_control(actions[0], given, parser.option_names)
         return opts
     if opts.port is not None:
         try:
@@ -4711,16 +4749,7 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
         if not 0 <= opts.port <= 65535:
             raise UsageError(f"PORT must be between 0 and 65535, not {opts.port}")
     opts.binds = [_parse_bind(spec, opts.port) for spec in opts.bind or ()]
-    if opts.handoff != "activation":
-        for name, given in (("--ready-delay", opts.ready_delay is not None),
-                            ("--stop-signal", opts.stop_signal != signal.SIGTERM),
-                            ("--quiet-period", opts.quiet_period != _DEFAULT_QUIET),
-                            ("--probation", opts.probation != _DEFAULT_PROBATION)):
-            if given:
-                raise UsageError(f"{name} is for --handoff activation")
-    if opts.hang_timeout is not None and opts.handoff != "forward":
-        raise UsageError(f"--hang-timeout watches forwarding queues only, not --handoff "
-                         f"{opts.handoff}")
+    _refuse_idle_options(opts, given, parser.option_names)
     if opts.port is None and not opts.binds:
         raise UsageError("the following arguments are required: PORT")
     if command is None:
@@ -4728,6 +4757,69 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
     if not command:
         raise UsageError("missing the command to run after '--'")
     return opts
+
+
+# What each control command uses besides --pid-file; every other option
+# does nothing there, and is refused.
+_CONTROL_USES = {"reload": {"ready_timeout"}, "stop": {"stop_timeout"}, "status": set(),
+                 "upgrade": set()}
+_DAEMON_FLAGS = ("-d", "-D", "--daemon", "--daemonize")   # other tools' "detach"
+
+
+def _refuse_unrecognized(extras: List[str], command: Optional[List[str]]) -> None:
+    """UsageError for arguments argparse did not recognize, saying what was
+    probably meant: '--' before the command, or -f (detaching is the default)."""
+    detach = [arg for arg in extras if arg in _DAEMON_FLAGS]
+    if detach:
+        raise UsageError(f"{detach[0]}: socketprotector detaches by default; -f keeps it in "
+                         f"the foreground")
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    if command is None and any(not arg.startswith("-") for arg in extras):
+        message += " (put '--' before the command to run: PORT -- COMMAND [ARG...])"
+    raise UsageError(message)
+
+
+def _refuse_idle_control(action: str, given: set, names: Dict[str, str]) -> None:
+    """UsageError for an option the control command ``action`` would ignore."""
+    idle = sorted(given - {action, "pid_file"} - _CONTROL_USES[action])
+    if idle:
+        users = [f"--{other}" for other, uses in _CONTROL_USES.items() if idle[0] in uses]
+        raise UsageError(f"{names[idle[0]]} does nothing with --{action}: it is for starting "
+                         f"the daemon" + "".join(f" and for {user}" for user in users))
+
+
+def _refuse_idle_options(opts: argparse.Namespace, given: set, names: Dict[str, str]) -> None:
+    """UsageError for an option that would do nothing in the daemon this
+    command line starts: in another hand-off mode, or without its companion."""
+    activation_only = ("ready_delay", "stop_signal", "quiet_period", "probation")
+    if opts.handoff != "activation":
+        for dest in activation_only:
+            if dest in given:
+                raise UsageError(f"{names[dest]} is for --handoff activation")
+    elif given & {"quiet_period", "probation"}:
+        why = _why_not_steer(opts, False)
+        if why is not None:
+            dest = min(given & {"quiet_period", "probation"})
+            raise UsageError(f"{names[dest]} does nothing here: restarts share one listening "
+                             f"socket ({why})")
+    if "hang_timeout" in given and opts.handoff != "forward":
+        raise UsageError(f"--hang-timeout watches forwarding queues only, not --handoff "
+                         f"{opts.handoff}")
+    if "socket_mode" in given and not any(kind == "unix" for kind, _, _ in opts.binds):
+        raise UsageError("--socket-mode is for the Unix sockets --bind unix:PATH makes, and "
+                         "none is given")
+    if opts.port is not None and opts.binds and not any(map(_takes_port, opts.bind)):
+        raise UsageError(f"PORT {opts.port} does nothing: every --bind names its own port "
+                         f"or is unix:")
+
+
+def _takes_port(spec: str) -> bool:
+    """Whether a --bind value (a valid one) listens on PORT."""
+    try:
+        _parse_bind(spec, None)
+    except UsageError:      # names no port
+        return True
+    return False
 
 
 class _LogFile:

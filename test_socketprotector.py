@@ -715,7 +715,8 @@ class Daemon:
     """socketprotector in the foreground, in its own session, on 127.0.0.1:0."""
 
     def __init__(self, test, *options, command=None, env=None, preexec_fn=None, prefix=(),
-                 bind="127.0.0.1", cwd=None, script=DAEMON):
+                 bind="127.0.0.1", cwd=None, script=DAEMON, port="0"):
+        """port: PORT, or None when every --bind in options names its own."""
         self.test = test
         command = command or [sys.executable, test.app]
         if "--pid-file" in options:
@@ -726,7 +727,7 @@ class Daemon:
             self.pid_file = os.path.join(test.tmp, f"daemon-{test.daemons}.pid")
             options = ("--pid-file", self.pid_file, *options)
         argv = [*prefix, sys.executable, script, "-f", *(["--bind", bind] if bind else []),
-                *test.OPTIONS, *options, "0", "--", *command]
+                *test.OPTIONS, *options, *([port] if port else []), "--", *command]
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, start_new_session=True, cwd=cwd or test.tmp,
@@ -1766,6 +1767,50 @@ class CommandLineTest(ProtectorTestCase):
              r"argument -n/--workers: must be a whole number from 1 to 256: 'abc'"),
             (["-n", "100000", "4321", "--", "true"],
              r"argument -n/--workers: must be a whole number from 1 to 256: '100000'"),
+        ]
+        for args, pattern in cases:
+            with self.subTest(args=args):
+                self.assertUsageError(args, pattern)
+
+    def test_a_missing_double_dash_or_a_daemon_flag_is_explained(self):
+        """The command given without '--' before it: the message says to put
+        it there.  -d, -D or --daemon (other tools' "detach"): detaching is
+        the default, -f keeps it in the foreground."""
+        self.assertUsageError(["4321", "python3", "sample_client.py", "4321"],
+                              r"unrecognized arguments: python3 sample_client\.py 4321 \(put "
+                              r"'--' before the command to run: PORT -- COMMAND \[ARG\.\.\.\]\)$")
+        for flag in ("-d", "-D", "--daemon"):
+            with self.subTest(flag=flag):
+                self.assertUsageError([flag, "4321", "--", "true"],
+                                      rf"{flag}: socketprotector detaches by default; -f "
+                                      rf"keeps it in the foreground$")
+
+    def test_options_that_would_do_nothing_are_refused(self):
+        """An option that does nothing in the mode chosen or without its
+        companion, even given with its default value: exit 2, one line."""
+        cases = [
+            (["--socket-mode", "660", "4321", "--", "true"],
+             r"--socket-mode is for the Unix sockets --bind unix:PATH makes, and none is given$"),
+            (["--bind", "127.0.0.1:80", "8000", "--", "true"],
+             r"PORT 8000 does nothing: every --bind names its own port or is unix:$"),
+            (["--bind", "unix:s", "0", "--", "true"],
+             r"PORT 0 does nothing: every --bind names its own port or is unix:$"),
+            (["--probation", "2", "4321", "--", "true"],
+             r"--probation is for --handoff activation$"),
+            (["--stop-signal", "TERM", "4321", "--", "true"],
+             r"--stop-signal is for --handoff activation$"),
+            (["--handoff", "activation", "--bind", "unix:s", "--quiet-period", "1", "--",
+              "true"], r"--quiet-period does nothing here: restarts share one listening "
+                       r"socket \(a unix: address\)$"),
+            (["--reload", "--pid-file", "p", "--workers", "3"],
+             r"--workers does nothing with --reload: it is for starting the daemon$"),
+            (["--stop", "--pid-file", "p", "--ready-timeout", "5"],
+             r"--ready-timeout does nothing with --stop: it is for starting the daemon and "
+             r"for --reload$"),
+            (["--status", "--pid-file", "p", "-f"],
+             r"--foreground does nothing with --status: it is for starting the daemon$"),
+            (["--upgrade", "--pid-file", "p", "--handoff", "forward"],
+             r"--handoff does nothing with --upgrade: it is for starting the daemon$"),
         ]
         for args, pattern in cases:
             with self.subTest(args=args):
@@ -3269,7 +3314,7 @@ class AddressesTest(ProtectorTestCase):
         the socket's path is gone after the daemon."""
         path = os.path.join(self.tmp, "app.sock")
         daemon = Daemon(self, "--bind", "127.0.0.1:0", "--bind", "[::1]:0", "--bind",
-                        f"unix:{path}", "--socket-mode", "600", bind=None)
+                        f"unix:{path}", "--socket-mode", "600", bind=None, port=None)
         daemon.serving()
         tcp4, tcp6, unix = self.addresses(daemon)
         self.assertEqual(unix, path)
@@ -3303,7 +3348,7 @@ class AddressesTest(ProtectorTestCase):
         path = os.path.join(self.tmp, "app.sock")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
             stale.bind(path)            # closed without unlink: stale
-        daemon = Daemon(self, "--bind", f"unix:{path}", bind=None)
+        daemon = Daemon(self, "--bind", f"unix:{path}", bind=None, port=None)
         daemon.serving()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(TIMEOUT)
@@ -3721,7 +3766,7 @@ class ActivationTest(ProtectorTestCase):
         """Where steering cannot be had (a unix: address), one line says what
         is lost, and restarts work as before, on the shared socket."""
         path = os.path.join(self.tmp, "app.sock")
-        daemon = Daemon(self, "--bind", f"unix:{path}", bind=None)
+        daemon = Daemon(self, "--bind", f"unix:{path}", bind=None, port=None)
         daemon.wait_line(r"restarts share one listening socket \(a unix: address\): an old "
                          r"server may take new connections until it stops")
         first = daemon.serving()
@@ -4541,7 +4586,8 @@ class PrivilegeTest(ProtectorTestCase):
         os.chmod(self.tmp, 0o755)       # so that nobody can reach run/ to remove it
         path = os.path.join(run, "app.sock")
         daemon = Daemon(self, "--user", "nobody", "--bind", f"unix:{path}",
-                        "--socket-mode", "660", bind=None, command=["sleep", "60"])
+                        "--socket-mode", "660", bind=None, port=None,
+                        command=["sleep", "60"])
         daemon.wait_line(r"child \d+ started")
         st = os.stat(path)
         self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)),
@@ -4562,7 +4608,7 @@ class PrivilegeTest(ProtectorTestCase):
         path = os.path.join(self.tmp, "app.sock")
         for attempt in (1, 2):
             daemon = Daemon(self, "--user", "nobody", "--bind", f"unix:{path}",
-                            bind=None, command=["sleep", "60"])
+                            bind=None, port=None, command=["sleep", "60"])
             daemon.wait_line(r"child \d+ started")
             daemon.signal(signal.SIGTERM)
             daemon.wait_line(r"SIGTERM: shutting down")
