@@ -2693,11 +2693,12 @@ class _Supervisor:
             self._steering.prune()
 
     def _generation_failed(self, generation: _Generation, child: Optional[_Child],
-                           why: str, late: bool = False) -> None:
+                           why: str, unready: str = "") -> None:
         """A new generation will not serve: stop all of it; the serving one
         keeps serving (or, at start-up, the daemon gives up).
 
-        ``why`` follows the child's name, or stands alone when there is none.
+        ``why`` follows the child's name, or stands alone when there is none;
+        ``unready`` is why the child was never ready (see _start_hint()).
         """
         what = f"{self._name(child)} {why}" if child is not None else why
         for other in generation.children():
@@ -2709,7 +2710,7 @@ class _Supervisor:
             _log.info("%s", what)
             return
         if self._serving is None:
-            self._fail(what + self._start_hint(late))
+            self._fail(what + self._start_hint(unready))
             return
         self.failed_restarts += 1
         ready = self._serving.ready()
@@ -2723,17 +2724,33 @@ class _Supervisor:
             self._restart_again = False
             self._request_restart()
 
-    def _start_hint(self, late: bool) -> str:
+    def _start_hint(self, unready: str) -> str:
         """For a first start that failed: what ready means (if the child was
-        late), and where a detached child's output went."""
+        "late", or "silent": it exited before it, having said nothing on its
+        channel, or not been seen waiting on its listening socket), and
+        where a detached child's output went.  A server that failed for a
+        reason of its own (an import error) is as silent, before it has
+        touched either (its output says why): the hint is worded for both."""
         hints = []
-        if late and self._activation:
+        if unready == "late" and self._activation:
             hints.append("with --handoff activation, ready means it sent READY=1 to "
                          "$NOTIFY_SOCKET, or --ready-delay passed")
-        elif late:
+        elif unready == "late":
             hints.append("ready means the server has called receive_connections() or "
                          "created a ConnectionReceiver; for a server that takes a "
                          "listening socket instead, see --handoff activation")
+        elif unready == "silent" and self._activation:
+            hints.append("it was never seen waiting on its listening socket: with --handoff "
+                         "activation the server must take its sockets from $LISTEN_FDS, fd "
+                         "3 on: gunicorn without -b, for -b fd://3 makes it use fd 3 twice "
+                         "and fail with EBADF; uvicorn with --fd 3; if it failed for a "
+                         "reason of its own instead, its output says which")
+        elif unready == "silent":
+            hints.append(f"it never used ${ENV_FD}: ready means the server has called "
+                         f"receive_connections() or created a ConnectionReceiver, and a "
+                         f"server that takes a listening socket instead needs --handoff "
+                         f"activation; if it failed for a reason of its own instead, its "
+                         f"output says which")
         if self._output:
             hints.append(self._output)
         return f" ({'; '.join(hints)})" if hints else ""
@@ -2818,6 +2835,9 @@ class _Supervisor:
         """Any state -> EXITED: what it had not received goes to the others."""
         was = child.state
         how = _describe_status(status)
+        # Nothing it said waits unread (a READY sent just before it exited).
+        said = any(_unread_bytes(sock) for sock in (child.channel, child.notify)
+                   if sock is not None)
         child.state = _State.EXITED
         self._close_channel(child)
         self._close_notify(child)
@@ -2831,7 +2851,10 @@ class _Supervisor:
             what = {_State.STARTING: f"{how} before it was ready",
                     _State.READY: f"{how} before all workers were ready",
                     _State.SERVING: f"{how} unexpectedly"}.get(was, how)
-        if not self._worker_ended(child, was, what, named=named, status=status):
+        silent = (was is _State.STARTING and named and not said
+                  and os.waitstatus_to_exitcode(status) >= 0)
+        if not self._worker_ended(child, was, what, named=named, status=status,
+                                  unready="silent" if silent else ""):
             # Dying of the signal we sent to stop it is how it was asked to end.
             expected = status == 0 or (was is _State.RETIRING and self._activation and
                                        os.waitstatus_to_exitcode(status) == -self._stop_signal)
@@ -2839,10 +2862,10 @@ class _Supervisor:
                      "%s %s (%s)", self._name(child), how, was.value)
 
     def _worker_ended(self, child: _Child, was: _State, what: str, *, named: bool = True,
-                      status: Optional[int] = None, late: bool = False) -> bool:
+                      status: Optional[int] = None, unready: str = "") -> bool:
         """The one place that decides what follows when a worker ends before
         it was retired: it exited (``status``), was not ready in time
-        (``late``), lost its channel or hung.  ``what`` says what happened,
+        (``unready``: "late"), lost its channel or hung.  ``what`` says what happened,
         after the child's name (``named``).  False if nothing follows: the
         worker no longer filled its slot (retired, removed, replaced).
 
@@ -2859,7 +2882,8 @@ class _Supervisor:
         self._update_takers()
         failure = f"{self._name(child)} {what}" if named else what
         if generation is self._starting:
-            self._generation_failed(generation, child if named else None, what, late=late)
+            self._generation_failed(generation, child if named else None, what,
+                                    unready=unready)
             return True
         if was is _State.SERVING:
             self.crashes += 1
@@ -2985,7 +3009,7 @@ class _Supervisor:
     def _not_ready_in_time(self, child: _Child) -> None:
         self._worker_ended(child, child.state,
                            f"was not ready within {self._ready_timeout:g} s; stopped it",
-                           late=True)
+                           unready="late")
         self._terminate(child)
 
     def _fail(self, why: str) -> None:

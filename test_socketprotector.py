@@ -1425,7 +1425,12 @@ class ShutdownTest(ProtectorTestCase):
                                          sys.executable, self.app)
         self.assertEqual(code, 1)
         self.assertRegex(lines[-1], r"^socketprotector: child \d+ exited with status 3 "
-                                    r"before it was ready$")
+                                    r"before it was ready \(it never used "
+                                    r"\$SOCKETPROTECTOR_FD: ready means the server has called "
+                                    r"receive_connections\(\) or created a ConnectionReceiver, "
+                                    r"and a server that takes a listening socket instead needs "
+                                    r"--handoff activation; if it failed for a reason of its "
+                                    r"own instead, its output says which\)$")
 
 
 # ---------------------------------------------------------------------------
@@ -1704,7 +1709,8 @@ class DaemonModeTest(ProtectorTestCase):
         code, lines = self.start_detached()
         self.assertEqual(code, 1)
         self.assertOneLineError(lines, r"child \d+ exited with status 3 before it was ready "
-                                       r"\(its output is in .*/sp\.log\)$")
+                                       r"\(it never used \$SOCKETPROTECTOR_FD: .*; its "
+                                       r"output is in .*/sp\.log\)$")
         self.assertFalse(os.path.exists(self.pid_file))
 
 
@@ -3293,6 +3299,41 @@ class DeploymentTest(ProtectorTestCase):
                                        r"activation\)$")
 
 
+    def test_a_server_not_written_for_it_that_exits_at_once_is_explained(self):
+        """A first child that exits before it is ready having never used its
+        channel (a server that wants a listening socket, here one that finds
+        no fd 3): the error says what ready means, and that such a server
+        needs --handoff activation, at once (not only after --ready-timeout)."""
+        code, lines = self.run_protector(
+            "-f", "--bind", "127.0.0.1", "0", "--", sys.executable, "-c",
+            "import socket; socket.socket(fileno=3)")
+        self.assertEqual(code, 1)
+        self.assertRegex(lines[-1], r"^socketprotector: child \d+ exited with status 1 "
+                                    r"before it was ready \(it never used "
+                                    r"\$SOCKETPROTECTOR_FD: ready means the server has called "
+                                    r"receive_connections\(\) or created a ConnectionReceiver, "
+                                    r"and a server that takes a listening socket instead needs "
+                                    r"--handoff activation; if it failed for a reason of its "
+                                    r"own instead, its output says which\)$")
+
+
+    def test_a_child_that_said_ready_as_it_exited_gets_no_hint(self):
+        """A first child that sent its ready message and exited before the
+        daemon read it (the daemon frozen meanwhile) did use its channel:
+        its failure says how it ended, with no hint."""
+        self.set_flag("SP_TEST_HOLD_WORKER", "0")
+        self.set_flag("SP_TEST_DIE", "3")       # ready, then exit at once
+        daemon = Daemon(self)
+        child = int(daemon.wait_line(r"child (\d+) started").group(1))
+        daemon.signal(signal.SIGSTOP)
+        self.addCleanup(lambda: daemon.signal(signal.SIGCONT) if alive(daemon.pid) else None)
+        self.clear_flag("SP_TEST_HOLD_WORKER")
+        wait_until(lambda: (proc_stat(child) or ("Z",))[0] == "Z", "the child to exit")
+        daemon.signal(signal.SIGCONT)
+        self.assertEqual(daemon.wait(), 1)
+        daemon.wait_line(rf"child {child} exited with status 3 before it was ready$")
+
+
 class AddressesTest(ProtectorTestCase):
     """--bind several times, and Unix sockets."""
 
@@ -3565,6 +3606,14 @@ for listener in listeners:
     listener.close()
 os.write(2, b"stopped by %s pid %d\n" % (signal.Signals(got[0]).name.encode(), os.getpid()))
 '''
+
+
+# What a first server that exits before it is ready in activation mode is told.
+ACTIVATION_HINT = (
+    r"\(it was never seen waiting on its listening socket: with --handoff activation the "
+    r"server must take its sockets from \$LISTEN_FDS, fd 3 on: gunicorn without -b, for -b "
+    r"fd://3 makes it use fd 3 twice and fail with EBADF; uvicorn with --fd 3; if it "
+    r"failed for a reason of its own instead, its output says which\)$")
 
 
 class ActivationTest(ProtectorTestCase):
@@ -3852,6 +3901,18 @@ class ActivationTest(ProtectorTestCase):
         daemon.wait_line(rf"^stopped by SIGTERM pid {first}$", mark)
         self.assertEqual(served_by(daemon.port), second)
 
+    def test_a_first_server_that_exits_before_using_its_socket_is_explained(self):
+        """A first server that exits before it is ready without having been
+        seen waiting on its listening socket: the error says how a server
+        takes its sockets here (the most common mistakes: gunicorn's -b,
+        uvicorn without --fd 3), or that its output says what else failed."""
+        code, lines = self.run_protector(
+            "-f", "--handoff", "activation", "--bind", "127.0.0.1", "0", "--", sys.executable,
+            "-c", "raise SystemExit(4)")
+        self.assertEqual(code, 1)
+        self.assertOneLineError(lines, r"child \d+ exited with status 4 before it was ready "
+                                       + ACTIVATION_HINT)
+
     def test_ready_delay_takes_a_silent_server_as_ready(self):
         """--ready-delay: a server that never says READY=1 is taken as ready
         once it has run that long, and serves."""
@@ -4075,6 +4136,18 @@ class ThirdPartyServerTest(ProtectorTestCase):
         self.assertGreater(len(load.statuses), 300)
         daemon.signal(signal.SIGTERM)
         self.assertEqual(daemon.wait(TIMEOUT * 2), 0, daemon.log())
+
+    def test_gunicorn_given_its_socket_twice_is_told_how_to_take_it(self):
+        """gunicorn -b fd://3 under --handoff activation (it takes fd 3 from
+        LISTEN_FDS as well, uses it twice and fails with EBADF): the start
+        fails at once, and the error says to leave out -b."""
+        code, lines = self.run_protector(
+            "-f", "--handoff", "activation", "--bind", "127.0.0.1", "0", "--",
+            self.server("gunicorn"), "--preload", "--no-control-socket", "-b", "fd://3",
+            "webapp:wsgi")
+        self.assertEqual(code, 1)      # after gunicorn's own traceback
+        self.assertRegex(lines[-1], r"^socketprotector: child \d+ exited with status 1 "
+                                    r"before it was ready " + ACTIVATION_HINT)
 
     def test_a_broken_build_leaves_the_old_one_serving(self):
         """A new build whose app fails to import: --reload exits 1, and the old
