@@ -3689,7 +3689,9 @@ def _plural(count: int, noun: str) -> str:
 
 
 def _resolve_command(name: str, cwd: str) -> str:
-    """The executable to run, or _SpawnError saying why there is none."""
+    """The executable to run, or _SpawnError saying why there is none (the
+    working directory first: a child that cannot enter it cannot start)."""
+    _check_enterable(cwd)
     if "/" in name:
         path = os.path.join(cwd, name)
         try:
@@ -3705,6 +3707,25 @@ def _resolve_command(name: str, cwd: str) -> str:
     if found is None:
         raise _SpawnError(f"cannot run {name!r}: command not found")
     return os.path.join(cwd, found)
+
+
+def _check_enterable(cwd: str) -> None:
+    """_SpawnError if this process's user (the children's) cannot enter cwd."""
+    try:
+        os.stat(cwd)
+        if os.access(cwd, os.X_OK):
+            return
+        why = os.strerror(errno.EACCES)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM):
+            raise _SpawnError(f"cannot enter {cwd}: {e.strerror}") from None
+        why = e.strerror
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = f"uid {os.geteuid()}"
+    raise _SpawnError(f"cannot enter {cwd}: {why} (the working directory is not reachable for "
+                      f"user {user}: pass --chdir with a directory that user can enter)")
 
 
 def _fork_exec(executable: str, argv: List[str], cwd: str, env: dict,

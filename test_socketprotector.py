@@ -4652,6 +4652,25 @@ class PrivilegeTest(ProtectorTestCase):
         daemon.wait_line(rf"restart failed: cannot run '{re.escape(server)}': Permission "
                          rf"denied; child {first} keeps serving", mark)
 
+    def test_a_working_directory_the_user_cannot_enter_is_named(self):
+        """As root with --user nobody, started from a directory only root may
+        enter (as root's home is): the start fails naming the directory, that
+        nobody cannot reach it, and --chdir (it said "cannot run
+        '/usr/bin/env': Permission denied")."""
+        if os.geteuid() != 0:
+            self.skipTest("needs root (to run with --user nobody)")
+        home = os.path.join(self.tmp, "home")
+        os.mkdir(home, 0o700)
+        proc = subprocess.run([sys.executable, DAEMON, "-f", "--user", "nobody", "--bind",
+                               "127.0.0.1", "0", "--", "/usr/bin/env", "true"],
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT,
+                              cwd=home, env=self.env)
+        self.assertEqual(proc.returncode, 1)
+        self.assertOneLineError(proc.stderr.decode().splitlines(),
+                                rf"cannot enter {re.escape(home)}: Permission denied \(the "
+                                rf"working directory is not reachable for user nobody: pass "
+                                rf"--chdir with a directory that user can enter\)$")
+
     def test_a_unix_socket_belongs_to_the_user(self):
         """As root with --user nobody, a Unix socket --bind makes belongs to
         nobody, and the daemon (as nobody) removes it at exit."""
