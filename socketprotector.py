@@ -2389,15 +2389,18 @@ class _Supervisor:
     def _spawn(self, generation: _Generation, index: int) -> _Child:
         """Fork and exec the command into a slot: a new child in STARTING."""
         executable = _resolve_command(self._command[0], self._cwd)
+        # The release a symbolic link names now: the child starts there, and
+        # the log says which, whatever the link names by the time it is read.
+        where = os.path.realpath(self._cwd)
         if self._activation:
-            return self._spawn_activated(generation, index, executable)
+            return self._spawn_activated(generation, index, executable, where)
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as e:
             raise _SpawnError(f"cannot start {self._command[0]!r}: {e.strerror}") from None
         env = self._environment(index)
         try:
-            pid, report_fd = _fork_exec(executable, self._command, self._cwd, env,
+            pid, report_fd = _fork_exec(executable, self._command, where, env,
                                         theirs.fileno(), nofile=self._child_nofile)
         except BaseException:
             ours.close()
@@ -2412,9 +2415,10 @@ class _Supervisor:
         else:
             theirs.close()
             theirs = None
-        return self._started(_Child(pid, index, generation, ours, theirs), report_fd)
+        return self._started(_Child(pid, index, generation, ours, theirs), report_fd, where)
 
-    def _spawn_activated(self, generation: _Generation, index: int, executable: str) -> _Child:
+    def _spawn_activated(self, generation: _Generation, index: int, executable: str,
+                         where: str) -> _Child:
         """--handoff activation: the child gets our listening sockets as fds 3,
         4, ... with LISTEN_* set as systemd sets them, and a notification
         socket of its own (NOTIFY_SOCKET) on which READY=1 makes it ready."""
@@ -2436,7 +2440,7 @@ class _Supervisor:
                    LISTEN_FDNAMES=":".join(["socketprotector"] * len(listeners)),
                    NOTIFY_SOCKET="@" + address[1:] if address[0] == "\0" else address)
         try:
-            pid, report_fd = _fork_exec(executable, self._command, self._cwd, env, None,
+            pid, report_fd = _fork_exec(executable, self._command, where, env, None,
                                         [sock.fileno() for sock in listeners],
                                         nofile=self._child_nofile)
         except BaseException:
@@ -2447,7 +2451,7 @@ class _Supervisor:
         if self._ready_delay is not None:
             child.assume_ready_at = child.started + self._ready_delay
         child.look_at = child.started + _READY_LOOK
-        return self._started(child, report_fd)
+        return self._started(child, report_fd, where)
 
     def _notify_address(self) -> str:
         """Where a new child's NOTIFY_SOCKET is bound: a path in a directory of
@@ -2486,8 +2490,9 @@ class _Supervisor:
         env["PWD"] = self._cwd
         return env
 
-    def _started(self, child: _Child, report_fd: int) -> _Child:
-        """A child just forked: in its slot, with its ready deadline, its exec report read."""
+    def _started(self, child: _Child, report_fd: int, where: str) -> _Child:
+        """A child just forked (in the directory ``where``): in its slot, with
+        its ready deadline, its exec report read."""
         child.deadline = child.started + self._ready_timeout
         self._children[child.pid] = child
         child.generation.slots[child.index] = child
@@ -2495,7 +2500,9 @@ class _Supervisor:
         # stop accepting for milliseconds at every restart.
         child.exec_report = report_fd
         self._register_child(child)
-        _log.info("%s started: %s", self._name(child), " ".join(self._command))
+        _log.info("%s started in %s: %s", self._name(child),
+                  self._cwd if where == self._cwd else f"{self._cwd} ({where})",
+                  " ".join(self._command))
         return child
 
     def _ready(self, child: _Child) -> None:

@@ -3209,6 +3209,21 @@ class DeploymentTest(ProtectorTestCase):
             self.assertEqual(ask(s, b"release"), b"release 2")
             self.assertEqual(ask(s, b"env PWD"), current.encode())
 
+    def test_the_log_names_the_directory_each_child_started_in(self):
+        """Started in current (a symlink to a release): each child's start
+        line names the directory as given and the release it resolved to."""
+        current, point = self.releases()
+        daemon = Daemon(self, command=[sys.executable, "app.py"], cwd=current,
+                        env={"PWD": current})
+        releases = os.path.join(os.path.realpath(self.tmp), "releases")
+        first = daemon.serving()
+        daemon.wait_line(rf"child {first} started in {re.escape(current)} "
+                         rf"\({re.escape(releases)}/1\): ")
+        point("2")
+        second = daemon.restart()
+        daemon.wait_line(rf"child {second} started in {re.escape(current)} "
+                         rf"\({re.escape(releases)}/2\): ")
+
     def test_chdir_runs_the_children_there(self):
         """--chdir current: the children run there (resolved again for each)."""
         current, point = self.releases()
