@@ -800,6 +800,11 @@ def _close_fds(fds) -> None:
             pass
 
 
+def _version_key(version: str) -> tuple:
+    """A version's numbers, to compare: 1.10.0 comes after 1.9.2."""
+    return tuple(int(n) for n in re.findall(r"\d+", version))
+
+
 def _describe_status(status: int) -> str:
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
@@ -1858,7 +1863,8 @@ _NOT_CARRIED = {
         "_strays": "found again: a process left behind is looked for at each child's exit",
         "_steering": "carried as its own fields (_STEERING_STATE)",
         "_child_nofile": "carried beside the supervisor's state (nofile)",
-        "_quiet": _GIVEN, "_probation": _GIVEN}}
+        "_quiet": _GIVEN, "_probation": _GIVEN, "_upgraded_from": _GIVEN,
+        "last_upgrade": "made anew: the upgrade that made the new process"}}
 _CARRIED = {"child": _CHILD_STATE, "generation": _GENERATION_STATE, "queue": _QUEUE_STATE,
             "supervisor": _SUPERVISOR_STATE, "steering": _STEERING_STATE}
 
@@ -1936,10 +1942,14 @@ class _Supervisor:
                  on_upgrade: Optional[Callable[[dict], str]] = None,
                  restore: Optional[dict] = None, steering: Optional[_Steering] = None,
                  quiet_period: float = _DEFAULT_QUIET, probation: float = 0.0,
-                 child_nofile: Optional[int] = None) -> None:
+                 child_nofile: Optional[int] = None,
+                 upgraded_from: Optional[str] = None) -> None:
         self._script = script       # the socketprotector.py on disk, for an upgrade
         self._on_upgrade = on_upgrade   # hands everything over and execs; or says why not
         self._restore = restore     # the state an upgrade handed us, to take over from
+        self._upgraded_from = upgraded_from     # with it: the version that ran before
+        # How the last upgrade asked of this process ended (see _upgrade_ended()).
+        self.last_upgrade: Optional[dict] = None
         self._upgrade: Optional[dict] = None    # the check under way: pid, pipe, output
         self._exec_due: Optional[str] = None    # the check passed: exec this version next
         self._notify_dir: Optional[str] = None  # activation: where NOTIFY_SOCKETs are ("": none)
@@ -3087,9 +3097,13 @@ class _Supervisor:
             return
         where = [m for m in map(re.compile(r'File "(.+)", line (\d+)').search, lines) if m]
         self._upgrade_refused(
-            (lines[-1] + (f" ({where[-1].group(1)}, line {where[-1].group(2)})" if where else ""))
+            f"{self._script}: {lines[-1]}" + (
+                "" if not where else f" (line {where[-1].group(2)})"
+                if where[-1].group(1) == self._script else
+                f" ({where[-1].group(1)}, line {where[-1].group(2)})")
             if lines else f"{self._script} did not answer the check (is it socketprotector?)"
-            if os.waitstatus_to_exitcode(status) == 0 else f"the check {_describe_status(status)}")
+            if os.waitstatus_to_exitcode(status) == 0 else
+            f"{self._script}: the check {_describe_status(status)}")
 
     def _exec_upgrade(self) -> None:
         """Hand everything over and exec, at the top of the loop.  Signals are
@@ -3105,14 +3119,17 @@ class _Supervisor:
         if not pending:
             self._exec_due = None
             state, fds = self.export_state()
-            _log.info("upgrade: socketprotector %s takes over from %s in this process (pid %d)",
-                      version, __version__, os.getpid())
+            if _version_key(version) < _version_key(__version__):
+                _log.warning("upgrade: socketprotector %s in %s is older than %s, which runs "
+                             "now: a downgrade", version, self._script, __version__)
+            _log.info("upgrade: socketprotector %s from %s takes over from %s in this process "
+                      "(pid %d)", version, self._script, __version__, os.getpid())
             reason = self._on_upgrade(state, fds)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if self._publish_due:
             self._schedule_publish()
         if reason is not None:
-            self._upgrade_refused(f"cannot exec: {reason}")
+            self._upgrade_refused(f"cannot exec {self._script}: {reason}", version)
         self._handle_signals(pending)
 
     def _end_check(self, reason: str) -> None:
@@ -3128,9 +3145,26 @@ class _Supervisor:
             self._exec_due = None
             self._upgrade_refused(reason)
 
-    def _upgrade_refused(self, reason: str) -> None:
+    def _upgrade_refused(self, reason: str, version: Optional[str] = None) -> None:
+        """The upgrade asked for will not happen (``version``: what the new
+        file said it was, if it got that far)."""
         _log.error("upgrade refused: %s; socketprotector %s keeps running", reason, __version__)
-        self._on_event("upgraded", f"upgrade refused: {reason}")
+        self._upgrade_ended("refused", f"upgrade refused: {reason}", __version__, version)
+
+    def _upgrade_ended(self, outcome: str, detail: str, old: Optional[str],
+                       new: Optional[str]) -> None:
+        """Keep how the last upgrade ended in last_upgrade, and tell on_event:
+        {"outcome": "upgraded" or "refused", "detail": the line --upgrade
+        prints, "script": the file checked and exec'd, "from": the version
+        that ran (None: older than this field), "to": the new one (None if
+        refused before it was known), "downgrade": "to" older than "from",
+        "at": CLOCK_MONOTONIC ns}."""
+        self.last_upgrade = {
+            "outcome": outcome, "detail": detail, "script": self._script, "from": old,
+            "to": new, "downgrade": (new is not None and old is not None
+                                     and _version_key(new) < _version_key(old)),
+            "at": time.clock_gettime_ns(time.CLOCK_MONOTONIC)}
+        self._on_event("upgraded", detail)
 
     def export_state(self) -> tuple:
         """Everything the new code needs to take over, as JSON-ready data, and
@@ -3194,7 +3228,11 @@ class _Supervisor:
         self._update_takers()
         for child in list(queue.deferred):
             queue.check_holders(child)      # watch anew; taken back if none holds it now
-        self._on_event("upgraded", f"upgraded to socketprotector {__version__}")
+        old = self._upgraded_from
+        downgrade = old is not None and _version_key(__version__) < _version_key(old)
+        self._upgrade_ended("upgraded", f"upgraded to socketprotector {__version__} from "
+                            f"{self._script}" + (f" (a downgrade from {old})" if downgrade
+                                                 else ""), old, __version__)
         self._handle_signals(bytes(loaded["pending_signals"]))
 
     def _register_child(self, child: _Child) -> None:
@@ -4980,7 +5018,10 @@ def _serve(opts: argparse.Namespace) -> None:
     inherited = _inherited_state()
     if not inherited:
         _close_inherited()      # an upgrade's exec inherits its own, on purpose
-    script = inherited["script"] if inherited else os.path.abspath(sys.argv[0])
+    # The file an upgrade checks and execs, as the user named it: started in
+    # /srv/app/current, the current release's, not the one it resolves to now.
+    script = (inherited["script"] if inherited else
+              os.path.normpath(os.path.join(_logical_cwd(), sys.argv[0])))
     if inherited:
         # As resolved where the daemon started (a detached one now runs in /).
         cwd, envdir = inherited["cwd"], inherited.get("envdir", opts.envdir)
@@ -5072,7 +5113,7 @@ def _serve(opts: argparse.Namespace) -> None:
                 restore=inherited["supervisor"] if inherited else None,
                 steering=steering, quiet_period=opts.quiet_period,
                 probation=opts.probation if opts.handoff == "activation" else 0.0,
-                child_nofile=nofile)
+                child_nofile=nofile, upgraded_from=inherited["from"] if inherited else None)
             try:
                 supervisor.run()
             finally:
@@ -5150,19 +5191,27 @@ def _steering_for(opts: argparse.Namespace, activated: bool, listeners: List[soc
     return None
 
 
-def _working_directory(chdir: Optional[str]) -> str:
-    """Where the children run, as the user named it: --chdir (relative to
-    the start directory), else the start directory itself.  $PWD names it
-    when it is the same directory: it may go through a symbolic link that
-    a deploy switches (/srv/app/current -> releases/42), and each new child
-    resolves it again.  SocketProtectorError if it does not exist."""
+def _logical_cwd() -> str:
+    """The start directory as the user named it: $PWD when it is the same
+    directory as getcwd() (which has resolved every symbolic link).  It may
+    go through a link that a deploy switches (/srv/app/current ->
+    releases/42), and what is named through it is resolved again later."""
     here = os.getcwd()
     logical = os.environ.get("PWD", "")
     try:
         if os.path.isabs(logical) and os.path.samefile(logical, here):
-            here = logical
+            return logical
     except OSError:
         pass
+    return here
+
+
+def _working_directory(chdir: Optional[str]) -> str:
+    """Where the children run, as the user named it: --chdir (relative to
+    the start directory), else the start directory itself (_logical_cwd()),
+    resolved again by each new child.  SocketProtectorError if it does not
+    exist."""
+    here = _logical_cwd()
     where = os.path.join(here, chdir) if chdir else here
     try:
         if not stat.S_ISDIR(os.stat(where).st_mode):

@@ -4226,8 +4226,8 @@ class UpgradeTest(ProtectorTestCase):
         for n in range(1, 11):
             self.assertEqual(self.upgrade(daemon), (0, []))
             self.assertEqual(self.stdout[-1], f"socketprotector: upgraded to socketprotector "
-                                              f"{socketprotector.__version__} (daemon "
-                                              f"{daemon.pid})")
+                                              f"{socketprotector.__version__} from "
+                                              f"{self.script} (daemon {daemon.pid})")
             wait_until(lambda: daemon.count(r"took over from .* \(upgrade in place, pid "
                                             rf"{daemon.pid}\)") == n, f"upgrade {n} in the log")
             load.wait_for(10)
@@ -4254,11 +4254,12 @@ class UpgradeTest(ProtectorTestCase):
         daemon = Daemon(self, script=self.script)
         daemon.generation()
         good = read_text(DAEMON)
+        script = re.escape(self.script)
         broken = [("a syntax error", good + "\ndef broken(:\n",
-                   r"SyntaxError: .* \(.*socketprotector\.py, line \d+\)"),
-                  ("an empty file", "", r".*socketprotector\.py did not answer the check"),
+                   rf"{script}: SyntaxError: .* \(line \d+\)$"),
+                  ("an empty file", "", rf"{script} did not answer the check"),
                   ("an exception at import", "raise RuntimeError('this build is broken')\n",
-                   r"RuntimeError: this build is broken")]
+                   rf"{script}: RuntimeError: this build is broken \(line 1\)$")]
         for what, text, reason in broken:
             with self.subTest(what):
                 self.install(text)
@@ -4271,11 +4272,44 @@ class UpgradeTest(ProtectorTestCase):
                                   '__version__ = "99.0.0"'))
         self.assertEqual(self.upgrade(daemon), (0, []))
         self.assertEqual(self.stdout[-1], f"socketprotector: upgraded to socketprotector 99.0.0 "
-                                          f"(daemon {daemon.pid})")
+                                          f"from {self.script} (daemon {daemon.pid})")
         daemon.wait_line(rf"socketprotector 99.0.0 took over from "
                          rf"{re.escape(socketprotector.__version__)}")
         with connect(daemon.port) as s:
             self.assertEqual(ask(s, b"after"), b"after")
+
+    def test_through_a_release_link_it_upgrades_from_the_link_and_says_downgrade(self):
+        """Started as `python3 socketprotector.py` in current -> releases/1,
+        the daemon upgrades from current/socketprotector.py: once current
+        names releases/2 and releases/1 is deleted, --upgrade runs release
+        2's file (it kept releases/1/... and was refused).  That file is an
+        older version: the log and --upgrade call it a downgrade."""
+        if self.OPTIONS:
+            self.skipTest("the file's path does not depend on the mode")
+        releases = os.path.join(self.tmp, "releases")
+        current = os.path.join(self.tmp, "current")
+        older = read_text(DAEMON).replace(f'__version__ = "{socketprotector.__version__}"',
+                                          '__version__ = "0.0.1"')
+        for n, text in (("1", read_text(DAEMON)), ("2", older)):
+            os.makedirs(os.path.join(releases, n))
+            with open(os.path.join(releases, n, "socketprotector.py"), "w") as f:
+                f.write(text)
+        os.symlink(os.path.join("releases", "1"), current)
+        daemon = Daemon(self, script="socketprotector.py", cwd=current, env={"PWD": current})
+        daemon.generation()
+        os.symlink(os.path.join("releases", "2"), current + ".new")
+        os.replace(current + ".new", current)
+        shutil.rmtree(os.path.join(releases, "1"))
+        mark = daemon.mark()
+        script = os.path.join(current, "socketprotector.py")
+        self.assertEqual(self.upgrade(daemon), (0, []), daemon.log())
+        self.assertEqual(self.stdout[-1], f"socketprotector: upgraded to socketprotector 0.0.1 "
+                                          f"from {script} (a downgrade from "
+                                          f"{socketprotector.__version__}) (daemon {daemon.pid})")
+        daemon.wait_line(rf"upgrade: socketprotector 0\.0\.1 in {re.escape(script)} is older "
+                         rf"than {re.escape(socketprotector.__version__)}, which runs now: a "
+                         rf"downgrade", mark)
+        daemon.wait_line(r"socketprotector 0\.0\.1 took over from", mark)
 
     def test_signals_during_an_upgrade_are_kept(self):
         """A SIGHUP arriving while the daemon execs is not lost: the new code
@@ -4317,7 +4351,8 @@ class UpgradeTest(ProtectorTestCase):
         self.install(read_text(DAEMON).replace('"--ready-timeout"', '"--start-timeout"'))
         code, lines = self.upgrade(daemon)
         self.assertEqual(code, 1, daemon.log())
-        self.assertOneLineError(lines, r"upgrade refused: socketprotector \S+ refuses the "
+        self.assertOneLineError(lines, rf"upgrade refused: {re.escape(self.script)}: "
+                                       r"socketprotector \S+ refuses the "
                                        r"daemon's command line: unrecognized arguments: "
                                        r"--ready-timeout\b")
         with connect(daemon.port) as s:
@@ -4500,6 +4535,34 @@ class StateDeclarationTest(unittest.TestCase):
                                  "held but neither carried nor named as not")
                 self.assertEqual((carried | not_carried) - set(vars(obj)), set(),
                                  "declared but not held")
+
+
+    def test_how_the_last_upgrade_ended_is_kept_as_data(self):
+        """last_upgrade, what --status reports: a refused upgrade's outcome,
+        its line, the file and the versions (its twin for a successful one
+        is set by the new code; the upgrade tests see its line)."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        wake, other = socket.socketpair()
+        for sock in (listener, wake, other):
+            self.addCleanup(sock.close)
+        events = []
+        supervisor = socketprotector._Supervisor(
+            [listener], ["true"], cwd=HERE, ready_timeout=1.0, drain_timeout=None,
+            stop_timeout=1.0, wakeup=wake, script="/srv/app/current/socketprotector.py",
+            on_event=lambda event, detail: events.append((event, detail)))
+        self.addCleanup(supervisor._sel.close)
+        self.assertIsNone(supervisor.last_upgrade)
+        with self.assertLogs("socketprotector", "ERROR"):
+            supervisor._upgrade_refused("cannot exec /srv/app/current/socketprotector.py: "
+                                        "Out of memory", "0.9.0")
+        record = supervisor.last_upgrade
+        self.assertIsInstance(record.pop("at"), int)
+        self.assertEqual(record, {
+            "outcome": "refused", "detail": "upgrade refused: cannot exec "
+                                            "/srv/app/current/socketprotector.py: Out of memory",
+            "script": "/srv/app/current/socketprotector.py",
+            "from": socketprotector.__version__, "to": "0.9.0", "downgrade": True})
+        self.assertEqual(events, [("upgraded", record["detail"])])
 
 
 class ListenerUpgradeTest(UpgradeTest):
