@@ -4820,7 +4820,8 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
     if opts.log_file:
         opts.log_file = os.path.abspath(opts.log_file)
     if opts.envdir:
-        opts.envdir = os.path.abspath(opts.envdir)     # the detached daemon runs in /
+        # The detached daemon runs in /; a release link is followed at each read.
+        opts.envdir = os.path.normpath(os.path.join(_logical_cwd(), opts.envdir))
     actions = [name for name in ("reload", "stop", "status", "upgrade") if getattr(opts, name)]
     if actions:
         if len(actions) > 1:

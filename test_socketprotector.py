@@ -3260,6 +3260,22 @@ class DeploymentTest(ProtectorTestCase):
         with connect(daemon.port) as s:
             self.assertEqual(ask(s, b"env SP_GREETING"), b"goodbye")
 
+    def test_a_relative_envdir_follows_a_switched_release_symlink(self):
+        """--envdir env, started in current -> releases/1: after the link is
+        switched, a reload reads releases/2's env (it kept releases/1's)."""
+        current, point = self.releases()
+        for n in ("1", "2"):
+            os.mkdir(os.path.join(self.tmp, "releases", n, "env"))
+            with open(os.path.join(self.tmp, "releases", n, "env", "SP_GREETING"), "w") as f:
+                f.write(f"from release {n}")
+        daemon = Daemon(self, "--envdir", "env", command=[sys.executable, "app.py"],
+                        cwd=current, env={"PWD": current})
+        daemon.serving()
+        point("2")
+        daemon.restart()
+        with connect(daemon.port) as s:
+            self.assertEqual(ask(s, b"env SP_GREETING"), b"from release 2")
+
     def test_a_fifo_in_the_envdir_is_skipped_not_waited_on(self):
         """A FIFO in --envdir (nobody writes it): the restart that reads the
         envdir again completes, the FIFO is named once, and SIGTERM still
