@@ -21,6 +21,7 @@ import re
 import resource
 import select
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -2846,6 +2847,28 @@ class OperationsTest(ProtectorTestCase):
         daemon = Daemon(self, "--workers", "3", env={"NOTIFY_SOCKET": name})
         daemon.generation()
         self.assertEqual(sock.recv(4096).decode(), "READY=1\nSTATUS=3/3 workers serving")
+
+    def test_the_systemd_unit_reloads_with_reload_on_the_daemons_pid_file(self):
+        """examples/socketprotector.service: ExecReload= runs --reload (which
+        waits and fails when the new build fails: kill -HUP always
+        succeeded) on the pid file ExecStart= gives the daemon, in the
+        RuntimeDirectory= systemd makes for User=; both command lines are
+        ones socketprotector accepts."""
+        service = {}
+        with open(os.path.join(HERE, "examples", "socketprotector.service")) as f:
+            for line in f:
+                key, equals, value = line.strip().partition("=")
+                if equals and not key.startswith("#"):
+                    service[key] = value
+        start, reload = (shlex.split(service[key]) for key in ("ExecStart", "ExecReload"))
+        self.assertEqual(reload[:2], start[:2], "not the same python and socketprotector.py")
+        daemon = socketprotector._parse_args(start[2:])
+        control = socketprotector._parse_args(reload[2:])
+        self.assertTrue(control.reload, service["ExecReload"])
+        self.assertEqual(control.pid_file, daemon.pid_file)
+        self.assertEqual(os.path.dirname(daemon.pid_file),
+                         os.path.join("/run", service["RuntimeDirectory"]))
+        self.assertIn("User", service)
 
     def test_children_do_not_see_systemd_variables(self):
         """NOTIFY_SOCKET and LISTEN_* are the daemon's, not the children's."""
