@@ -1728,6 +1728,12 @@ class CommandLineTest(ProtectorTestCase):
         self.assertTrue(lines[1].startswith("usage: "), lines)
         self.assertEqual(len(lines), 3, lines)      # the reason, then the two usage forms
 
+    def assertUsageErrors(self, cases):
+        """assertUsageError for each (args, pattern), a subtest each."""
+        for args, pattern in cases:
+            with self.subTest(args=args):
+                self.assertUsageError(args, pattern)
+
     def test_bad_usage_exits_2_with_one_line(self):
         """Each kind of bad usage: exit 2, a one-line reason and the usage line."""
         cases = [
@@ -1775,9 +1781,7 @@ class CommandLineTest(ProtectorTestCase):
             (["-n", "100000", "4321", "--", "true"],
              r"argument -n/--workers: must be a whole number from 1 to 256: '100000'"),
         ]
-        for args, pattern in cases:
-            with self.subTest(args=args):
-                self.assertUsageError(args, pattern)
+        self.assertUsageErrors(cases)
 
     def test_a_missing_double_dash_or_a_daemon_flag_is_explained(self):
         """The command given without '--' before it: the message says to put
@@ -1819,9 +1823,7 @@ class CommandLineTest(ProtectorTestCase):
             (["--upgrade", "--pid-file", "p", "--handoff", "forward"],
              r"--handoff does nothing with --upgrade: it is for starting the daemon$"),
         ]
-        for args, pattern in cases:
-            with self.subTest(args=args):
-                self.assertUsageError(args, pattern)
+        self.assertUsageErrors(cases)
 
     def test_port_in_use_exits_1_and_leaves_nothing(self):
         """A port in use: exit 1 with the reason; no pid file, no child."""
