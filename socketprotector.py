@@ -801,6 +801,11 @@ def _close_fds(fds) -> None:
             pass
 
 
+def _version_key(version: str) -> tuple:
+    """A version's numbers, to compare: 1.10.0 comes after 1.9.2."""
+    return tuple(int(n) for n in re.findall(r"\d+", version))
+
+
 def _describe_status(status: int) -> str:
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
@@ -1925,7 +1930,8 @@ _NOT_CARRIED = {
         "_strays": "found again: a process left behind is looked for at each child's exit",
         "_steering": "carried as its own fields (_STEERING_STATE)",
         "_child_nofile": "carried beside the supervisor's state (nofile)",
-        "_quiet": _GIVEN, "_probation": _GIVEN,
+        "_quiet": _GIVEN, "_probation": _GIVEN, "_upgraded_from": _GIVEN,
+        "last_upgrade": "made anew: the upgrade that made the new process",
         "_queue_watch": "started anew: a connection waiting across the exec is timed afresh"}}
 _CARRIED = {"child": _CHILD_STATE, "generation": _GENERATION_STATE, "queue": _QUEUE_STATE,
             "supervisor": _SUPERVISOR_STATE, "steering": _STEERING_STATE}
@@ -2004,10 +2010,14 @@ class _Supervisor:
                  on_upgrade: Optional[Callable[[dict], str]] = None,
                  restore: Optional[dict] = None, steering: Optional[_Steering] = None,
                  quiet_period: float = _DEFAULT_QUIET, probation: float = 0.0,
-                 child_nofile: Optional[int] = None) -> None:
+                 child_nofile: Optional[int] = None,
+                 upgraded_from: Optional[str] = None) -> None:
         self._script = script       # the socketprotector.py on disk, for an upgrade
         self._on_upgrade = on_upgrade   # hands everything over and execs; or says why not
         self._restore = restore     # the state an upgrade handed us, to take over from
+        self._upgraded_from = upgraded_from     # with it: the version that ran before
+        # How the last upgrade asked of this process ended (see _upgrade_ended()).
+        self.last_upgrade: Optional[dict] = None
         self._upgrade: Optional[dict] = None    # the check under way: pid, pipe, output
         self._exec_due: Optional[str] = None    # the check passed: exec this version next
         self._notify_dir: Optional[str] = None  # activation: where NOTIFY_SOCKETs are ("": none)
@@ -2485,15 +2495,18 @@ class _Supervisor:
     def _spawn(self, generation: _Generation, index: int) -> _Child:
         """Fork and exec the command into a slot: a new child in STARTING."""
         executable = _resolve_command(self._command[0], self._cwd)
+        # The release a symbolic link names now: the child starts there, and
+        # the log says which, whatever the link names by the time it is read.
+        where = os.path.realpath(self._cwd)
         if self._activation:
-            return self._spawn_activated(generation, index, executable)
+            return self._spawn_activated(generation, index, executable, where)
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as e:
             raise _SpawnError(f"cannot start {self._command[0]!r}: {e.strerror}") from None
         env = self._environment(index)
         try:
-            pid, report_fd = _fork_exec(executable, self._command, self._cwd, env,
+            pid, report_fd = _fork_exec(executable, self._command, where, env,
                                         theirs.fileno(), nofile=self._child_nofile)
         except BaseException:
             ours.close()
@@ -2508,9 +2521,10 @@ class _Supervisor:
         else:
             theirs.close()
             theirs = None
-        return self._started(_Child(pid, index, generation, ours, theirs), report_fd)
+        return self._started(_Child(pid, index, generation, ours, theirs), report_fd, where)
 
-    def _spawn_activated(self, generation: _Generation, index: int, executable: str) -> _Child:
+    def _spawn_activated(self, generation: _Generation, index: int, executable: str,
+                         where: str) -> _Child:
         """--handoff activation: the child gets our listening sockets as fds 3,
         4, ... with LISTEN_* set as systemd sets them, and a notification
         socket of its own (NOTIFY_SOCKET) on which READY=1 makes it ready."""
@@ -2532,7 +2546,7 @@ class _Supervisor:
                    LISTEN_FDNAMES=":".join(["socketprotector"] * len(listeners)),
                    NOTIFY_SOCKET="@" + address[1:] if address[0] == "\0" else address)
         try:
-            pid, report_fd = _fork_exec(executable, self._command, self._cwd, env, None,
+            pid, report_fd = _fork_exec(executable, self._command, where, env, None,
                                         [sock.fileno() for sock in listeners],
                                         nofile=self._child_nofile)
         except BaseException:
@@ -2543,7 +2557,7 @@ class _Supervisor:
         if self._ready_delay is not None:
             child.assume_ready_at = child.started + self._ready_delay
         child.look_at = child.started + _READY_LOOK
-        return self._started(child, report_fd)
+        return self._started(child, report_fd, where)
 
     def _notify_address(self) -> str:
         """Where a new child's NOTIFY_SOCKET is bound: a path in a directory of
@@ -2582,8 +2596,9 @@ class _Supervisor:
         env["PWD"] = self._cwd
         return env
 
-    def _started(self, child: _Child, report_fd: int) -> _Child:
-        """A child just forked: in its slot, with its ready deadline, its exec report read."""
+    def _started(self, child: _Child, report_fd: int, where: str) -> _Child:
+        """A child just forked (in the directory ``where``): in its slot, with
+        its ready deadline, its exec report read."""
         child.deadline = child.started + self._ready_timeout
         self._children[child.pid] = child
         child.generation.slots[child.index] = child
@@ -2591,7 +2606,9 @@ class _Supervisor:
         # stop accepting for milliseconds at every restart.
         child.exec_report = report_fd
         self._register_child(child)
-        _log.info("%s started: %s", self._name(child), " ".join(self._command))
+        _log.info("%s started in %s: %s", self._name(child),
+                  self._cwd if where == self._cwd else f"{self._cwd} ({where})",
+                  " ".join(self._command))
         return child
 
     def _ready(self, child: _Child) -> None:
@@ -2803,11 +2820,12 @@ class _Supervisor:
             self._steering.prune()
 
     def _generation_failed(self, generation: _Generation, child: Optional[_Child],
-                           why: str, late: bool = False) -> None:
+                           why: str, unready: str = "") -> None:
         """A new generation will not serve: stop all of it; the serving one
         keeps serving (or, at start-up, the daemon gives up).
 
-        ``why`` follows the child's name, or stands alone when there is none.
+        ``why`` follows the child's name, or stands alone when there is none;
+        ``unready`` is why the child was never ready (see _start_hint()).
         """
         what = f"{self._name(child)} {why}" if child is not None else why
         for other in generation.children():
@@ -2819,7 +2837,7 @@ class _Supervisor:
             _log.info("%s", what)
             return
         if self._serving is None:
-            self._fail(what + self._start_hint(late))
+            self._fail(what + self._start_hint(unready))
             return
         self.failed_restarts += 1
         ready = self._serving.ready()
@@ -2833,17 +2851,33 @@ class _Supervisor:
             self._restart_again = False
             self._request_restart()
 
-    def _start_hint(self, late: bool) -> str:
+    def _start_hint(self, unready: str) -> str:
         """For a first start that failed: what ready means (if the child was
-        late), and where a detached child's output went."""
+        "late", or "silent": it exited before it, having said nothing on its
+        channel, or not been seen waiting on its listening socket), and
+        where a detached child's output went.  A server that failed for a
+        reason of its own (an import error) is as silent, before it has
+        touched either (its output says why): the hint is worded for both."""
         hints = []
-        if late and self._activation:
+        if unready == "late" and self._activation:
             hints.append("with --handoff activation, ready means it sent READY=1 to "
                          "$NOTIFY_SOCKET, or --ready-delay passed")
-        elif late:
+        elif unready == "late":
             hints.append("ready means the server has called receive_connections() or "
                          "created a ConnectionReceiver; for a server that takes a "
                          "listening socket instead, see --handoff activation")
+        elif unready == "silent" and self._activation:
+            hints.append("it was never seen waiting on its listening socket: with --handoff "
+                         "activation the server must take its sockets from $LISTEN_FDS, fd "
+                         "3 on: gunicorn without -b, for -b fd://3 makes it use fd 3 twice "
+                         "and fail with EBADF; uvicorn with --fd 3; if it failed for a "
+                         "reason of its own instead, its output says which")
+        elif unready == "silent":
+            hints.append(f"it never used ${ENV_FD}: ready means the server has called "
+                         f"receive_connections() or created a ConnectionReceiver, and a "
+                         f"server that takes a listening socket instead needs --handoff "
+                         f"activation; if it failed for a reason of its own instead, its "
+                         f"output says which")
         if self._output:
             hints.append(self._output)
         return f" ({'; '.join(hints)})" if hints else ""
@@ -2928,6 +2962,9 @@ class _Supervisor:
         """Any state -> EXITED: what it had not received goes to the others."""
         was = child.state
         how = _describe_status(status)
+        # Nothing it said waits unread (a READY sent just before it exited).
+        said = any(_unread_bytes(sock) for sock in (child.channel, child.notify)
+                   if sock is not None)
         child.state = _State.EXITED
         self._close_channel(child)
         self._close_notify(child)
@@ -2941,7 +2978,10 @@ class _Supervisor:
             what = {_State.STARTING: f"{how} before it was ready",
                     _State.READY: f"{how} before all workers were ready",
                     _State.SERVING: f"{how} unexpectedly"}.get(was, how)
-        if not self._worker_ended(child, was, what, named=named, status=status):
+        silent = (was is _State.STARTING and named and not said
+                  and os.waitstatus_to_exitcode(status) >= 0)
+        if not self._worker_ended(child, was, what, named=named, status=status,
+                                  unready="silent" if silent else ""):
             # Dying of the signal we sent to stop it is how it was asked to end.
             expected = status == 0 or (was is _State.RETIRING and self._activation and
                                        os.waitstatus_to_exitcode(status) == -self._stop_signal)
@@ -2949,10 +2989,10 @@ class _Supervisor:
                      "%s %s (%s)", self._name(child), how, was.value)
 
     def _worker_ended(self, child: _Child, was: _State, what: str, *, named: bool = True,
-                      status: Optional[int] = None, late: bool = False) -> bool:
+                      status: Optional[int] = None, unready: str = "") -> bool:
         """The one place that decides what follows when a worker ends before
         it was retired: it exited (``status``), was not ready in time
-        (``late``), lost its channel or hung.  ``what`` says what happened,
+        (``unready``: "late"), lost its channel or hung.  ``what`` says what happened,
         after the child's name (``named``).  False if nothing follows: the
         worker no longer filled its slot (retired, removed, replaced).
 
@@ -2969,7 +3009,8 @@ class _Supervisor:
         self._update_takers()
         failure = f"{self._name(child)} {what}" if named else what
         if generation is self._starting:
-            self._generation_failed(generation, child if named else None, what, late=late)
+            self._generation_failed(generation, child if named else None, what,
+                                    unready=unready)
             return True
         if was is _State.SERVING:
             self.crashes += 1
@@ -3146,7 +3187,7 @@ class _Supervisor:
     def _not_ready_in_time(self, child: _Child) -> None:
         self._worker_ended(child, child.state,
                            f"was not ready within {self._ready_timeout:g} s; stopped it",
-                           late=True)
+                           unready="late")
         self._terminate(child)
 
     def _fail(self, why: str) -> None:
@@ -3217,9 +3258,13 @@ class _Supervisor:
             return
         where = [m for m in map(re.compile(r'File "(.+)", line (\d+)').search, lines) if m]
         self._upgrade_refused(
-            (lines[-1] + (f" ({where[-1].group(1)}, line {where[-1].group(2)})" if where else ""))
+            f"{self._script}: {lines[-1]}" + (
+                "" if not where else f" (line {where[-1].group(2)})"
+                if where[-1].group(1) == self._script else
+                f" ({where[-1].group(1)}, line {where[-1].group(2)})")
             if lines else f"{self._script} did not answer the check (is it socketprotector?)"
-            if os.waitstatus_to_exitcode(status) == 0 else f"the check {_describe_status(status)}")
+            if os.waitstatus_to_exitcode(status) == 0 else
+            f"{self._script}: the check {_describe_status(status)}")
 
     def _exec_upgrade(self) -> None:
         """Hand everything over and exec, at the top of the loop.  Signals are
@@ -3235,14 +3280,17 @@ class _Supervisor:
         if not pending:
             self._exec_due = None
             state, fds = self.export_state()
-            _log.info("upgrade: socketprotector %s takes over from %s in this process (pid %d)",
-                      version, __version__, os.getpid())
+            if _version_key(version) < _version_key(__version__):
+                _log.warning("upgrade: socketprotector %s in %s is older than %s, which runs "
+                             "now: a downgrade", version, self._script, __version__)
+            _log.info("upgrade: socketprotector %s from %s takes over from %s in this process "
+                      "(pid %d)", version, self._script, __version__, os.getpid())
             reason = self._on_upgrade(state, fds)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if self._publish_due:
             self._schedule_publish()
         if reason is not None:
-            self._upgrade_refused(f"cannot exec: {reason}")
+            self._upgrade_refused(f"cannot exec {self._script}: {reason}", version)
         self._handle_signals(pending)
 
     def _end_check(self, reason: str) -> None:
@@ -3258,9 +3306,26 @@ class _Supervisor:
             self._exec_due = None
             self._upgrade_refused(reason)
 
-    def _upgrade_refused(self, reason: str) -> None:
+    def _upgrade_refused(self, reason: str, version: Optional[str] = None) -> None:
+        """The upgrade asked for will not happen (``version``: what the new
+        file said it was, if it got that far)."""
         _log.error("upgrade refused: %s; socketprotector %s keeps running", reason, __version__)
-        self._on_event("upgraded", f"upgrade refused: {reason}")
+        self._upgrade_ended("refused", f"upgrade refused: {reason}", __version__, version)
+
+    def _upgrade_ended(self, outcome: str, detail: str, old: Optional[str],
+                       new: Optional[str]) -> None:
+        """Keep how the last upgrade ended in last_upgrade, and tell on_event:
+        {"outcome": "upgraded" or "refused", "detail": the line --upgrade
+        prints, "script": the file checked and exec'd, "from": the version
+        that ran (None: older than this field), "to": the new one (None if
+        refused before it was known), "downgrade": "to" older than "from",
+        "at": CLOCK_MONOTONIC ns}."""
+        self.last_upgrade = {
+            "outcome": outcome, "detail": detail, "script": self._script, "from": old,
+            "to": new, "downgrade": (new is not None and old is not None
+                                     and _version_key(new) < _version_key(old)),
+            "at": time.clock_gettime_ns(time.CLOCK_MONOTONIC)}
+        self._on_event("upgraded", detail)
 
     def export_state(self) -> tuple:
         """Everything the new code needs to take over, as JSON-ready data, and
@@ -3324,7 +3389,11 @@ class _Supervisor:
         self._update_takers()
         for child in list(queue.deferred):
             queue.check_holders(child)      # watch anew; taken back if none holds it now
-        self._on_event("upgraded", f"upgraded to socketprotector {__version__}")
+        old = self._upgraded_from
+        downgrade = old is not None and _version_key(__version__) < _version_key(old)
+        self._upgrade_ended("upgraded", f"upgraded to socketprotector {__version__} from "
+                            f"{self._script}" + (f" (a downgrade from {old})" if downgrade
+                                                 else ""), old, __version__)
         self._handle_signals(bytes(loaded["pending_signals"]))
 
     def _register_child(self, child: _Child) -> None:
@@ -3824,7 +3893,9 @@ def _plural(count: int, noun: str) -> str:
 
 
 def _resolve_command(name: str, cwd: str) -> str:
-    """The executable to run, or _SpawnError saying why there is none."""
+    """The executable to run, or _SpawnError saying why there is none (the
+    working directory first: a child that cannot enter it cannot start)."""
+    _check_enterable(cwd)
     if "/" in name:
         path = os.path.join(cwd, name)
         try:
@@ -3840,6 +3911,25 @@ def _resolve_command(name: str, cwd: str) -> str:
     if found is None:
         raise _SpawnError(f"cannot run {name!r}: command not found")
     return os.path.join(cwd, found)
+
+
+def _check_enterable(cwd: str) -> None:
+    """_SpawnError if this process's user (the children's) cannot enter cwd."""
+    try:
+        os.stat(cwd)
+        if os.access(cwd, os.X_OK):
+            return
+        why = os.strerror(errno.EACCES)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM):
+            raise _SpawnError(f"cannot enter {cwd}: {e.strerror}") from None
+        why = e.strerror
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = f"uid {os.geteuid()}"
+    raise _SpawnError(f"cannot enter {cwd}: {why} (the working directory is not reachable for "
+                      f"user {user}: pass --chdir with a directory that user can enter)")
 
 
 def _fork_exec(executable: str, argv: List[str], cwd: str, env: dict,
@@ -4599,19 +4689,48 @@ def _await(condition: Callable[[], object], deadline: float, failure: str):
         time.sleep(0.02)
 
 
-def _activated_listeners() -> List[socket.socket]:
-    """The listening sockets systemd passed (socket activation: fds 3, 4, ...),
-    or [] if none were passed to this process."""
+def _passed_by_systemd() -> range:
+    """The descriptors systemd passed this process (socket activation: 3, 4,
+    ... as many as $LISTEN_FDS says, if $LISTEN_PID is ours); SocketProtectorError
+    if $LISTEN_FDS makes no sense."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return []
+        return range(0)
     count = os.environ.get("LISTEN_FDS", "0")
-    for name in _ACTIVATION_ENV:
-        os.environ.pop(name, None)
     if not count.isdigit() or not 1 <= int(count) <= 64:
         raise SocketProtectorError(f"socket activation passed {count!r} sockets; expected 1 "
                                    f"to 64")
+    return range(3, 3 + int(count))
+
+
+def _close_inherited() -> None:
+    """A fresh start: close every descriptor the caller left open but stdio
+    and what systemd passed.  A deploy tool that waits for the end of the
+    output of the command it ran (a CI runner, Ansible, ssh) would wait
+    until the daemon exits: the daemon and every child held its pipe.
+    Python's own descriptors are close-on-exec, so cannot have come from
+    the caller: only inheritable ones are closed."""
+    keep = _passed_by_systemd()
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        if fd > 2 and fd not in keep:
+            try:
+                if os.get_inheritable(fd):
+                    os.close(fd)
+            except OSError:
+                pass        # the directory's own, closed by now
+
+
+def _activated_listeners() -> List[socket.socket]:
+    """The listening sockets systemd passed (socket activation: fds 3, 4, ...),
+    or [] if none were passed to this process."""
+    fds = _passed_by_systemd()
+    for name in _ACTIVATION_ENV:
+        os.environ.pop(name, None)
     listeners: List[socket.socket] = []
-    for fd in range(3, 3 + int(count)):
+    for fd in fds:
         try:
             sock = socket.socket(fileno=fd)
         except OSError as e:
@@ -4649,8 +4768,43 @@ def _become_subreaper() -> None:
 
 
 class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as UsageError, which tells the options a
+    command line gave from the defaults (parse_given())."""
+
+    def __init__(self, **kwargs) -> None:
+        self.option_defaults: Dict[str, Any] = {}  # dest -> default
+        self.option_names: Dict[str, str] = {}     # dest -> its name in messages: "--workers"
+        super().__init__(**kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.default is not argparse.SUPPRESS:     # not -h, --version
+            self.option_defaults[action.dest] = action.default
+            self.option_names[action.dest] = (action.option_strings[-1] if action.option_strings
+                                              else action.metavar)
+        return action
+
     def error(self, message: str):
         raise UsageError(message)
+
+    def parse_given(self, args: List[str]) -> tuple:
+        """(the options, defaults filled in; the dests of those given; the
+        arguments not recognized).  Given means on the command line, even
+        with its default value."""
+        unset = object()
+        # argparse leaves what the namespace already holds, where nothing is
+        # given; an option whose default is None is given if not None.
+        namespace = argparse.Namespace(**{dest: unset for dest, default
+                                          in self.option_defaults.items()
+                                          if default is not None})
+        opts, extras = self.parse_known_args(args, namespace)
+        given = set()
+        for dest, default in self.option_defaults.items():
+            if getattr(opts, dest) is unset:
+                setattr(opts, dest, default)
+            elif getattr(opts, dest) is not None:
+                given.add(dest)
+        return opts, given, extras
 
 
 def _seconds(text: str) -> float:
@@ -4817,14 +4971,17 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
         own, command = argv[:split], argv[split + 1:]
     else:
         own, command = argv, None
-    opts = parser.parse_args(own)     # -h and --version exit here
+    opts, given, extras = parser.parse_given(own)     # -h and --version exit here
+    if extras:
+        _refuse_unrecognized(extras, command)
     opts.command = command
     if opts.pid_file:
         opts.pid_file = os.path.abspath(opts.pid_file)
     if opts.log_file:
         opts.log_file = os.path.abspath(opts.log_file)
     if opts.envdir:
-        opts.envdir = os.path.abspath(opts.envdir)     # the detached daemon runs in /
+        # The detached daemon runs in /; a release link is followed at each read.
+        opts.envdir = os.path.normpath(os.path.join(_logical_cwd(), opts.envdir))
     actions = [name for name in ("reload", "stop", "status", "upgrade") if getattr(opts, name)]
     if actions:
         if len(actions) > 1:
@@ -4833,6 +4990,7 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
             raise UsageError(f"--{actions[0]} needs --pid-file")
         if opts.port is not None or command is not None:
             raise UsageError(f"--{actions[0]} takes no PORT or command")
+        _refuse_idle_control(actions[0], given, parser.option_names)
         return opts
     if opts.port is not None:
         try:
@@ -4842,13 +5000,7 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
         if not 0 <= opts.port <= 65535:
             raise UsageError(f"PORT must be between 0 and 65535, not {opts.port}")
     opts.binds = [_parse_bind(spec, opts.port) for spec in opts.bind or ()]
-    if opts.handoff != "activation":
-        for name, given in (("--ready-delay", opts.ready_delay is not None),
-                            ("--stop-signal", opts.stop_signal != signal.SIGTERM),
-                            ("--quiet-period", opts.quiet_period != _DEFAULT_QUIET),
-                            ("--probation", opts.probation != _DEFAULT_PROBATION)):
-            if given:
-                raise UsageError(f"{name} is for --handoff activation")
+    _refuse_idle_options(opts, given, parser.option_names)
     if opts.port is None and not opts.binds:
         raise UsageError("the following arguments are required: PORT")
     if command is None:
@@ -4856,6 +5008,70 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
     if not command:
         raise UsageError("missing the command to run after '--'")
     return opts
+
+
+# What each control command uses besides --pid-file; every other option
+# does nothing there, and is refused.
+_CONTROL_USES = {"reload": {"ready_timeout"}, "stop": {"stop_timeout"}, "status": set(),
+                 "upgrade": set()}
+_DAEMON_FLAGS = ("-d", "-D", "--daemon", "--daemonize")   # other tools' "detach"
+
+
+def _refuse_unrecognized(extras: List[str], command: Optional[List[str]]) -> None:
+    """UsageError for arguments argparse did not recognize, saying what was
+    probably meant: '--' before the command, or -f (detaching is the default)."""
+    detach = [arg for arg in extras if arg in _DAEMON_FLAGS]
+    if detach:
+        raise UsageError(f"{detach[0]}: socketprotector detaches by default; -f keeps it in "
+                         f"the foreground")
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    if command is None and any(not arg.startswith("-") for arg in extras):
+        message += " (put '--' before the command to run: PORT -- COMMAND [ARG...])"
+    raise UsageError(message)
+
+
+def _refuse_idle_control(action: str, given: set, names: Dict[str, str]) -> None:
+    """UsageError for an option the control command ``action`` would ignore."""
+    idle = sorted(given - {action, "pid_file"} - _CONTROL_USES[action])
+    if idle:
+        users = [f"--{other}" for other, uses in _CONTROL_USES.items() if idle[0] in uses]
+        raise UsageError(f"{names[idle[0]]} does nothing with --{action}: it is for starting "
+                         f"the daemon" + "".join(f" and for {user}" for user in users))
+
+
+def _refuse_idle_options(opts: argparse.Namespace, given: set, names: Dict[str, str]) -> None:
+    """UsageError for an option that would do nothing in the daemon this
+    command line starts: in another hand-off mode, or without its companion."""
+    activation_only = ("ready_delay", "stop_signal", "quiet_period", "probation")
+    if opts.handoff != "activation":
+        for dest in activation_only:
+            if dest in given:
+                raise UsageError(f"{names[dest]} is for --handoff activation")
+    elif given & {"quiet_period", "probation"}:
+        why = _why_not_steer(opts, False)
+        if why is not None:
+            dest = min(given & {"quiet_period", "probation"})
+            raise UsageError(f"{names[dest]} does nothing here: restarts share one listening "
+                             f"socket ({why})")
+    if ("hang_timeout" in given and opts.handoff != "forward" and opts.binds
+            and all(kind == "unix" for kind, _, _ in opts.binds)):
+        raise UsageError(f"--hang-timeout watches TCP accept queues with --handoff "
+                         f"{opts.handoff}, and every address is unix:")
+    if "socket_mode" in given and not any(kind == "unix" for kind, _, _ in opts.binds):
+        raise UsageError("--socket-mode is for the Unix sockets --bind unix:PATH makes, and "
+                         "none is given")
+    if opts.port is not None and opts.binds and not any(map(_takes_port, opts.bind)):
+        raise UsageError(f"PORT {opts.port} does nothing: every --bind names its own port "
+                         f"or is unix:")
+
+
+def _takes_port(spec: str) -> bool:
+    """Whether a --bind value (a valid one) listens on PORT."""
+    try:
+        _parse_bind(spec, None)
+    except UsageError:      # names no port
+        return True
+    return False
 
 
 class _LogFile:
@@ -4962,7 +5178,12 @@ def _serve(opts: argparse.Namespace) -> None:
     file), then detach, then drop privileges, then supervise.  After an
     upgrade (the same process, the new code) all of it is taken over instead."""
     inherited = _inherited_state()
-    script = inherited["script"] if inherited else os.path.abspath(sys.argv[0])
+    if not inherited:
+        _close_inherited()      # an upgrade's exec inherits its own, on purpose
+    # The file an upgrade checks and execs, as the user named it: started in
+    # /srv/app/current, the current release's, not the one it resolves to now.
+    script = (inherited["script"] if inherited else
+              os.path.normpath(os.path.join(_logical_cwd(), sys.argv[0])))
     if inherited:
         # As resolved where the daemon started (a detached one now runs in /).
         cwd, envdir = inherited["cwd"], inherited.get("envdir", opts.envdir)
@@ -5054,7 +5275,7 @@ def _serve(opts: argparse.Namespace) -> None:
                 restore=inherited["supervisor"] if inherited else None,
                 steering=steering, quiet_period=opts.quiet_period,
                 probation=opts.probation if opts.handoff == "activation" else 0.0,
-                child_nofile=nofile)
+                child_nofile=nofile, upgraded_from=inherited["from"] if inherited else None)
             try:
                 supervisor.run()
             finally:
@@ -5135,19 +5356,27 @@ def _steering_for(opts: argparse.Namespace, activated: bool, listeners: List[soc
     return None
 
 
-def _working_directory(chdir: Optional[str]) -> str:
-    """Where the children run, as the user named it: --chdir (relative to
-    the start directory), else the start directory itself.  $PWD names it
-    when it is the same directory: it may go through a symbolic link that
-    a deploy switches (/srv/app/current -> releases/42), and each new child
-    resolves it again.  SocketProtectorError if it does not exist."""
+def _logical_cwd() -> str:
+    """The start directory as the user named it: $PWD when it is the same
+    directory as getcwd() (which has resolved every symbolic link).  It may
+    go through a link that a deploy switches (/srv/app/current ->
+    releases/42), and what is named through it is resolved again later."""
     here = os.getcwd()
     logical = os.environ.get("PWD", "")
     try:
         if os.path.isabs(logical) and os.path.samefile(logical, here):
-            here = logical
+            return logical
     except OSError:
         pass
+    return here
+
+
+def _working_directory(chdir: Optional[str]) -> str:
+    """Where the children run, as the user named it: --chdir (relative to
+    the start directory), else the start directory itself (_logical_cwd()),
+    resolved again by each new child.  SocketProtectorError if it does not
+    exist."""
+    here = _logical_cwd()
     where = os.path.join(here, chdir) if chdir else here
     try:
         if not stat.S_ISDIR(os.stat(where).st_mode):

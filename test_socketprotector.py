@@ -21,6 +21,7 @@ import re
 import resource
 import select
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -32,6 +33,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DAEMON = os.path.join(HERE, "socketprotector.py")
@@ -723,7 +725,8 @@ class Daemon:
     """socketprotector in the foreground, in its own session, on 127.0.0.1:0."""
 
     def __init__(self, test, *options, command=None, env=None, preexec_fn=None, prefix=(),
-                 bind="127.0.0.1", cwd=None, script=DAEMON):
+                 bind="127.0.0.1", cwd=None, script=DAEMON, port="0"):
+        """port: PORT, or None when every --bind in options names its own."""
         self.test = test
         command = command or [sys.executable, test.app]
         if "--pid-file" in options:
@@ -734,7 +737,7 @@ class Daemon:
             self.pid_file = os.path.join(test.tmp, f"daemon-{test.daemons}.pid")
             options = ("--pid-file", self.pid_file, *options)
         argv = [*prefix, sys.executable, script, "-f", *(["--bind", bind] if bind else []),
-                *test.OPTIONS, *options, "0", "--", *command]
+                *test.OPTIONS, *options, *([port] if port else []), "--", *command]
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, start_new_session=True, cwd=cwd or test.tmp,
@@ -937,11 +940,12 @@ class ProtectorTestCase(unittest.TestCase):
     def clear_flag(self, name):
         os.unlink(self.flags[name])
 
-    def run_protector(self, *args, timeout=TIMEOUT * 2):
+    def run_protector(self, *args, timeout=TIMEOUT * 2, pass_fds=()):
         """Run socketprotector.py to completion; return (exit code, stderr lines).
         What it printed on stdout is in self.stdout (lines)."""
         proc = subprocess.run([sys.executable, DAEMON, *args], stdin=subprocess.DEVNULL,
-                              capture_output=True, timeout=timeout, cwd=self.tmp, env=self.env)
+                              capture_output=True, timeout=timeout, cwd=self.tmp, env=self.env,
+                              pass_fds=pass_fds)
         self.stdout = proc.stdout.decode().splitlines()
         return proc.returncode, proc.stderr.decode().splitlines()
 
@@ -1431,7 +1435,12 @@ class ShutdownTest(ProtectorTestCase):
                                          sys.executable, self.app)
         self.assertEqual(code, 1)
         self.assertRegex(lines[-1], r"^socketprotector: child \d+ exited with status 3 "
-                                    r"before it was ready$")
+                                    r"before it was ready \(it never used "
+                                    r"\$SOCKETPROTECTOR_FD: ready means the server has called "
+                                    r"receive_connections\(\) or created a ConnectionReceiver, "
+                                    r"and a server that takes a listening socket instead needs "
+                                    r"--handoff activation; if it failed for a reason of its "
+                                    r"own instead, its output says which\)$")
 
 
 # ---------------------------------------------------------------------------
@@ -1440,14 +1449,14 @@ class ShutdownTest(ProtectorTestCase):
 
 
 class DaemonModeTest(ProtectorTestCase):
-    def start_detached(self, *extra, log=True):
+    def start_detached(self, *extra, log=True, pass_fds=()):
         self.pid_file = os.path.join(self.tmp, "sp.pid")
         self.log_file = os.path.join(self.tmp, "sp.log")
         self.port = free_port()
         code, lines = self.run_protector("--pid-file", self.pid_file, "--bind", "127.0.0.1",
                                          *(["--log-file", "sp.log"] if log else []),
                                          *extra, str(self.port), "--", sys.executable,
-                                         "app.py")
+                                         "app.py", pass_fds=pass_fds)
         if os.path.exists(self.pid_file):
             pid = read_pid(self.pid_file)
             sid = proc_stat(pid)[2] if proc_stat(pid) else None
@@ -1467,6 +1476,27 @@ class DaemonModeTest(ProtectorTestCase):
         os.kill(pid, signal.SIGTERM)
         wait_until(lambda: not alive(pid), "the daemon to exit")
         self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_a_descriptor_the_caller_left_open_is_closed(self):
+        """A deploy tool that reads what the command it ran writes (a pipe
+        left open on another descriptor too, as `{ socketprotector.py ...;
+        } 5>&1 | cat` does) sees the end of it once the launcher has
+        returned: neither the detached daemon nor its child holds it (both
+        did, until the daemon exited)."""
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        try:
+            code, lines = self.start_detached(pass_fds=(write_end,))
+        finally:
+            os.close(write_end)
+        self.assertEqual((code, lines), (0, []))
+        pipe = f"pipe:[{os.fstat(read_end).st_ino}]"
+        for pid in (read_pid(self.pid_file), served_by(self.port)):
+            self.assertNotIn(pipe, fd_links(pid), f"process {pid} holds the caller's pipe")
+        readable, _, _ = select.select([read_end], [], [], TIMEOUT)
+        self.assertEqual(readable, [read_end], "no end of file on the caller's pipe")
+        self.assertEqual(os.read(read_end, 1), b"")
+        self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file)[0], 0)
 
     def test_second_instance_on_the_same_pid_file_is_refused(self):
         """A second daemon with the same pid file exits 1 naming the running one."""
@@ -1689,7 +1719,8 @@ class DaemonModeTest(ProtectorTestCase):
         code, lines = self.start_detached()
         self.assertEqual(code, 1)
         self.assertOneLineError(lines, r"child \d+ exited with status 3 before it was ready "
-                                       r"\(its output is in .*/sp\.log\)$")
+                                       r"\(it never used \$SOCKETPROTECTOR_FD: .*; its "
+                                       r"output is in .*/sp\.log\)$")
         self.assertFalse(os.path.exists(self.pid_file))
 
 
@@ -1705,6 +1736,12 @@ class CommandLineTest(ProtectorTestCase):
         self.assertOneLineError(lines, pattern, line=0)
         self.assertTrue(lines[1].startswith("usage: "), lines)
         self.assertEqual(len(lines), 3, lines)      # the reason, then the two usage forms
+
+    def assertUsageErrors(self, cases):
+        """assertUsageError for each (args, pattern), a subtest each."""
+        for args, pattern in cases:
+            with self.subTest(args=args):
+                self.assertUsageError(args, pattern)
 
     def test_bad_usage_exits_2_with_one_line(self):
         """Each kind of bad usage: exit 2, a one-line reason and the usage line."""
@@ -1749,9 +1786,52 @@ class CommandLineTest(ProtectorTestCase):
             (["-n", "100000", "4321", "--", "true"],
              r"argument -n/--workers: must be a whole number from 1 to 256: '100000'"),
         ]
-        for args, pattern in cases:
-            with self.subTest(args=args):
-                self.assertUsageError(args, pattern)
+        self.assertUsageErrors(cases)
+
+    def test_a_missing_double_dash_or_a_daemon_flag_is_explained(self):
+        """The command given without '--' before it: the message says to put
+        it there.  -d, -D or --daemon (other tools' "detach"): detaching is
+        the default, -f keeps it in the foreground."""
+        self.assertUsageError(["4321", "python3", "sample_client.py", "4321"],
+                              r"unrecognized arguments: python3 sample_client\.py 4321 \(put "
+                              r"'--' before the command to run: PORT -- COMMAND \[ARG\.\.\.\]\)$")
+        for flag in ("-d", "-D", "--daemon"):
+            with self.subTest(flag=flag):
+                self.assertUsageError([flag, "4321", "--", "true"],
+                                      rf"{flag}: socketprotector detaches by default; -f "
+                                      rf"keeps it in the foreground$")
+
+    def test_options_that_would_do_nothing_are_refused(self):
+        """An option that does nothing in the mode chosen or without its
+        companion, even given with its default value: exit 2, one line."""
+        cases = [
+            (["--socket-mode", "660", "4321", "--", "true"],
+             r"--socket-mode is for the Unix sockets --bind unix:PATH makes, and none is given$"),
+            (["--handoff", "listener", "--hang-timeout", "2", "--bind", "unix:s", "--", "true"],
+             r"--hang-timeout watches TCP accept queues with --handoff listener, and every "
+             r"address is unix:$"),
+            (["--bind", "127.0.0.1:80", "8000", "--", "true"],
+             r"PORT 8000 does nothing: every --bind names its own port or is unix:$"),
+            (["--bind", "unix:s", "0", "--", "true"],
+             r"PORT 0 does nothing: every --bind names its own port or is unix:$"),
+            (["--probation", "2", "4321", "--", "true"],
+             r"--probation is for --handoff activation$"),
+            (["--stop-signal", "TERM", "4321", "--", "true"],
+             r"--stop-signal is for --handoff activation$"),
+            (["--handoff", "activation", "--bind", "unix:s", "--quiet-period", "1", "--",
+              "true"], r"--quiet-period does nothing here: restarts share one listening "
+                       r"socket \(a unix: address\)$"),
+            (["--reload", "--pid-file", "p", "--workers", "3"],
+             r"--workers does nothing with --reload: it is for starting the daemon$"),
+            (["--stop", "--pid-file", "p", "--ready-timeout", "5"],
+             r"--ready-timeout does nothing with --stop: it is for starting the daemon and "
+             r"for --reload$"),
+            (["--status", "--pid-file", "p", "-f"],
+             r"--foreground does nothing with --status: it is for starting the daemon$"),
+            (["--upgrade", "--pid-file", "p", "--handoff", "forward"],
+             r"--handoff does nothing with --upgrade: it is for starting the daemon$"),
+        ]
+        self.assertUsageErrors(cases)
 
     def test_port_in_use_exits_1_and_leaves_nothing(self):
         """A port in use: exit 1 with the reason; no pid file, no child."""
@@ -2783,6 +2863,28 @@ class OperationsTest(ProtectorTestCase):
         daemon.generation()
         self.assertEqual(sock.recv(4096).decode(), "READY=1\nSTATUS=3/3 workers serving")
 
+    def test_the_systemd_unit_reloads_with_reload_on_the_daemons_pid_file(self):
+        """examples/socketprotector.service: ExecReload= runs --reload (which
+        waits and fails when the new build fails: kill -HUP always
+        succeeded) on the pid file ExecStart= gives the daemon, in the
+        RuntimeDirectory= systemd makes for User=; both command lines are
+        ones socketprotector accepts."""
+        service = {}
+        with open(os.path.join(HERE, "examples", "socketprotector.service")) as f:
+            for line in f:
+                key, equals, value = line.strip().partition("=")
+                if equals and not key.startswith("#"):
+                    service[key] = value
+        start, reload = (shlex.split(service[key]) for key in ("ExecStart", "ExecReload"))
+        self.assertEqual(reload[:2], start[:2], "not the same python and socketprotector.py")
+        daemon = socketprotector._parse_args(start[2:])
+        control = socketprotector._parse_args(reload[2:])
+        self.assertTrue(control.reload, service["ExecReload"])
+        self.assertEqual(control.pid_file, daemon.pid_file)
+        self.assertEqual(os.path.dirname(daemon.pid_file),
+                         os.path.join("/run", service["RuntimeDirectory"]))
+        self.assertIn("User", service)
+
     def test_children_do_not_see_systemd_variables(self):
         """NOTIFY_SOCKET and LISTEN_* are the daemon's, not the children's."""
         sock, name = self.notify_socket(False)
@@ -3145,6 +3247,21 @@ class DeploymentTest(ProtectorTestCase):
             self.assertEqual(ask(s, b"release"), b"release 2")
             self.assertEqual(ask(s, b"env PWD"), current.encode())
 
+    def test_the_log_names_the_directory_each_child_started_in(self):
+        """Started in current (a symlink to a release): each child's start
+        line names the directory as given and the release it resolved to."""
+        current, point = self.releases()
+        daemon = Daemon(self, command=[sys.executable, "app.py"], cwd=current,
+                        env={"PWD": current})
+        releases = os.path.join(os.path.realpath(self.tmp), "releases")
+        first = daemon.serving()
+        daemon.wait_line(rf"child {first} started in {re.escape(current)} "
+                         rf"\({re.escape(releases)}/1\): ")
+        point("2")
+        second = daemon.restart()
+        daemon.wait_line(rf"child {second} started in {re.escape(current)} "
+                         rf"\({re.escape(releases)}/2\): ")
+
     def test_chdir_runs_the_children_there(self):
         """--chdir current: the children run there (resolved again for each)."""
         current, point = self.releases()
@@ -3180,6 +3297,22 @@ class DeploymentTest(ProtectorTestCase):
         daemon.restart()
         with connect(daemon.port) as s:
             self.assertEqual(ask(s, b"env SP_GREETING"), b"goodbye")
+
+    def test_a_relative_envdir_follows_a_switched_release_symlink(self):
+        """--envdir env, started in current -> releases/1: after the link is
+        switched, a reload reads releases/2's env (it kept releases/1's)."""
+        current, point = self.releases()
+        for n in ("1", "2"):
+            os.mkdir(os.path.join(self.tmp, "releases", n, "env"))
+            with open(os.path.join(self.tmp, "releases", n, "env", "SP_GREETING"), "w") as f:
+                f.write(f"from release {n}")
+        daemon = Daemon(self, "--envdir", "env", command=[sys.executable, "app.py"],
+                        cwd=current, env={"PWD": current})
+        daemon.serving()
+        point("2")
+        daemon.restart()
+        with connect(daemon.port) as s:
+            self.assertEqual(ask(s, b"env SP_GREETING"), b"from release 2")
 
     def test_a_fifo_in_the_envdir_is_skipped_not_waited_on(self):
         """A FIFO in --envdir (nobody writes it): the restart that reads the
@@ -3235,6 +3368,41 @@ class DeploymentTest(ProtectorTestCase):
                                        r"activation\)$")
 
 
+    def test_a_server_not_written_for_it_that_exits_at_once_is_explained(self):
+        """A first child that exits before it is ready having never used its
+        channel (a server that wants a listening socket, here one that finds
+        no fd 3): the error says what ready means, and that such a server
+        needs --handoff activation, at once (not only after --ready-timeout)."""
+        code, lines = self.run_protector(
+            "-f", "--bind", "127.0.0.1", "0", "--", sys.executable, "-c",
+            "import socket; socket.socket(fileno=3)")
+        self.assertEqual(code, 1)
+        self.assertRegex(lines[-1], r"^socketprotector: child \d+ exited with status 1 "
+                                    r"before it was ready \(it never used "
+                                    r"\$SOCKETPROTECTOR_FD: ready means the server has called "
+                                    r"receive_connections\(\) or created a ConnectionReceiver, "
+                                    r"and a server that takes a listening socket instead needs "
+                                    r"--handoff activation; if it failed for a reason of its "
+                                    r"own instead, its output says which\)$")
+
+
+    def test_a_child_that_said_ready_as_it_exited_gets_no_hint(self):
+        """A first child that sent its ready message and exited before the
+        daemon read it (the daemon frozen meanwhile) did use its channel:
+        its failure says how it ended, with no hint."""
+        self.set_flag("SP_TEST_HOLD_WORKER", "0")
+        self.set_flag("SP_TEST_DIE", "3")       # ready, then exit at once
+        daemon = Daemon(self)
+        child = int(daemon.wait_line(r"child (\d+) started").group(1))
+        daemon.signal(signal.SIGSTOP)
+        self.addCleanup(lambda: daemon.signal(signal.SIGCONT) if alive(daemon.pid) else None)
+        self.clear_flag("SP_TEST_HOLD_WORKER")
+        wait_until(lambda: (proc_stat(child) or ("Z",))[0] == "Z", "the child to exit")
+        daemon.signal(signal.SIGCONT)
+        self.assertEqual(daemon.wait(), 1)
+        daemon.wait_line(rf"child {child} exited with status 3 before it was ready$")
+
+
 class AddressesTest(ProtectorTestCase):
     """--bind several times, and Unix sockets."""
 
@@ -3256,7 +3424,7 @@ class AddressesTest(ProtectorTestCase):
         the socket's path is gone after the daemon."""
         path = os.path.join(self.tmp, "app.sock")
         daemon = Daemon(self, "--bind", "127.0.0.1:0", "--bind", "[::1]:0", "--bind",
-                        f"unix:{path}", "--socket-mode", "600", bind=None)
+                        f"unix:{path}", "--socket-mode", "600", bind=None, port=None)
         daemon.serving()
         tcp4, tcp6, unix = self.addresses(daemon)
         self.assertEqual(unix, path)
@@ -3290,7 +3458,7 @@ class AddressesTest(ProtectorTestCase):
         path = os.path.join(self.tmp, "app.sock")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
             stale.bind(path)            # closed without unlink: stale
-        daemon = Daemon(self, "--bind", f"unix:{path}", bind=None)
+        daemon = Daemon(self, "--bind", f"unix:{path}", bind=None, port=None)
         daemon.serving()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(TIMEOUT)
@@ -3570,6 +3738,14 @@ os.write(2, b"stopped by %s pid %d\n" % (signal.Signals(got[0]).name.encode(), o
 '''
 
 
+# What a first server that exits before it is ready in activation mode is told.
+ACTIVATION_HINT = (
+    r"\(it was never seen waiting on its listening socket: with --handoff activation the "
+    r"server must take its sockets from \$LISTEN_FDS, fd 3 on: gunicorn without -b, for -b "
+    r"fd://3 makes it use fd 3 twice and fail with EBADF; uvicorn with --fd 3; if it "
+    r"failed for a reason of its own instead, its output says which\)$")
+
+
 class ActivationTest(ProtectorTestCase):
     """--handoff activation: servers that take a listening socket as systemd
     passes it, with no library."""
@@ -3799,7 +3975,7 @@ class ActivationTest(ProtectorTestCase):
         """Where steering cannot be had (a unix: address), one line says what
         is lost, and restarts work as before, on the shared socket."""
         path = os.path.join(self.tmp, "app.sock")
-        daemon = Daemon(self, "--bind", f"unix:{path}", bind=None)
+        daemon = Daemon(self, "--bind", f"unix:{path}", bind=None, port=None)
         daemon.wait_line(r"restarts share one listening socket \(a unix: address\): an old "
                          r"server may take new connections until it stops")
         first = daemon.serving()
@@ -3978,6 +4154,18 @@ class ActivationTest(ProtectorTestCase):
                          r"socket within 1 s \(a select\(\) or poll\(\) server cannot be\): "
                          r"taking READY=1 alone", mark)
 
+    def test_a_first_server_that_exits_before_using_its_socket_is_explained(self):
+        """A first server that exits before it is ready without having been
+        seen waiting on its listening socket: the error says how a server
+        takes its sockets here (the most common mistakes: gunicorn's -b,
+        uvicorn without --fd 3), or that its output says what else failed."""
+        code, lines = self.run_protector(
+            "-f", "--handoff", "activation", "--bind", "127.0.0.1", "0", "--", sys.executable,
+            "-c", "raise SystemExit(4)")
+        self.assertEqual(code, 1)
+        self.assertOneLineError(lines, r"child \d+ exited with status 4 before it was ready "
+                                       + ACTIVATION_HINT)
+
     def test_ready_delay_takes_a_silent_server_as_ready(self):
         """--ready-delay: a server that never says READY=1 is taken as ready
         once it has run that long, and serves."""
@@ -3990,13 +4178,13 @@ class ActivationTest(ProtectorTestCase):
     def test_a_new_server_never_ready_is_stopped_and_the_old_serves_on(self):
         """A new build that never says READY=1 and never exits is stopped at
         --ready-timeout; the old one keeps serving and is not signalled."""
-        daemon = Daemon(self, "--ready-timeout", "0.5")
+        daemon = Daemon(self, "--ready-timeout", "2")    # its SIGTERM handler set by then
         first = daemon.serving()
         self.set_flag("SP_TEST_SILENT")
         self.set_flag("SP_TEST_UNSEEN")
         mark = daemon.mark()
         daemon.signal(signal.SIGHUP)
-        late = int(daemon.wait_line(rf"restart failed: child (\d+) was not ready within 0.5 s; "
+        late = int(daemon.wait_line(rf"restart failed: child (\d+) was not ready within 2 s; "
                                     rf"stopped it; child {first} keeps serving", mark).group(1))
         # It had the socket from the start, and may have served meanwhile (as
         # under systemd): it stops as asked, gracefully.
@@ -4114,10 +4302,15 @@ class ThirdPartyServerTest(ProtectorTestCase):
         self.env["SP_TEST_BROKEN"] = self.broken
 
     def server(self, name):
+        """The path of gunicorn or uvicorn in .ci/venv; or skip, naming what is missing."""
         path = os.path.join(VENV_BIN, name)
         if not os.access(path, os.X_OK):
-            self.skipTest(f"{name} is not installed in .ci/venv: `bash .ci/run` installs it "
-                          f"from .ci/requirements-test.txt")
+            missing = [server for server in ("gunicorn", "uvicorn")
+                       if not os.access(os.path.join(VENV_BIN, server), os.X_OK)]
+            self.skipTest(f"the gunicorn and uvicorn tests need them in .ci/venv, and "
+                          f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                          f"not installed there: `bash .ci/run` installs them from "
+                          f".ci/requirements-test.txt")
         venv = venv_python()
         if venv and venv != "%d.%d" % sys.version_info[:2]:
             self.skipTest(f"the gunicorn and uvicorn tests run under Python {venv} only, the "
@@ -4133,6 +4326,20 @@ class ThirdPartyServerTest(ProtectorTestCase):
                                       "webapp:wsgi"]),
             "uvicorn": ([], [self.server("uvicorn"), "--fd", "3", "webapp:asgi"]),
         }
+
+    def test_without_the_servers_the_skip_names_both(self):
+        """Without .ci/venv, the tests skip saying that gunicorn and uvicorn are
+        not installed and how to install them (the message named gunicorn
+        alone, and the uvicorn tests skipped under it)."""
+        empty = os.path.join(self.tmp, "no-venv")
+        os.mkdir(empty)
+        with unittest.mock.patch.object(sys.modules[__name__], "VENV_BIN", empty):
+            with self.assertRaises(unittest.SkipTest) as skipped:
+                self.commands()
+        self.assertEqual(str(skipped.exception),
+                         "the gunicorn and uvicorn tests need them in .ci/venv, and gunicorn "
+                         "and uvicorn are not installed there: `bash .ci/run` installs them "
+                         "from .ci/requirements-test.txt")
 
     def test_restarts_every_second_under_load_answer_every_request(self):
         """SIGHUP every second under steady HTTP load: every request gets a 200."""
@@ -4181,6 +4388,18 @@ class ThirdPartyServerTest(ProtectorTestCase):
         self.assertGreater(len(load.statuses), 300)
         daemon.signal(signal.SIGTERM)
         self.assertEqual(daemon.wait(TIMEOUT * 2), 0, daemon.log())
+
+    def test_gunicorn_given_its_socket_twice_is_told_how_to_take_it(self):
+        """gunicorn -b fd://3 under --handoff activation (it takes fd 3 from
+        LISTEN_FDS as well, uses it twice and fails with EBADF): the start
+        fails at once, and the error says to leave out -b."""
+        code, lines = self.run_protector(
+            "-f", "--handoff", "activation", "--bind", "127.0.0.1", "0", "--",
+            self.server("gunicorn"), "--preload", "--no-control-socket", "-b", "fd://3",
+            "webapp:wsgi")
+        self.assertEqual(code, 1)      # after gunicorn's own traceback
+        self.assertRegex(lines[-1], r"^socketprotector: child \d+ exited with status 1 "
+                                    r"before it was ready " + ACTIVATION_HINT)
 
     def test_a_broken_build_leaves_the_old_one_serving(self):
         """A new build whose app fails to import: --reload exits 1, and the old
@@ -4244,8 +4463,8 @@ class UpgradeTest(ProtectorTestCase):
         for n in range(1, 11):
             self.assertEqual(self.upgrade(daemon), (0, []))
             self.assertEqual(self.stdout[-1], f"socketprotector: upgraded to socketprotector "
-                                              f"{socketprotector.__version__} (daemon "
-                                              f"{daemon.pid})")
+                                              f"{socketprotector.__version__} from "
+                                              f"{self.script} (daemon {daemon.pid})")
             wait_until(lambda: daemon.count(r"took over from .* \(upgrade in place, pid "
                                             rf"{daemon.pid}\)") == n, f"upgrade {n} in the log")
             load.wait_for(10)
@@ -4272,11 +4491,12 @@ class UpgradeTest(ProtectorTestCase):
         daemon = Daemon(self, script=self.script)
         daemon.generation()
         good = read_text(DAEMON)
+        script = re.escape(self.script)
         broken = [("a syntax error", good + "\ndef broken(:\n",
-                   r"SyntaxError: .* \(.*socketprotector\.py, line \d+\)"),
-                  ("an empty file", "", r".*socketprotector\.py did not answer the check"),
+                   rf"{script}: SyntaxError: .* \(line \d+\)$"),
+                  ("an empty file", "", rf"{script} did not answer the check"),
                   ("an exception at import", "raise RuntimeError('this build is broken')\n",
-                   r"RuntimeError: this build is broken")]
+                   rf"{script}: RuntimeError: this build is broken \(line 1\)$")]
         for what, text, reason in broken:
             with self.subTest(what):
                 self.install(text)
@@ -4289,11 +4509,44 @@ class UpgradeTest(ProtectorTestCase):
                                   '__version__ = "99.0.0"'))
         self.assertEqual(self.upgrade(daemon), (0, []))
         self.assertEqual(self.stdout[-1], f"socketprotector: upgraded to socketprotector 99.0.0 "
-                                          f"(daemon {daemon.pid})")
+                                          f"from {self.script} (daemon {daemon.pid})")
         daemon.wait_line(rf"socketprotector 99.0.0 took over from "
                          rf"{re.escape(socketprotector.__version__)}")
         with connect(daemon.port) as s:
             self.assertEqual(ask(s, b"after"), b"after")
+
+    def test_through_a_release_link_it_upgrades_from_the_link_and_says_downgrade(self):
+        """Started as `python3 socketprotector.py` in current -> releases/1,
+        the daemon upgrades from current/socketprotector.py: once current
+        names releases/2 and releases/1 is deleted, --upgrade runs release
+        2's file (it kept releases/1/... and was refused).  That file is an
+        older version: the log and --upgrade call it a downgrade."""
+        if self.OPTIONS:
+            self.skipTest("the file's path does not depend on the mode")
+        releases = os.path.join(self.tmp, "releases")
+        current = os.path.join(self.tmp, "current")
+        older = read_text(DAEMON).replace(f'__version__ = "{socketprotector.__version__}"',
+                                          '__version__ = "0.0.1"')
+        for n, text in (("1", read_text(DAEMON)), ("2", older)):
+            os.makedirs(os.path.join(releases, n))
+            with open(os.path.join(releases, n, "socketprotector.py"), "w") as f:
+                f.write(text)
+        os.symlink(os.path.join("releases", "1"), current)
+        daemon = Daemon(self, script="socketprotector.py", cwd=current, env={"PWD": current})
+        daemon.generation()
+        os.symlink(os.path.join("releases", "2"), current + ".new")
+        os.replace(current + ".new", current)
+        shutil.rmtree(os.path.join(releases, "1"))
+        mark = daemon.mark()
+        script = os.path.join(current, "socketprotector.py")
+        self.assertEqual(self.upgrade(daemon), (0, []), daemon.log())
+        self.assertEqual(self.stdout[-1], f"socketprotector: upgraded to socketprotector 0.0.1 "
+                                          f"from {script} (a downgrade from "
+                                          f"{socketprotector.__version__}) (daemon {daemon.pid})")
+        daemon.wait_line(rf"upgrade: socketprotector 0\.0\.1 in {re.escape(script)} is older "
+                         rf"than {re.escape(socketprotector.__version__)}, which runs now: a "
+                         rf"downgrade", mark)
+        daemon.wait_line(r"socketprotector 0\.0\.1 took over from", mark)
 
     def test_signals_during_an_upgrade_are_kept(self):
         """A SIGHUP arriving while the daemon execs is not lost: the new code
@@ -4335,7 +4588,8 @@ class UpgradeTest(ProtectorTestCase):
         self.install(read_text(DAEMON).replace('"--ready-timeout"', '"--start-timeout"'))
         code, lines = self.upgrade(daemon)
         self.assertEqual(code, 1, daemon.log())
-        self.assertOneLineError(lines, r"upgrade refused: socketprotector \S+ refuses the "
+        self.assertOneLineError(lines, rf"upgrade refused: {re.escape(self.script)}: "
+                                       r"socketprotector \S+ refuses the "
                                        r"daemon's command line: unrecognized arguments: "
                                        r"--ready-timeout\b")
         with connect(daemon.port) as s:
@@ -4520,6 +4774,34 @@ class StateDeclarationTest(unittest.TestCase):
                                  "declared but not held")
 
 
+    def test_how_the_last_upgrade_ended_is_kept_as_data(self):
+        """last_upgrade, what --status reports: a refused upgrade's outcome,
+        its line, the file and the versions (its twin for a successful one
+        is set by the new code; the upgrade tests see its line)."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        wake, other = socket.socketpair()
+        for sock in (listener, wake, other):
+            self.addCleanup(sock.close)
+        events = []
+        supervisor = socketprotector._Supervisor(
+            [listener], ["true"], cwd=HERE, ready_timeout=1.0, drain_timeout=None,
+            stop_timeout=1.0, wakeup=wake, script="/srv/app/current/socketprotector.py",
+            on_event=lambda event, detail: events.append((event, detail)))
+        self.addCleanup(supervisor._sel.close)
+        self.assertIsNone(supervisor.last_upgrade)
+        with self.assertLogs("socketprotector", "ERROR"):
+            supervisor._upgrade_refused("cannot exec /srv/app/current/socketprotector.py: "
+                                        "Out of memory", "0.9.0")
+        record = supervisor.last_upgrade
+        self.assertIsInstance(record.pop("at"), int)
+        self.assertEqual(record, {
+            "outcome": "refused", "detail": "upgrade refused: cannot exec "
+                                            "/srv/app/current/socketprotector.py: Out of memory",
+            "script": "/srv/app/current/socketprotector.py",
+            "from": socketprotector.__version__, "to": "0.9.0", "downgrade": True})
+        self.assertEqual(events, [("upgraded", record["detail"])])
+
+
 class ListenerUpgradeTest(UpgradeTest):
     OPTIONS = ("--handoff", "listener")
 
@@ -4685,6 +4967,25 @@ class PrivilegeTest(ProtectorTestCase):
         daemon.wait_line(rf"restart failed: cannot run '{re.escape(server)}': Permission "
                          rf"denied; child {first} keeps serving", mark)
 
+    def test_a_working_directory_the_user_cannot_enter_is_named(self):
+        """As root with --user nobody, started from a directory only root may
+        enter (as root's home is): the start fails naming the directory, that
+        nobody cannot reach it, and --chdir (it said "cannot run
+        '/usr/bin/env': Permission denied")."""
+        if os.geteuid() != 0:
+            self.skipTest("needs root (to run with --user nobody)")
+        home = os.path.join(self.tmp, "home")
+        os.mkdir(home, 0o700)
+        proc = subprocess.run([sys.executable, DAEMON, "-f", "--user", "nobody", "--bind",
+                               "127.0.0.1", "0", "--", "/usr/bin/env", "true"],
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT,
+                              cwd=home, env=self.env)
+        self.assertEqual(proc.returncode, 1)
+        self.assertOneLineError(proc.stderr.decode().splitlines(),
+                                rf"cannot enter {re.escape(home)}: Permission denied \(the "
+                                rf"working directory is not reachable for user nobody: pass "
+                                rf"--chdir with a directory that user can enter\)$")
+
     def test_a_unix_socket_belongs_to_the_user(self):
         """As root with --user nobody, a Unix socket --bind makes belongs to
         nobody, and the daemon (as nobody) removes it at exit."""
@@ -4692,7 +4993,8 @@ class PrivilegeTest(ProtectorTestCase):
         os.chmod(self.tmp, 0o755)       # so that nobody can reach run/ to remove it
         path = os.path.join(run, "app.sock")
         daemon = Daemon(self, "--user", "nobody", "--bind", f"unix:{path}",
-                        "--socket-mode", "660", bind=None, command=["sleep", "60"])
+                        "--socket-mode", "660", bind=None, port=None,
+                        command=["sleep", "60"])
         daemon.wait_line(r"child \d+ started")
         st = os.stat(path)
         self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)),
@@ -4713,7 +5015,7 @@ class PrivilegeTest(ProtectorTestCase):
         path = os.path.join(self.tmp, "app.sock")
         for attempt in (1, 2):
             daemon = Daemon(self, "--user", "nobody", "--bind", f"unix:{path}",
-                            bind=None, command=["sleep", "60"])
+                            bind=None, port=None, command=["sleep", "60"])
             daemon.wait_line(r"child \d+ started")
             daemon.signal(signal.SIGTERM)
             daemon.wait_line(r"SIGTERM: shutting down")
