@@ -2751,20 +2751,24 @@ class _Supervisor:
         own sockets get nothing new), it first accepts what waits in its
         backlog and is retired once that has stayed empty for the quiet
         period, so that a request on a connection it has just accepted is
-        read before it is asked to stop; else at once."""
+        read before it is asked to stop.  Forwarding with --probation: it is
+        sent nothing new, its stream left open (what it was sent it still
+        receives), so that it can serve again.  Else it retires at once."""
         generation.serving = False
         generation.respawn_at.clear()
         if generation.hung:     # what waits for it is its successor's: nothing to quiet
             for child in generation.children():
                 self._terminate(child)
             return
-        quiet = (self._steering is not None and self._serving is not None
-                 and generation.sockets is not self._serving.sockets)
+        steered = (self._steering is not None and self._serving is not None
+                   and generation.sockets is not self._serving.sockets)
+        quiet = steered or (self._forwarding and self._probation > 0
+                            and self._serving is not None)
         now = time.monotonic()
         if quiet:
             generation.look_at = now
-            generation.quiet_at = now + self._quiet
-            generation.quiet_limit = now + max(_QUIET_MAX, self._quiet)
+            generation.quiet_at = now + (self._quiet if steered else 0)
+            generation.quiet_limit = now + (max(_QUIET_MAX, self._quiet) if steered else 0)
         for child in generation.children():
             if child.state is _State.STARTING:
                 self._terminate(child)      # a replacement nobody needs now
@@ -2781,8 +2785,8 @@ class _Supervisor:
         if generation is self._fallback:    # on probation: kept as it is
             generation.look_at = self._serving.probation_until
             return
-        waiting = sum(_backlog_length(sock) or 0
-                      for sock in generation.sockets or self._queue.sockets())
+        waiting = 0 if self._forwarding else sum(
+            _backlog_length(sock) or 0 for sock in generation.sockets or self._queue.sockets())
         if waiting:
             generation.quiet_at = now + self._quiet
         generation.look_at = now + _QUIET_LOOK
@@ -4918,11 +4922,12 @@ def _build_parser() -> _Parser:
                              "one gets no new connection, accepts what waits for it, and is "
                              "asked to stop once nothing has waited for S seconds (default "
                              f"{_DEFAULT_QUIET:g})")
-    parser.add_argument("--probation", metavar="S", type=_non_negative, default=_DEFAULT_PROBATION,
-                        help="--handoff activation: the old generation stays ready to serve "
-                             "again for S seconds after the new one serves; a new worker "
-                             "that dies meanwhile rolls the restart back (default "
-                             f"{_DEFAULT_PROBATION:g}; 0: none)")
+    parser.add_argument("--probation", metavar="S", type=_non_negative, default=None,
+                        help="forward and activation modes: the old generation stays ready "
+                             "to serve again for S seconds after the new one serves; a new "
+                             "worker that dies meanwhile rolls the restart back (default: "
+                             f"{_DEFAULT_PROBATION:g} with --handoff activation, 0 (none) "
+                             f"forwarding)")
     parser.add_argument("--stop-signal", metavar="SIG", type=_signal, default=signal.SIGTERM,
                         help="--handoff activation: the signal that asks a retiring child to "
                              "stop gracefully (default SIGTERM; nginx wants SIGQUIT)")
@@ -5001,6 +5006,9 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
             raise UsageError(f"PORT must be between 0 and 65535, not {opts.port}")
     opts.binds = [_parse_bind(spec, opts.port) for spec in opts.bind or ()]
     _refuse_idle_options(opts, given, parser.option_names)
+    if opts.probation is None:
+        # A library server says it is ready itself, once set up: opt in.
+        opts.probation = _DEFAULT_PROBATION if opts.handoff == "activation" else 0.0
     if opts.port is None and not opts.binds:
         raise UsageError("the following arguments are required: PORT")
     if command is None:
@@ -5042,7 +5050,10 @@ def _refuse_idle_control(action: str, given: set, names: Dict[str, str]) -> None
 def _refuse_idle_options(opts: argparse.Namespace, given: set, names: Dict[str, str]) -> None:
     """UsageError for an option that would do nothing in the daemon this
     command line starts: in another hand-off mode, or without its companion."""
-    activation_only = ("ready_delay", "stop_signal", "quiet_period", "probation")
+    activation_only = ("ready_delay", "stop_signal", "quiet_period")
+    if opts.handoff == "listener" and "probation" in given:
+        raise UsageError(f"{names['probation']} is for --handoff forward and activation: a "
+                         f"listener-mode server keeps accepting from the shared socket")
     if opts.handoff != "activation":
         for dest in activation_only:
             if dest in given:
@@ -5274,7 +5285,7 @@ def _serve(opts: argparse.Namespace) -> None:
                 on_upgrade=exec_upgrade,
                 restore=inherited["supervisor"] if inherited else None,
                 steering=steering, quiet_period=opts.quiet_period,
-                probation=opts.probation if opts.handoff == "activation" else 0.0,
+                probation=opts.probation if opts.handoff != "listener" else 0.0,
                 child_nofile=nofile, upgraded_from=inherited["from"] if inherited else None)
             try:
                 supervisor.run()

@@ -1183,6 +1183,36 @@ class RestartTest(ProtectorTestCase):
         self.assertEqual(load.failures, [])
         self.assertNoZombies(daemon)
 
+    def test_a_new_child_that_dies_on_probation_is_rolled_back(self):
+        """--probation 3, forwarding: a new child is ready and then exits at
+        once.  The old one, sent nothing new meanwhile but never told its
+        stream had ended, serves again: new connections reach it, a
+        connection it held still works, --reload exits 1 naming the new
+        child, and no session of a load running throughout fails.  A good
+        build then passes its probation, and only then does the old retire."""
+        daemon, load = self.under_load("--probation", "3", threads=2, sessions=10)
+        held, first = self.hold_connection(daemon)
+        self.set_flag("SP_TEST_DIE", "3")
+        code, lines = self.run_protector("--reload", "--pid-file", daemon.pid_file)
+        self.clear_flag("SP_TEST_DIE")
+        self.assertEqual(code, 1, daemon.log())
+        self.assertOneLineError(lines, r"restart failed: child \d+ exited with status 3 "
+                                       r"unexpectedly on probation; rolled back: child "
+                                       rf"{first} keeps serving$")
+        self.assertEqual({served_by(daemon.port) for _ in range(10)}, {first})
+        self.assertEqual(int(ask(held, b"pid")), first)
+        load.wait_for(20)
+        mark = daemon.mark()
+        code, lines = self.run_protector("--reload", "--pid-file", daemon.pid_file)
+        self.assertEqual(code, 0, lines)
+        second = int(daemon.wait_line(r"child (\d+) passed probation \(3 s\)", mark).group(1))
+        self.assertEqual(served_by(daemon.port), second)
+        held.close()
+        daemon.wait_line(rf"child {first} exited with status 0 \(retiring\)", mark)
+        load.stop()
+        taken = self.taken()
+        self.assertEqual([f for f in load.failures if f[0] not in taken], [], daemon.log())
+
     def test_failed_upgrade_keeps_old_child(self):
         """A new child that exits before it is ready is logged; the old one serves on."""
         daemon = Daemon(self)
@@ -1814,8 +1844,9 @@ class CommandLineTest(ProtectorTestCase):
              r"PORT 8000 does nothing: every --bind names its own port or is unix:$"),
             (["--bind", "unix:s", "0", "--", "true"],
              r"PORT 0 does nothing: every --bind names its own port or is unix:$"),
-            (["--probation", "2", "4321", "--", "true"],
-             r"--probation is for --handoff activation$"),
+            (["--handoff", "listener", "--probation", "2", "4321", "--", "true"],
+             r"--probation is for --handoff forward and activation: a listener-mode server "
+             r"keeps accepting from the shared socket$"),
             (["--stop-signal", "TERM", "4321", "--", "true"],
              r"--stop-signal is for --handoff activation$"),
             (["--handoff", "activation", "--bind", "unix:s", "--quiet-period", "1", "--",
@@ -4074,7 +4105,8 @@ class ActivationTest(ProtectorTestCase):
             if os.geteuid() != 0 or not shutil.which("unshare"):
                 self.skipTest("needs root and unshare(1) for a private network namespace")
             for migrate in ("1", "0"):
-                test = f"{__name__}.{type(self).__name__}.{self._testMethodName}"
+                module = os.path.splitext(os.path.basename(__file__))[0]
+                test = f"{module}.{type(self).__name__}.{self._testMethodName}"
                 run = subprocess.run(["unshare", "--net", sys.executable, "-m", "unittest", test],
                                      env={**os.environ, "SP_TEST_NETNS": migrate},
                                      cwd=os.path.dirname(os.path.abspath(__file__)),
