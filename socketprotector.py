@@ -79,6 +79,7 @@ import grp
 import json
 import logging
 import logging.handlers
+import math
 import os
 import pwd
 import re
@@ -130,6 +131,7 @@ _DEFAULT_STOP_TIMEOUT = 10.0
 _DEFAULT_BACKLOG = 1024
 _KILL_GRACE = 5.0          # seconds from SIGTERM to SIGKILL
 _RELOAD_SETTLE = 1.0         # --reload: how long retired children may take to exit unmentioned
+_CONTROL_SPARE = 2.0         # --reload, --stop, --upgrade: seconds waited beyond the daemon's limits
 _DRAIN_REPORT_FIRST = 10.0   # a retired child still running: a line after this long,
 _DRAIN_REPORT_EVERY = 60.0   # then this often
 _BACKOFF_MIN = 0.1
@@ -4135,18 +4137,21 @@ class _SystemdNotifier:
 
 
 class _StateFile:
-    """PIDFILE.state: what --reload reads about the running daemon.
+    """PIDFILE.state: what --reload, --stop and --status read about the
+    running daemon.
 
     Lines: "restart SEQ START_NS OUTCOME" for each of the last few restarts
     (START_NS: CLOCK_MONOTONIC when the daemon began it; OUTCOME "running"
-    until it ended), "stopping 0|1", "last DETAIL", then "end", which closes
-    a complete record.  Rewritten in place through a descriptor opened at
-    start, so it still works after --user has dropped the right to create
-    files there.  Removed on exit.
+    until it ended), the same for upgrades, "stopping 0|1", "last DETAIL",
+    "daemon JSON" (what does not change: version, hand-off mode, start
+    time, steering, and the limits the control commands wait by), "status
+    JSON" (the supervisor's snapshot), then "end", which closes a complete
+    record.  Rewritten in place through a descriptor opened at start, so it
+    still works after --user has dropped the right to create files there.
+    Removed on exit.
     """
 
-    def __init__(self, pid_file: str, drain_timeout: Optional[float] = None,
-                 inherited: Optional[dict] = None) -> None:
+    def __init__(self, pid_file: str, inherited: Optional[dict] = None) -> None:
         """inherited: what an upgrade handed over (export()), to go on with."""
         self.path = pid_file + ".state"
         self._restarts: collections.deque = collections.deque(maxlen=8)
@@ -4155,22 +4160,30 @@ class _StateFile:
         self._stopping = False
         self._last = "starting"
         self._snapshot: dict = {}
-        self._drain_timeout = drain_timeout
+        self._daemon: dict = {}
+        self._started = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         if inherited is not None:
             self._fd = _adopt_fd(inherited["fd"])
             self._restarts.extend(inherited["restarts"])
             self._upgrades.extend(inherited["upgrades"])
             self._seq, self._last = inherited["seq"], inherited["last"]
+            self._started = inherited.get("started", self._started)
             return
         self._fd = _open_checked(self.path, os.O_RDWR | os.O_CREAT, 0o644, "state file")
         self._write(self._last)
 
     def export(self) -> dict:
         return {"path": self.path, "fd": self._fd, "restarts": list(self._restarts),
-                "upgrades": list(self._upgrades), "seq": self._seq, "last": self._last}
+                "upgrades": list(self._upgrades), "seq": self._seq, "last": self._last,
+                "started": self._started}
+
+    def describe(self, daemon: dict) -> None:
+        """What does not change while the daemon runs (the "daemon" line)."""
+        self._daemon = dict(daemon, version=__version__, started=self._started)
+        self._write(self._last)
 
     def on_state(self, snapshot: dict) -> None:
-        self._snapshot = dict(snapshot, drain_timeout=self._drain_timeout)
+        self._snapshot = snapshot
         self._write(self._last)
 
     def on_event(self, event: str, detail: str) -> None:
@@ -4194,6 +4207,7 @@ class _StateFile:
         lines = [f"restart {seq} {start} {outcome}" for seq, start, outcome in self._restarts]
         lines += [f"upgrade {seq} {start} {outcome}" for seq, start, outcome in self._upgrades]
         lines += [f"stopping {int(self._stopping)}", f"last {last}",
+                  f"daemon {json.dumps(self._daemon, separators=(',', ':'))}",
                   f"status {json.dumps(self._snapshot, separators=(',', ':'))}", "end", ""]
         try:
             os.ftruncate(self._fd, 0)
@@ -4219,7 +4233,9 @@ def _remove_owned_file(path: str, fd: int) -> None:
 
 def _read_state(path: str) -> Optional[dict]:
     """A state file's record ({"restarts": [(seq, start_ns, outcome)],
-    "stopping": bool, "last": str}); None while it is being rewritten."""
+    "upgrades": the same, "stopping": bool, "last": str, "daemon": dict,
+    "status": dict}; what an older daemon does not write is empty); None
+    while it is being rewritten."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -4229,10 +4245,13 @@ def _read_state(path: str) -> Optional[dict]:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise SocketProtectorError(f"daemon state {path} is not a regular file")
-        text = os.read(fd, 65536).decode(errors="replace")
+        # One read of the whole file: a record the daemon rewrites meanwhile
+        # then lacks its "end" (and is read again), never mixes two.
+        text = os.read(fd, os.fstat(fd).st_size + 65536).decode(errors="replace")
     finally:
         os.close(fd)
-    record: dict = {"restarts": [], "upgrades": [], "stopping": False, "last": "", "status": {}}
+    record: dict = {"restarts": [], "upgrades": [], "stopping": False, "last": "",
+                    "daemon": {}, "status": {}}
     for line in text.split("\n"):
         key, _, value = line.partition(" ")
         if key in ("restart", "upgrade"):
@@ -4242,9 +4261,9 @@ def _read_state(path: str) -> Optional[dict]:
             record["stopping"] = value == "1"
         elif key == "last":
             record["last"] = value
-        elif key == "status":
+        elif key in ("daemon", "status"):
             try:
-                record["status"] = json.loads(value)
+                record[key] = json.loads(value)
             except ValueError:
                 return None
         elif key == "end":
@@ -4303,10 +4322,13 @@ def _signal_daemon(pid: int, sig: int) -> None:
 
 
 def _control(opts: argparse.Namespace) -> int:
-    """--reload / --stop / --status: act on the daemon the pid file names.
+    """--reload / --stop / --status / --upgrade: act on the daemon the pid file names.
 
-    --reload and --stop say on stdout what they wait for (and how long at
-    most), then how it ended; a failure goes to stderr (exit 1).
+    --reload, --stop and --upgrade wait by the daemon's own limits (its
+    --ready-timeout, --probation, --stop-timeout, as its state file gives
+    them) unless this command line gives its own; they say on stdout what
+    they wait for (and how long at most, and why that long), then how it
+    ended; a failure goes to stderr (exit 1).
     """
     pid = _running_pid(opts.pid_file)
     if pid is None:
@@ -4321,26 +4343,36 @@ def _control(opts: argparse.Namespace) -> int:
               if record["status"] else f"socketprotector: daemon {pid}: {record['last']}")
         return EXIT_OK
     if opts.stop:
-        wait = opts.stop_timeout + 2 * _KILL_GRACE
+        try:        # the limits only: a daemon exiting meanwhile is what we want
+            limits = _read_state_settled(path)["daemon"].get("limits", {})
+        except SocketProtectorError:
+            limits = {}
+        stop, named = _limit(opts.stop_timeout, limits, "stop_timeout", _DEFAULT_STOP_TIMEOUT,
+                             "--stop-timeout")
+        grace = 2 * limits.get("kill_grace", _KILL_GRACE)
+        wait = stop + grace + _CONTROL_SPARE
+        why = (f"{named}, then up to {grace:g} s to kill what is left, {_CONTROL_SPARE:g} s "
+               f"to spare")
         _say(f"stopping daemon {pid}; waiting up to {wait:g} s for it and its children "
-             f"to exit")
+             f"to exit ({why})")
         _signal_daemon(pid, signal.SIGTERM)
         # It lets go of the pid file just before it exits: wait for both.
         _await(lambda: _running_pid(opts.pid_file) != pid and _process_gone(pid),
-               time.monotonic() + wait, f"daemon {pid} still running after SIGTERM")
+               time.monotonic() + wait,
+               f"daemon {pid} still running {wait:g} s after SIGTERM ({why})")
         _say(f"stopped daemon {pid}")
         return EXIT_OK
-    if opts.upgrade:
-        return _control_upgrade(pid, path)
-    wait = opts.ready_timeout + 2 * _KILL_GRACE
-    deadline = time.monotonic() + wait
-    if _read_state_settled(path, deadline)["stopping"]:
+    record = _read_state_settled(path)
+    if record["stopping"]:
         raise SocketProtectorError(f"daemon {pid} is shutting down")
-    _say(f"reloading daemon {pid}; waiting up to {wait:g} s for the new children to be ready")
-    record: Dict[str, Any] = {}
+    if opts.upgrade:
+        return _control_upgrade(pid, path, record)
+    wait, why = _reload_wait(opts, record)
+    deadline = time.monotonic() + wait
+    _say(f"reloading daemon {pid}; waiting up to {wait:g} s for the new children to be ready "
+         f"({why})")
     result = _signal_and_await(pid, path, signal.SIGHUP, "restarts", deadline, record,
-                               f"daemon {pid}: restart not finished after "
-                               f"{opts.ready_timeout:g} s")
+                               f"daemon {pid}: restart not finished after {wait:g} s ({why})")
     if result == "stopping":
         raise SocketProtectorError(f"daemon {pid} began shutting down before it restarted")
     if result.startswith("restart failed"):
@@ -4354,7 +4386,8 @@ def _control(opts: argparse.Namespace) -> int:
             break
         time.sleep(0.02)
     if draining:
-        limit = record["status"].get("drain_timeout")
+        # From an older daemon, in its status.
+        limit = record["daemon"].get("limits", record["status"]).get("drain_timeout")
         result += (f"; {len(draining)} retired "
                    f"{'child' if len(draining) == 1 else 'children'} still finishing open "
                    f"connections " + (f"(stopped after --drain-timeout {limit:g} s)" if limit
@@ -4364,16 +4397,49 @@ def _control(opts: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _control_upgrade(pid: int, path: str) -> int:
+def _limit(given: Optional[float], limits: dict, key: str, default: float,
+           option: str) -> tuple:
+    """One of the limits a control command waits by: (seconds, what it is).
+    This command line's own, else the daemon's, else (an older daemon that
+    does not say) the default."""
+    if given is not None:
+        return given, f"{option} {given:g} s as given"
+    if limits.get(key) is not None:
+        return limits[key], f"its {option} {limits[key]:g} s"
+    return default, f"{option} {default:g} s, the default (the daemon does not say its own)"
+
+
+def _reload_wait(opts: argparse.Namespace, record: dict) -> tuple:
+    """How long --reload waits, and why: its restart's --ready-timeout and
+    --probation, after what is left of a restart already under way (its
+    SIGHUP then makes one more, which begins once that one is decided)."""
+    limits = record["daemon"].get("limits", {})
+    ready, why = _limit(opts.ready_timeout, limits, "ready_timeout", _DEFAULT_READY_TIMEOUT,
+                        "--ready-timeout")
+    probation = limits.get("probation") or 0.0
+    one = ready + probation
+    if probation:
+        why += f" and --probation {probation:g} s"
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    running = [start for _, start, outcome in record["restarts"] if outcome == "running"]
+    ahead = 0.0
+    if running:
+        ahead = float(max(0, math.ceil(one - (now - running[-1]) / 1e9)))
+        why += f", after up to {ahead:g} s for the restart under way"
+    return ahead + one + _CONTROL_SPARE, f"{why}, {_CONTROL_SPARE:g} s to spare"
+
+
+def _control_upgrade(pid: int, path: str, record: dict) -> int:
     """--upgrade: SIGUSR2, then wait for the outcome of the first upgrade the
     daemon begins after this instant."""
-    wait = _UPGRADE_CHECK_TIMEOUT + 2 * _KILL_GRACE
+    check = record["daemon"].get("limits", {}).get("upgrade_check_timeout",
+                                                   _UPGRADE_CHECK_TIMEOUT)
+    wait = check + _CONTROL_SPARE
+    why = f"its check of the new code takes {check:g} s at most, {_CONTROL_SPARE:g} s to spare"
     deadline = time.monotonic() + wait
-    if _read_state_settled(path, deadline)["stopping"]:
-        raise SocketProtectorError(f"daemon {pid} is shutting down")
-    _say(f"upgrading daemon {pid} in place; waiting up to {wait:g} s for the new code")
+    _say(f"upgrading daemon {pid} in place; waiting up to {wait:g} s for the new code ({why})")
     result = _signal_and_await(pid, path, signal.SIGUSR2, "upgrades", deadline, {},
-                               f"daemon {pid}: upgrade not finished after {wait:g} s")
+                               f"daemon {pid}: upgrade not finished after {wait:g} s ({why})")
     if result == "stopping":
         raise SocketProtectorError(f"daemon {pid} began shutting down before it upgraded")
     if result.startswith("upgrade refused"):
@@ -4617,10 +4683,13 @@ def _build_parser() -> _Parser:
                         help="run N children (workers) at once, each told its index in "
                              f"${ENV_WORKER}; SIGTTIN/SIGTTOU add or remove one (default 1, "
                              f"at most {_MAX_WORKERS})")
+    # --ready-timeout and --stop-timeout: None unless given, so that --reload
+    # and --stop can tell the operator's own limit from the default, and
+    # wait by the daemon's otherwise (_parse_args sets the defaults).
     parser.add_argument("--ready-timeout", metavar="S", type=_seconds,
-                        default=_DEFAULT_READY_TIMEOUT,
                         help="a new child not ready after S seconds is stopped and the old "
-                             f"one keeps serving (default {_DEFAULT_READY_TIMEOUT:g})")
+                             f"one keeps serving (default {_DEFAULT_READY_TIMEOUT:g}; with "
+                             "--reload: wait by this instead of the daemon's own)")
     parser.add_argument("--drain-timeout", metavar="S", type=_seconds, default=None,
                         help="a retired child still running after S seconds gets SIGTERM, "
                              "then SIGKILL (default: no limit)")
@@ -4629,9 +4698,9 @@ def _build_parser() -> _Parser:
                              "some wait for it is stopped and replaced; what it had not "
                              "taken goes to the replacement (default: off; forwarding only)")
     parser.add_argument("--stop-timeout", metavar="S", type=_seconds,
-                        default=_DEFAULT_STOP_TIMEOUT,
                         help="on shutdown, children still running after S seconds get "
-                             f"SIGTERM, then SIGKILL (default {_DEFAULT_STOP_TIMEOUT:g})")
+                             f"SIGTERM, then SIGKILL (default {_DEFAULT_STOP_TIMEOUT:g}; "
+                             "with --stop: wait by this instead of the daemon's own)")
     parser.add_argument("--chdir", metavar="DIR",
                         help="run the children in DIR (default: where the daemon was started, "
                              "as $PWD names it), resolved again for each new child")
@@ -4674,6 +4743,10 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
         if opts.port is not None or command is not None:
             raise UsageError(f"--{actions[0]} takes no PORT or command")
         return opts
+    if opts.ready_timeout is None:
+        opts.ready_timeout = _DEFAULT_READY_TIMEOUT
+    if opts.stop_timeout is None:
+        opts.stop_timeout = _DEFAULT_STOP_TIMEOUT
     if opts.port is not None:
         try:
             opts.port = int(opts.port, 10)
@@ -4846,10 +4919,10 @@ def _serve(opts: argparse.Namespace) -> None:
             if log_file is not None:
                 log_file.take_stdio()
         if inherited and inherited["state_file"]:
-            state_file = _StateFile(pid_file.path, opts.drain_timeout, inherited["state_file"])
+            state_file = _StateFile(pid_file.path, inherited["state_file"])
         elif pid_file is not None:
             pid_file.write(os.getpid())
-            state_file = _StateFile(pid_file.path, opts.drain_timeout)
+            state_file = _StateFile(pid_file.path)
         _become_subreaper()     # imports ctypes: before --user may lose access to it
         if user is not None:
             _drop_privileges(*user)
@@ -4863,8 +4936,19 @@ def _serve(opts: argparse.Namespace) -> None:
         else:
             _log.info("listening on %s%s", ", ".join(map(_format_address, listeners)),
                       " (socket activation)" if activated else "")
-        steering = _steering_for(opts, activated, listeners, inherited)
+        steering, steering_off = _steering_for(opts, activated, listeners, inherited)
         nofile = inherited.get("nofile") if inherited else _raise_nofile()
+        probation = opts.probation if steering is not None else 0.0     # it needs steering
+        if state_file is not None:
+            state_file.describe({
+                "handoff": opts.handoff,
+                "steering": None if opts.handoff != "activation" else
+                {"active": steering is not None, "fallback_reason": steering_off},
+                # What --reload, --stop and --upgrade wait by (seconds).
+                "limits": {"ready_timeout": opts.ready_timeout, "probation": probation,
+                           "stop_timeout": opts.stop_timeout, "kill_grace": _KILL_GRACE,
+                           "drain_timeout": opts.drain_timeout,
+                           "upgrade_check_timeout": _UPGRADE_CHECK_TIMEOUT}})
 
         def exec_upgrade(supervisor_state: dict, fds: List[int]) -> str:
             """Hand everything to the new code and exec it; why not, if it failed."""
@@ -4872,7 +4956,7 @@ def _serve(opts: argparse.Namespace) -> None:
                      for f in (pid_file, state_file, log_file)]
             state = {"version": _STATE_VERSION, "from": __version__, "script": script,
                      "cwd": cwd, "envdir": envdir, "activated": activated, "made": made,
-                     "nofile": nofile,
+                     "nofile": nofile, "steering_off": steering_off,
                      "pid_file": files[0], "state_file": files[1], "log_file": files[2],
                      "supervisor": supervisor_state}
             return _exec_self(script, state, [*fds, *(f["fd"] for f in files if f)])
@@ -4895,8 +4979,7 @@ def _serve(opts: argparse.Namespace) -> None:
                 ready_delay=opts.ready_delay, stop_signal=opts.stop_signal, script=script,
                 on_upgrade=exec_upgrade,
                 restore=inherited["supervisor"] if inherited else None,
-                steering=steering, quiet_period=opts.quiet_period,
-                probation=opts.probation if opts.handoff == "activation" else 0.0,
+                steering=steering, quiet_period=opts.quiet_period, probation=probation,
                 child_nofile=nofile)
             try:
                 supervisor.run()
@@ -4952,15 +5035,17 @@ def _why_not_steer(opts: argparse.Namespace, activated: bool) -> Optional[str]:
 
 
 def _steering_for(opts: argparse.Namespace, activated: bool, listeners: List[socket.socket],
-                  inherited: Optional[dict]) -> Optional[_Steering]:
+                  inherited: Optional[dict]) -> tuple:
     """Activation mode: a _Steering over the daemon's sockets, or None (and
-    one line saying what is lost) where the setup or the kernel refuses."""
+    one line saying what is lost) where the setup or the kernel refuses;
+    and why not (None: steering, or not activation mode)."""
     if inherited is not None:       # as the code before the upgrade had it
-        return (_Steering(listeners, opts.backlog, attach=False)
-                if inherited["supervisor"].get("steering") else None)
+        if inherited["supervisor"].get("steering"):
+            return _Steering(listeners, opts.backlog, attach=False), None
+        return None, inherited.get("steering_off") or _why_not_steer(opts, activated) or None
     why = _why_not_steer(opts, activated)
     if why == "":
-        return None
+        return None, None
     if why is None:
         try:
             steering = _Steering(listeners, opts.backlog)
@@ -4969,10 +5054,10 @@ def _steering_for(opts: argparse.Namespace, activated: bool, listeners: List[soc
         else:
             _log.info("each generation listens on sockets of its own; new connections go to "
                       "the serving one's (SO_REUSEPORT, BPF)")
-            return steering
+            return steering, None
     _log.warning("restarts share one listening socket (%s): an old server may take new "
                  "connections until it stops", why)
-    return None
+    return None, why
 
 
 def _working_directory(chdir: Optional[str]) -> str:

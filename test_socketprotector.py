@@ -1578,6 +1578,59 @@ class DaemonModeTest(ProtectorTestCase):
         self.assertEqual(reload.returncode, 1)
         self.assertOneLineError(err.decode().splitlines(), rf"daemon {pid} exited$")
 
+    def test_reload_gives_up_by_the_daemons_ready_timeout(self):
+        """--reload waits by the running daemon's --ready-timeout (here 1 s),
+        not by its own default (30 s): with the daemon frozen, it gives up
+        after that and 2 s to spare, and says what it waited for."""
+        self.assertEqual(self.start_detached("--ready-timeout", "1")[0], 0)
+        pid = read_pid(self.pid_file)
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        code, lines = self.run_protector("--reload", "--pid-file", self.pid_file,
+                                         timeout=TIMEOUT)
+        self.assertEqual(code, 1, lines)
+        self.assertLess(time.monotonic() - started, 3 + TIMEOUT / 4)
+        why = r"\(its --ready-timeout 1 s, 2 s to spare\)"
+        self.assertRegex(self.stdout[0], rf"^socketprotector: reloading daemon {pid}; waiting "
+                                         rf"up to 3 s for the new children to be ready {why}$")
+        self.assertOneLineError(lines, rf"daemon {pid}: restart not finished after 3 s {why}$")
+        os.kill(pid, signal.SIGCONT)
+        self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file)[0], 0)
+
+    def test_control_commands_wait_by_the_daemons_limits_and_say_which(self):
+        """--reload and --stop say how long they wait and why: the daemon's
+        --ready-timeout and --stop-timeout (60 s and 3 s here, not their
+        own defaults), a limit given on their own command line instead, and
+        for --reload, what is left of a restart already under way, which
+        its SIGHUP follows."""
+        self.assertEqual(self.start_detached("--ready-timeout", "60", "--stop-timeout",
+                                             "3")[0], 0)
+        pid = read_pid(self.pid_file)
+        self.assertEqual(self.run_protector("--reload", "--pid-file", self.pid_file), (0, []))
+        self.assertEqual(self.stdout[0], f"socketprotector: reloading daemon {pid}; waiting up "
+                                         f"to 62 s for the new children to be ready (its "
+                                         f"--ready-timeout 60 s, 2 s to spare)")
+        self.assertEqual(self.run_protector("--reload", "--ready-timeout", "5", "--pid-file",
+                                            self.pid_file), (0, []))
+        self.assertEqual(self.stdout[0], f"socketprotector: reloading daemon {pid}; waiting up "
+                                         f"to 7 s for the new children to be ready "
+                                         f"(--ready-timeout 5 s as given, 2 s to spare)")
+        self.set_flag("SP_TEST_DELAY", "1.0")
+        os.kill(pid, signal.SIGHUP)     # a restart whose new child needs a second
+        wait_until(lambda: os.path.exists(self.flags["SP_TEST_DELAY"] + ".sleeping"),
+                   "the new child to be past its start-up checks")
+        self.clear_flag("SP_TEST_DELAY")
+        self.assertEqual(self.run_protector("--reload", "--pid-file", self.pid_file), (0, []))
+        self.assertRegex(self.stdout[0], rf"^socketprotector: reloading daemon {pid}; waiting "
+                                         r"up to 1[12]\d s for the new children to be ready "
+                                         r"\(its --ready-timeout 60 s, after up to [56]\d s for "
+                                         r"the restart under way, 2 s to spare\)$")
+        self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file), (0, []))
+        self.assertEqual(self.stdout[0], f"socketprotector: stopping daemon {pid}; waiting up "
+                                         f"to 15 s for it and its children to exit (its "
+                                         f"--stop-timeout 3 s, then up to 10 s to kill what is "
+                                         f"left, 2 s to spare)")
+
     def test_reload_names_the_worker_of_a_broken_generation(self):
         """With three workers, --reload exits 1 naming the worker that failed;
         the old generation keeps serving."""
@@ -1638,7 +1691,8 @@ class DaemonModeTest(ProtectorTestCase):
         first = int(ask(held, b"pid"))
         self.assertEqual(self.run_protector("--reload", "--pid-file", self.pid_file), (0, []))
         self.assertEqual(self.stdout[0], f"socketprotector: reloading daemon {pid}; waiting up "
-                                         f"to 40 s for the new children to be ready")
+                                         f"to 32 s for the new children to be ready (its "
+                                         f"--ready-timeout 30 s, 2 s to spare)")
         self.assertRegex(self.stdout[1], r"^socketprotector: reloaded: child \d+ serving; 1 "
                                          r"retired child still finishing open connections \(no "
                                          r"--drain-timeout: for as long as their clients stay "
@@ -1652,8 +1706,9 @@ class DaemonModeTest(ProtectorTestCase):
         held.close()
         self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file), (0, []))
         self.assertEqual(self.stdout, [
-            f"socketprotector: stopping daemon {pid}; waiting up to 20 s for it and its "
-            f"children to exit", f"socketprotector: stopped daemon {pid}"])
+            f"socketprotector: stopping daemon {pid}; waiting up to 22 s for it and its "
+            f"children to exit (its --stop-timeout 10 s, then up to 10 s to kill what is "
+            f"left, 2 s to spare)", f"socketprotector: stopped daemon {pid}"])
         code, lines = self.run_protector("--status", "--pid-file", self.pid_file)
         self.assertEqual(code, 1)
         self.assertOneLineError(lines, r"not running \(no daemon holds .*sp\.pid\)$")
@@ -3783,6 +3838,21 @@ class ActivationTest(ProtectorTestCase):
         second = int(daemon.wait_line(r"child (\d+) passed probation \(3 s\)", mark).group(1))
         daemon.wait_line(rf"^stopped by SIGTERM pid {first}$", mark)
         self.assertEqual(served_by(daemon.port), second)
+
+    def test_reload_waits_through_the_daemons_probation(self):
+        """--reload waits by the daemon's --ready-timeout and --probation
+        together: the restart is decided only once the new server has
+        served its probation (4.5 s), longer than the ready timeout (1.5 s)
+        and the time to spare."""
+        daemon = Daemon(self, "--ready-timeout", "1.5", "--probation", "4.5")
+        daemon.serving()
+        code, lines = self.run_protector("--reload", "--pid-file", daemon.pid_file)
+        self.assertEqual((code, lines), (0, []), daemon.log())
+        self.assertEqual(self.stdout[0], f"socketprotector: reloading daemon {daemon.pid}; "
+                                         f"waiting up to 8 s for the new children to be ready "
+                                         f"(its --ready-timeout 1.5 s and --probation 4.5 s, "
+                                         f"2 s to spare)")
+        daemon.wait_line(r"child \d+ passed probation \(4.5 s\)")
 
     def test_ready_delay_takes_a_silent_server_as_ready(self):
         """--ready-delay: a server that never says READY=1 is taken as ready
