@@ -49,7 +49,8 @@ Signals: HUP restarts (start-first), TERM/INT shut down gracefully (twice:
 at once), USR1 reopens --log-file, USR2 re-executes the socketprotector.py
 now on disk in this same process, keeping listeners, children and queues
 (--upgrade waits for it), TTIN/TTOU add or remove a worker.  --status
-prints the status line.
+prints the status line (--json: a versioned JSON document; --format
+prometheus: Prometheus text for node_exporter's textfile collector).
 
 Exit codes: 0 after a clean shutdown, 1 for a runtime failure (port in use,
 command not found, first child failed to start), 2 for bad usage.
@@ -861,9 +862,10 @@ class _Child:
         self.stalled = False                     # sent b"N", not yet sent b"K": send nothing
         self.nacked = False                      # ever short of descriptors
         # Sizes of the messages sent that the child may not have received
-        # yet, oldest first, and their sum (the inbox is the truth: _sync).
+        # yet, oldest first, and their sum (the inbox is the truth: unreceived()).
         self.queued: collections.deque = collections.deque()
         self.unread = 0
+        self.sent = 0                            # connections sent to it, in all
         self.waiting_since = 0.0                 # --hang-timeout: last progress seen
         self.reclaimed = 0                       # connections taken back from its queue
         # Processes (forked by the child) that still hold its channel after
@@ -875,6 +877,11 @@ class _Child:
         self.notify: Optional[socket.socket] = None
         self.assume_ready_at: Optional[float] = None
         self.look_at: Optional[float] = None     # activation: next look for it waiting
+        # For the status: how it was judged ready ("channel": it sent b"R";
+        # "notify": READY=1; "epoll", "accept": seen waiting; "delay":
+        # --ready-delay), and the directory it started in, resolved.
+        self.ready_by: Optional[str] = None
+        self.cwd: Optional[str] = None
 
     def can_take(self, now: float) -> bool:
         return (self.channel is not None and not self.blocked and not self.stalled
@@ -1000,6 +1007,7 @@ class _Listener:
         self.quota = 0                      # at shutdown: how many are left to accept
         self.unlooked = 0                   # fast path: accepts left before looking again
         self.address = _format_address(sock)    # for the status, once
+        self.inode = _inode(sock)                 # the status reader looks up its backlog
 
     def accept_more(self, fds, limit: int) -> None:
         """Fast path, after one accept into fds: what else waits, up to limit
@@ -1059,7 +1067,6 @@ class _ConnectionQueue:
         self.spill: Optional[List[socket.socket]] = _spill_pair() if forwarding else None
         self.takers: List[_Child] = []
         self._turn = 0                           # where the next tie-break starts
-        self._track = hang_timeout is not None   # keep child.queued (more than one taker too)
         self.listening = False
         self.accept_paused_until: Optional[float] = None
         self._accept_error: Optional[str] = None      # logged once until accept works again
@@ -1078,7 +1085,6 @@ class _ConnectionQueue:
 
     def set_takers(self, takers: List[_Child]) -> None:
         self.takers = takers
-        self._track = self._hang_timeout is not None or len(takers) > 1
 
     def deadlines(self, now: float) -> List[float]:
         pending = [d for d in (self.accept_paused_until, self.holders_check_at) if d is not None]
@@ -1215,7 +1221,11 @@ class _ConnectionQueue:
             return False
         for fd in fds:
             _close(fd)          # the child's queue holds them now
-        self.forwarded += len(fds)
+        count = len(fds)
+        child.queued.append(count)      # the ledger, as _send() keeps it
+        child.unread += count
+        child.sent += count
+        self.forwarded += count
         return True
 
     def _forward_to_least_loaded(self, listener: _Listener) -> bool:
@@ -1263,7 +1273,7 @@ class _ConnectionQueue:
             child = self.takers[(self._turn + k) % count]
             if not child.can_take(now):
                 continue
-            unread = self._sync(child)
+            unread = self.unreceived(child)
             if best is None or unread < fewest:
                 best, fewest = child, unread
                 if not unread:
@@ -1296,12 +1306,14 @@ class _ConnectionQueue:
                 self._hung_up(child)    # EPIPE, ECONNRESET: it hung up
             return False
         _close_fds(batch)       # the child's queue holds them now
-        if self._track:
-            child.queued.append(room)
-            child.unread += room
-            if self._hang_timeout is not None and child.deadline is None:
-                child.waiting_since = now
-                child.deadline = now + self._hang_timeout / 4
+        # The ledger, for the least loaded, the hang check and the status
+        # (pruned by unreceived(), at the latest when the counts are published).
+        child.queued.append(room)
+        child.unread += room
+        child.sent += room
+        if self._hang_timeout is not None and child.deadline is None:
+            child.waiting_since = now
+            child.deadline = now + self._hang_timeout / 4
         self.forwarded += room
         if self._debug:
             _log.debug("sent child %d %d connections (fds %s)", child.pid, room, batch)
@@ -1312,7 +1324,7 @@ class _ConnectionQueue:
         child.blocked = False
         self._sel.modify(child.channel, _IN)
 
-    def _sync(self, child: _Child) -> int:
+    def unreceived(self, child: _Child) -> int:
         """Forget what the child has received since last asked; what is left unread."""
         if child.inbox is None:
             return child.unread
@@ -1327,7 +1339,7 @@ class _ConnectionQueue:
         if child.inbox is None:
             return None
         before = len(child.queued)
-        self._sync(child)
+        self.unreceived(child)
         if len(child.queued) < before:
             child.waiting_since = now   # it took some
         if not child.queued:
@@ -1568,10 +1580,16 @@ def _inode(sock: socket.socket) -> int:
     return os.fstat(sock.fileno()).st_ino
 
 
-def _listening_inodes() -> set:
-    """The inodes of every TCP socket listening in this network namespace.
+def _ns(seconds: Optional[float]) -> Optional[int]:
+    """A time.monotonic() as CLOCK_MONOTONIC ns, as the status publishes times; None for none."""
+    return int(seconds * 1e9) if seconds else None
+
+
+def _listening_backlogs() -> dict:
+    """{inode: connections waiting to be accepted} for every TCP socket
+    listening in this network namespace (a LISTEN line's rx_queue).
     /proc/net/tcp* lists the listening sockets first: the rest is not read."""
-    found = set()
+    found = {}
     for path in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(path) as f:
@@ -1580,10 +1598,15 @@ def _listening_inodes() -> set:
                     fields = line.split()
                     if len(fields) <= 9 or fields[3] != "0A":
                         break
-                    found.add(int(fields[9]))
-        except OSError:
+                    found[int(fields[9])] = int(fields[4].partition(":")[2], 16)
+        except (OSError, ValueError):
             pass
     return found
+
+
+def _listening_inodes() -> set:
+    """The inodes of every TCP socket listening in this network namespace."""
+    return set(_listening_backlogs())
 
 
 def _listen_beside(sock: socket.socket, backlog: int) -> socket.socket:
@@ -1759,6 +1782,8 @@ def _table(convert, missing=KeyError) -> _Kind:
 
 _INT = _Kind(_as_is, int)
 _PATH = _Kind(_as_is, _optional(str), missing=None)
+_TEXT = _PATH                                               # any text new versions carry
+_COUNT = _Kind(_as_is, int, missing=0)                      # a count new versions carry
 _LATER = _Kind(_as_is, _optional(float), missing=None)     # a time new versions carry
 _INODES = _Kind(lambda inodes, keep: list(inodes), lambda inodes: [int(n) for n in inodes])
 _GROUPS = _Kind(lambda groups, keep: [list(g) for g in groups],
@@ -1806,8 +1831,8 @@ _CHILD_STATE = _fields(
     ready_at=_NUMBER, retired_at=_NUMBER, report_at=_NUMBER, deadline=_NUMBER,
     kill_at=_NUMBER, paused_until=_NUMBER, batch_limit=_INT, blocked=_FLAG, stalled=_FLAG,
     nacked=_FLAG, queued=_COUNTS, unread=_INT, waiting_since=_NUMBER, reclaimed=_INT,
-    exec_error=_HEX, assume_ready_at=_NUMBER, look_at=_LATER,
-    channel=_SOCKET, inbox=_SOCKET, notify=_SOCKET, exec_report=_FD)
+    exec_error=_HEX, assume_ready_at=_NUMBER, look_at=_LATER, sent=_COUNT, ready_by=_TEXT,
+    cwd=_PATH, channel=_SOCKET, inbox=_SOCKET, notify=_SOCKET, exec_report=_FD)
 _GENERATION_STATE = _fields(
     number=_INT, serving=_FLAG, slots=_SLOTS, respawn_at=_table(float),
     backoff=_table(float), quick_deaths=_table(int), sockets=_SOCKETS, look_at=_LATER,
@@ -1836,7 +1861,6 @@ _NOT_CARRIED = {
         **dict.fromkeys(("_sel", "listeners", "by_fd", "_forwarding", "_backlog",
                          "_hang_timeout", "_hung_up", "own_pids", "_message", "_debug"), _GIVEN),
         "takers": "derived from the children's states",
-        "_track": "derived from the takers",
         "_turn": "where the next tie-break starts: any place will do",
         "listening": "derived: accepting resumes as the takers allow",
         "_accept_error": "a repeated warning may be logged once more",
@@ -1853,6 +1877,7 @@ _NOT_CARRIED = {
         "_upgrade": "none: the exec happens once the check is over",
         "_exec_due": "none: this is the exec",
         "_published": "published anew", "_publish_due": "published anew",
+        "_published_counts": "published anew",
         "_stopping": "never: an upgrade is refused while shutting down",
         "_stop_deadline": "none: not shutting down",
         "_next_deadline": "computed anew", "_error": "none while running",
@@ -1948,6 +1973,7 @@ class _Supervisor:
         self._on_reopen = on_reopen
         self._on_state = on_state
         self._published: Optional[dict] = None
+        self._published_counts: Optional[dict] = None
         self._publish_due = False   # the counts changed: SIGALRM will publish them
         self._output = output   # where a detached child's output goes, for a failed start
         self._envdir = envdir
@@ -2124,7 +2150,7 @@ class _Supervisor:
                 if child.state is _State.STARTING:
                     _log.info("%s has run %g s (--ready-delay): taking it as ready",
                               self._name(child), self._ready_delay)
-                    self._ready(child)
+                    self._ready(child, "delay")
             if child.deadline is not None and now >= child.deadline:
                 child.deadline = None
                 if (child.channel is None and child.state in _LIVE_ROLES
@@ -2308,29 +2334,65 @@ class _Supervisor:
             self._steering.recheck()    # what it held may leave its group now
 
     def snapshot(self) -> dict:
-        """What the status line says, as data (times: CLOCK_MONOTONIC ns)."""
-        ready = self._serving.ready() if self._serving is not None else []
+        """What the status says, as data (times: CLOCK_MONOTONIC ns), but for
+        the per-connection figures (_counts()).  Made and compared at each
+        turn of the loop, so each child is a list: [pid, worker, generation,
+        state, started, ready_at, retired_at, ready_by, probation, cwd, the
+        inodes of the listening sockets it accepts from, when they are its
+        generation's own (steering), else None].  The status reader
+        (_status_document) gives it its documented form."""
+        serving, fallback = self._serving, self._fallback
+        on_probation = serving is not None and serving.probation_until is not None
+        steering = self._steering is not None
+        children = []
+        for c in sorted(self._children.values(), key=lambda c: (c.generation.number, c.index)):
+            generation = c.generation
+            probation = ("on_probation" if on_probation and generation is serving else
+                         "fallback" if generation is fallback else None)
+            sockets = ([_inode(sock) for sock in generation.sockets or self._queue.sockets()]
+                       if steering else None)
+            children.append([c.pid, c.index, generation.number, c.state.value, _ns(c.started),
+                             _ns(c.ready_at), _ns(c.retired_at), c.ready_by, probation, c.cwd,
+                             sockets])
         return {
-            "listening": ", ".join(self._queue.addresses()) or None,
-            "workers": self._workers,
-            "serving": [[c.pid, int(c.ready_at * 1e9)] for c in ready],
-            "starting": [c.pid for c in self._children.values()
-                         if c.state in (_State.STARTING, _State.READY)],
-            "draining": [[c.pid, int(c.retired_at * 1e9)] for c in self._children.values()
-                         if c.state in (_State.QUIETING, _State.RETIRING, _State.STOPPING)],
+            "listeners": [[listener.address, listener.inode]
+                          for listener in self._queue.listeners],
+            "workers": self._workers, "ready": len(serving.ready()) if serving else 0,
+            "children": children,
+            "probation_until": _ns(serving.probation_until) if on_probation else None,
             "forwarded": self.forwarded, "restarts": self.restarts,
             "failed": self.failed_restarts, "crashes": self.crashes}
+
+    def _counts(self) -> Optional[dict]:
+        """The per-connection figures, forwarding only: connections accepted
+        and waiting in our own queue, and per child (by pid) those sent to
+        it and, of them, those it has not yet received.  Read only when the
+        state is published, not at each turn of the loop."""
+        if not self._forwarding:
+            return None
+        queue = self._queue
+        return {"waiting": len(queue.waiting) + queue.parked(),
+                "children": {str(c.pid): [c.sent, queue.unreceived(c)]
+                             for c in self._children.values()}}
 
     def _publish(self, due: bool = False) -> None:
         """Hand the state to on_state: at once when more than the count of
         connections forwarded changed, else at most a second late (``due``:
-        that second is over; the fast path schedules it too, see run())."""
+        that second is over; the fast path schedules it too, see run()).
+        The per-connection figures go with it, read then, and are read again
+        a second later while connections wait that no child has received:
+        the state file is never rewritten per connection."""
         snapshot, old = self.snapshot(), self._published
-        if snapshot == old:
+        if not due and snapshot == old:
             return
         if due or old is None or dict(snapshot, forwarded=old["forwarded"]) != old:
-            self._published = snapshot
-            self._on_state(snapshot)
+            counts = self._counts()
+            if (snapshot, counts) != (old, self._published_counts):
+                self._published, self._published_counts = snapshot, counts
+                self._on_state(snapshot if counts is None else dict(snapshot, counts=counts))
+            if counts and not self._publish_due and (
+                    counts["waiting"] or any(left for _, left in counts["children"].values())):
+                self._schedule_publish()
         elif not self._publish_due:
             self._schedule_publish()
 
@@ -2491,6 +2553,7 @@ class _Supervisor:
     def _started(self, child: _Child, report_fd: int) -> _Child:
         """A child just forked: in its slot, with its ready deadline, its exec report read."""
         child.deadline = child.started + self._ready_timeout
+        child.cwd = os.path.realpath(self._cwd)     # a release symlink, as it is now
         self._children[child.pid] = child
         child.generation.slots[child.index] = child
         # Whether exec worked is read from the loop: waiting for it here would
@@ -2500,11 +2563,13 @@ class _Supervisor:
         _log.info("%s started: %s", self._name(child), " ".join(self._command))
         return child
 
-    def _ready(self, child: _Child) -> None:
+    def _ready(self, child: _Child, how: str) -> None:
         """STARTING -> READY, or SERVING if its generation already serves;
-        the generation's last ready child makes it the serving one."""
+        the generation's last ready child makes it the serving one.  ``how``
+        it was judged ready, for the status (see _Child.ready_by)."""
         if child.state is not _State.STARTING:
             return      # retired or stopped before it got here
+        child.ready_by = how
         child.ready_at = time.monotonic()
         child.deadline = child.look_at = child.assume_ready_at = None
         generation = child.generation
@@ -2954,7 +3019,7 @@ class _Supervisor:
             return
         _log.info("%s is waiting for connections on its listening socket (%s): ready",
                   self._name(child), how)
-        self._ready(child)
+        self._ready(child, "accept" if how.startswith("accept") else "epoll")
 
     def _report_draining(self, child: _Child, now: float) -> None:
         """A retired child still runs: say so, and why (keep-alive clients
@@ -3309,7 +3374,7 @@ class _Supervisor:
             elif msg[:1] == _MSG_READY and len(msg) in (1, 3):
                 if len(msg) == 3:
                     child.batch_limit = max(1, min(_MAX_BATCH, int.from_bytes(msg[1:], "big")))
-                self._ready(child)
+                self._ready(child, "channel")
             elif msg == _MSG_NACK and child.inbox is not None:
                 self._queue.nacked(child)
             else:
@@ -3387,7 +3452,7 @@ class _Supervisor:
                 if line == "READY=1":
                     if child.state is _State.STARTING:
                         _log.info("%s sent READY=1", self._name(child))
-                    self._ready(child)
+                    self._ready(child, "notify")
                 elif key == "STATUS":
                     _log.info("%s: %s", self._name(child), value)
                 elif line == "STOPPING=1":
@@ -3640,24 +3705,6 @@ def _frozen(pid: int, wait: float = 0.05) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.0005)
-
-
-def _format_status(snapshot: dict, now_ns: Optional[int] = None) -> str:
-    """The status line, from a snapshot (here or read from the state file)."""
-    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if now_ns is None else now_ns
-    serving, draining = snapshot["serving"], snapshot["draining"]
-    return "; ".join([
-        f"listening on {snapshot['listening'] or 'nothing'}",
-        f"workers {len(serving)}/{snapshot['workers']} ready",
-        "serving " + (", ".join(f"child {pid} up {(now - since) / 1e9:.0f} s"
-                                for pid, since in serving) or "child none"),
-        "starting " + (", ".join(f"child {pid}" for pid in snapshot["starting"])
-                       or "child none"),
-        "draining " + (", ".join(f"child {pid} for {(now - since) / 1e9:.0f} s"
-                                 for pid, since in draining) or "none"),
-        f"{_plural(snapshot['forwarded'], 'connection')} forwarded",
-        f"{_plural(snapshot['restarts'], 'restart')}, {snapshot['failed']} failed",
-        _plural(snapshot["crashes"], "crash")])
 
 
 def _plural(count: int, noun: str) -> str:
@@ -4335,12 +4382,20 @@ def _control(opts: argparse.Namespace) -> int:
         if opts.stop:
             print("socketprotector: not running", file=sys.stderr)
             return EXIT_OK
+        if opts.format == "prometheus":     # a scrape wants a figure: up 0
+            sys.stdout.write(_format_prometheus(None, opts.pid_file))
         raise SocketProtectorError(f"not running (no daemon holds {opts.pid_file})")
     path = opts.pid_file + ".state"
     if opts.status:
         record = _read_state_settled(path)
-        print(f"socketprotector: daemon {pid}: {_format_status(record['status'])}"
-              if record["status"] else f"socketprotector: daemon {pid}: {record['last']}")
+        doc = _status_document(pid, opts.pid_file, record)
+        if opts.format == "json":
+            print(json.dumps(doc, indent=2))
+        elif opts.format == "prometheus":
+            sys.stdout.write(_format_prometheus(doc, opts.pid_file))
+        else:
+            print(f"socketprotector: daemon {pid}: {_format_status(doc)}"
+                  if record["status"] else f"socketprotector: daemon {pid}: {record['last']}")
         return EXIT_OK
     if opts.stop:
         try:        # the limits only: a daemon exiting meanwhile is what we want
@@ -4381,7 +4436,8 @@ def _control(opts: argparse.Namespace) -> int:
     # that before saying that some are still running.
     settle = time.monotonic() + _RELOAD_SETTLE
     while True:
-        draining = (_read_state(path) or record).get("status", {}).get("draining", [])
+        draining = [c for c in _status_children((_read_state(path) or record)["status"])
+                    if c["state"] in _DRAINING]
         if not draining or time.monotonic() > settle:
             break
         time.sleep(0.02)
@@ -4551,6 +4607,219 @@ def _become_subreaper() -> None:
 
 
 # ---------------------------------------------------------------------------
+# --status: the running daemon's status as a line, JSON or Prometheus text
+# ---------------------------------------------------------------------------
+
+_STATUS_SCHEMA = "socketprotector-status"   # --status --json: what the document is
+_STATUS_VERSION = 1     # its layout (README: "Status as data"): any change raises it
+_SNAPSHOT_CHILD = ("pid", "worker", "generation", "state", "started", "ready_at", "retired_at",
+                   "ready_by", "probation", "cwd", "sockets")     # see _Supervisor.snapshot()
+_DRAINING = ("quieting", "retiring", "stopping")
+_READY_BY = {"channel": "receive_connections()", "notify": "READY=1",
+             "epoll": "seen waiting in epoll", "accept": "seen waiting in accept()",
+             "delay": "--ready-delay"}
+
+
+def _status_children(status: dict) -> List[dict]:
+    """The children of a published snapshot as dicts (_SNAPSHOT_CHILD), also
+    from a daemon older than this code (its three lists: what they said)."""
+    if "children" in status:
+        return [dict(zip(_SNAPSHOT_CHILD, row)) for row in status["children"]]
+    blank = dict.fromkeys(_SNAPSHOT_CHILD)
+    return ([dict(blank, pid=pid, state="serving", ready_at=since)
+             for pid, since in status.get("serving", ())]
+            + [dict(blank, pid=pid, state="starting") for pid in status.get("starting", ())]
+            + [dict(blank, pid=pid, state="retiring", retired_at=since)
+               for pid, since in status.get("draining", ())])
+
+
+def _status_document(pid: int, pid_file: str, record: dict,
+                     now_ns: Optional[int] = None) -> dict:
+    """--status --json: the running daemon's status as a document of
+    _STATUS_VERSION, from its state file's record (README: "Status as
+    data"); times become seconds ago, and the backlogs of the listening
+    sockets are looked up now.  What the daemon does not know, or an older
+    daemon does not say, is None."""
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if now_ns is None else now_ns
+    status, daemon = record["status"], record["daemon"]
+    counts = status.get("counts") or {}
+    per_child = counts.get("children", {})
+    backlogs = _listening_backlogs()
+
+    def ago(since: Optional[int]) -> Optional[float]:
+        return None if not since else round(max(0, now - since) / 1e9, 3)
+
+    def queued(inodes) -> Optional[int]:
+        waiting = [backlogs.get(inode) for inode in inodes or ()]
+        return sum(waiting) if waiting and None not in waiting else None
+    children = []
+    for c in _status_children(status):
+        figures = per_child.get(str(c["pid"]))
+        children.append({
+            "pid": c["pid"], "worker": c["worker"], "generation": c["generation"],
+            "state": c["state"], "ready_by": c["ready_by"], "probation": c["probation"],
+            "cwd": c["cwd"], "uptime_seconds": ago(c["started"]),
+            "ready_seconds_ago": ago(c["ready_at"]),
+            "retired_seconds_ago": ago(c["retired_at"]),
+            "connections_sent": figures[0] if figures else None,
+            "connections_queued": figures[1] if figures else queued(c["sockets"])})
+    listeners = status.get("listeners") or [
+        [address, None] for address in (status.get("listening") or "").split(", ") if address]
+    last_restart = None
+    if record["restarts"]:
+        _, start, outcome = record["restarts"][-1]
+        last_restart = {
+            "outcome": outcome if outcome == "running" else
+            "failed" if outcome.startswith("restart failed") else "succeeded",
+            "reason": None if outcome == "running" else outcome,
+            "started_seconds_ago": ago(start)}
+    forwarding = daemon.get("handoff") == "forward"
+    return {
+        "schema": _STATUS_SCHEMA, "schema_version": _STATUS_VERSION, "pid_file": pid_file,
+        "daemon": {"pid": pid, "version": daemon.get("version"),
+                   "handoff": daemon.get("handoff"),
+                   "uptime_seconds": ago(daemon.get("started"))},
+        "steering": daemon.get("steering"),
+        "listeners": [{"address": address, "queued": queued([inode] if inode else None)}
+                      for address, inode in listeners],
+        "workers": {"ready": status.get("ready", len(status.get("serving", ()))),
+                    "total": status.get("workers", 0)},
+        "children": children,
+        "probation_left_seconds": (None if not status.get("probation_until") else
+                                   round(max(0, status["probation_until"] - now) / 1e9, 3)),
+        "counters": {"restarts_succeeded": status.get("restarts", 0),
+                     "restarts_failed": status.get("failed", 0),
+                     "crashes": status.get("crashes", 0),
+                     "connections_forwarded": status.get("forwarded") if forwarding else None,
+                     "connections_waiting": counts.get("waiting")},
+        "limits": daemon.get("limits"),
+        "last_restart": last_restart,
+        # Reserved for the outcome of the last upgrade in place (SIGUSR2,
+        # --upgrade): always None in this version.
+        "last_upgrade": None}
+
+
+def _format_status(doc: dict) -> str:
+    """The status line, from the status document."""
+    children, counters = doc["children"], doc["counters"]
+    activation = doc["daemon"]["handoff"] == "activation"
+
+    def notes(child: dict) -> str:
+        said = []
+        if activation and child["ready_by"] and child["state"] not in _DRAINING:
+            said.append(f"ready: {_READY_BY.get(child['ready_by'], child['ready_by'])}")
+        if child["probation"] == "on_probation":
+            left = doc["probation_left_seconds"]
+            said.append("on probation" + (f", {left:.0f} s left" if left is not None else ""))
+        elif child["probation"] == "fallback":
+            said.append("kept for a rollback")
+        return f" ({'; '.join(said)})" if said else ""
+
+    def listing(states, since: str, key: str) -> str:
+        return ", ".join(f"child {c['pid']} {since} {c[key] or 0:.0f} s{notes(c)}"
+                         for c in children if c["state"] in states)
+    serving = listing(("serving",), "up", "ready_seconds_ago")
+    starting = listing(("starting", "ready"), "for", "uptime_seconds")
+    draining = listing(_DRAINING, "for", "retired_seconds_ago")
+    parts = [f"listening on {', '.join(l['address'] for l in doc['listeners']) or 'nothing'}",
+             f"workers {doc['workers']['ready']}/{doc['workers']['total']} ready"]
+    steering = doc["steering"]
+    if steering is not None:
+        parts.append("steering on" if steering["active"] else
+                     f"steering off ({steering['fallback_reason'] or 'reason unknown'})")
+    parts.append(f"serving {serving}" if serving else "no child serving")
+    if starting:
+        parts.append(f"starting {starting}")
+    if draining:
+        parts.append(f"draining {draining}")
+    if counters["connections_forwarded"] is not None:
+        parts.append(f"{_plural(counters['connections_forwarded'], 'connection')} forwarded")
+    parts += [f"{_plural(counters['restarts_succeeded'], 'restart')} succeeded, "
+              f"{counters['restarts_failed']} failed", _plural(counters["crashes"], "crash")]
+    return "; ".join(parts)
+
+
+def _prometheus_label(value) -> str:
+    """A label value in the text exposition format: \\, " and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _format_prometheus(doc: Optional[dict], pid_file: str) -> str:
+    """The status document in Prometheus's text exposition format (0.0.4),
+    for node_exporter's textfile collector: one family per figure, each
+    with its HELP and TYPE lines, every sample labelled with the pid file
+    (several daemons on one host).  None: no daemon runs (up 0 alone)."""
+    families: List[tuple] = []      # (name, type, help, [(labels, value)])
+
+    def family(name: str, kind: str, text: str, samples) -> None:
+        samples = [(labels, value) for labels, value in samples if value is not None]
+        if samples:
+            families.append((f"socketprotector_{name}", kind, text, samples))
+    family("up", "gauge", "Whether a daemon holds the pid file (1) or not (0).",
+           [({}, int(doc is not None))])
+    if doc is not None:
+        daemon, counters = doc["daemon"], doc["counters"]
+        family("info", "gauge", "The running daemon: its pid, version and hand-off mode.",
+               [({"pid": daemon["pid"], "version": daemon["version"] or "",
+                  "handoff": daemon["handoff"] or ""}, 1)])
+        family("uptime_seconds", "gauge", "Seconds since the daemon started.",
+               [({}, daemon["uptime_seconds"])])
+        if doc["steering"] is not None:
+            family("steering_active", "gauge", "Activation mode: whether new connections are "
+                   "steered to the serving generation's own socket (1), or all generations "
+                   "share one (0, and why).",
+                   [({"fallback_reason": doc["steering"]["fallback_reason"] or ""},
+                     int(doc["steering"]["active"]))])
+        family("workers", "gauge", "Workers per generation, as set.",
+               [({}, doc["workers"]["total"])])
+        family("workers_ready", "gauge", "Workers of the serving generation ready and serving.",
+               [({}, doc["workers"]["ready"])])
+        family("restarts_total", "counter", "Restarts (SIGHUP, --reload) decided, by outcome.",
+               [({"outcome": "succeeded"}, counters["restarts_succeeded"]),
+                ({"outcome": "failed"}, counters["restarts_failed"])])
+        family("crashes_total", "counter", "Serving workers that died unasked.",
+               [({}, counters["crashes"])])
+        family("connections_forwarded_total", "counter", "Forwarding: connections passed to "
+               "children (published at most a second late).",
+               [({}, counters["connections_forwarded"])])
+        family("connections_waiting", "gauge", "Forwarding: connections accepted by the daemon "
+               "and not yet passed to a child.", [({}, counters["connections_waiting"])])
+        family("listener_queued", "gauge", "Connections waiting in a listening socket's "
+               "backlog, as the kernel counts them now.",
+               [({"address": l["address"]}, l["queued"]) for l in doc["listeners"]])
+        last = doc["last_restart"]
+        if last is not None and last["outcome"] != "running":
+            family("last_restart_succeeded", "gauge", "Whether the last restart decided "
+                   "succeeded (1) or failed (0).", [({}, int(last["outcome"] == "succeeded"))])
+        family("probation_left_seconds", "gauge", "Activation: seconds left until the new "
+               "generation's probation ends.", [({}, doc["probation_left_seconds"])])
+        children = doc["children"]
+        ids = [{"pid": c["pid"], "worker": c["worker"], "generation": c["generation"]}
+               for c in children]
+        family("child_info", "gauge", "Each child: its state, how it was judged ready, its "
+               "probation and the directory it started in.",
+               [(dict(key, state=c["state"], ready_by=c["ready_by"] or "",
+                      probation=c["probation"] or "", cwd=c["cwd"] or ""), 1)
+                for key, c in zip(ids, children)])
+        family("child_uptime_seconds", "gauge", "Seconds since each child started.",
+               [(key, c["uptime_seconds"]) for key, c in zip(ids, children)])
+        family("child_connections_sent_total", "counter", "Forwarding: connections passed to "
+               "each child.", [(key, c["connections_sent"]) for key, c in zip(ids, children)])
+        family("child_connections_queued", "gauge", "Connections waiting for each child: "
+               "passed to it and not yet received (forwarding), or in the backlog of its "
+               "generation's own socket (activation with steering).",
+               [(key, c["connections_queued"]) for key, c in zip(ids, children)])
+    lines = []
+    for name, kind, text, samples in families:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+        for labels, value in samples:
+            labels = dict(labels, pid_file=pid_file)
+            inside = ",".join(f'{key}="{_prometheus_label(v)}"' for key, v in labels.items())
+            lines.append(f"{name}{{{inside}}} {value if isinstance(value, int) else repr(value)}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------
 
@@ -4635,7 +4904,14 @@ def _build_parser() -> _Parser:
     parser.add_argument("--stop", action="store_true",
                         help="with --pid-file: stop the running daemon and wait until it is gone")
     parser.add_argument("--status", action="store_true",
-                        help="with --pid-file: print the running daemon's status line")
+                        help="with --pid-file: print the running daemon's status (a line; "
+                             "see --format); exit 1 if none runs")
+    parser.add_argument("--format", choices=("line", "json", "prometheus"),
+                        help="--status as: line (default), json (a versioned document, see "
+                             "README), or prometheus (text exposition, for node_exporter's "
+                             "textfile collector)")
+    parser.add_argument("--json", action="store_const", dest="format", const="json",
+                        help="--status as JSON: --format json")
     parser.add_argument("--upgrade", action="store_true",
                         help="with --pid-file: make the running daemon replace its own code "
                              "with the socketprotector.py now on disk, in place; wait and "
@@ -4742,7 +5018,11 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
             raise UsageError(f"--{actions[0]} needs --pid-file")
         if opts.port is not None or command is not None:
             raise UsageError(f"--{actions[0]} takes no PORT or command")
+        if opts.format is not None and not opts.status:
+            raise UsageError(f"--format and --json are for --status, not --{actions[0]}")
         return opts
+    if opts.format is not None:
+        raise UsageError("--format and --json are for --status")
     if opts.ready_timeout is None:
         opts.ready_timeout = _DEFAULT_READY_TIMEOUT
     if opts.stop_timeout is None:
