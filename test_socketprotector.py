@@ -5064,7 +5064,7 @@ COST = {"ListenerChaosTest": 19, "ChaosTest": 19, "HostileTest": 18, "DaemonMode
         "WorkersTest": 14, "WorkersUpgradeTest": 12, "SampleTest": 11,
         "ThirdPartyServerTest": 10, "UpgradeTest": 10, "ListenerWorkersTest": 9,
         "ListenerUpgradeTest": 8, "ActivationUpgradeTest": 8, "RestartTest": 8,
-        "OperationsTest": 6}
+        "OperationsTest": 6, "StatusTest": 18}
 DONE = "@@ class done"
 
 
