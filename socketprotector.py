@@ -2349,8 +2349,8 @@ class _Supervisor:
             generation = c.generation
             probation = ("on_probation" if on_probation and generation is serving else
                          "fallback" if generation is fallback else None)
-            sockets = ([_inode(sock) for sock in generation.sockets or self._queue.sockets()]
-                       if steering else None)
+            sockets = ([_inode(sock) for sock in generation.sockets or self._queue.sockets()
+                        if sock.fileno() >= 0] if steering else None)
             children.append([c.pid, c.index, generation.number, c.state.value, _ns(c.started),
                              _ns(c.ready_at), _ns(c.retired_at), c.ready_by, probation, c.cwd,
                              sockets])
