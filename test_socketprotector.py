@@ -1603,6 +1603,27 @@ class DaemonModeTest(ProtectorTestCase):
         os.kill(pid, signal.SIGCONT)
         self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file)[0], 0)
 
+    def test_reload_waits_for_a_child_slower_than_its_own_default(self):
+        """The operator's case, scaled down: the daemon runs with
+        --ready-timeout 20 and the new child takes 2 s to be ready, longer
+        than the control command's own default (made 0.5 s here, with
+        nothing to spare): --reload waits by the daemon's limit and reports
+        the restart done, not "not finished"."""
+        self.assertEqual(self.start_detached("--ready-timeout", "20")[0], 0)
+        self.set_flag("SP_TEST_DELAY", "2")
+        hurried = ("import sys; sys.path.insert(0, sys.argv[1]); import socketprotector as sp; "
+                   "sp._DEFAULT_READY_TIMEOUT = 0.5; sp._KILL_GRACE = sp._CONTROL_SPARE = 0; "
+                   "sys.exit(sp.main(sys.argv[2:]))")
+        proc = subprocess.run([sys.executable, "-c", hurried, HERE, "--reload", "--pid-file",
+                               self.pid_file], capture_output=True, text=True, timeout=TIMEOUT,
+                              cwd=self.tmp, env=self.env)
+        self.assertEqual((proc.returncode, proc.stderr), (0, ""))
+        self.assertRegex(proc.stdout, r"waiting up to 20 s for the new children to be ready "
+                                      r"\(its --ready-timeout 20 s, 0 s to spare\)\n"
+                                      r"socketprotector: reloaded: child \d+ serving\n$")
+        self.clear_flag("SP_TEST_DELAY")
+        self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file)[0], 0)
+
     def test_control_commands_wait_by_the_daemons_limits_and_say_which(self):
         """--reload and --stop say how long they wait and why: the daemon's
         --ready-timeout and --stop-timeout (60 s and 3 s here, not their
