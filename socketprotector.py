@@ -49,7 +49,8 @@ Signals: HUP restarts (start-first), TERM/INT shut down gracefully (twice:
 at once), USR1 reopens --log-file, USR2 re-executes the socketprotector.py
 now on disk in this same process, keeping listeners, children and queues
 (--upgrade waits for it), TTIN/TTOU add or remove a worker.  --status
-prints the status line.
+prints the status line (--json: a versioned JSON document; --format
+prometheus: Prometheus text for node_exporter's textfile collector).
 
 Exit codes: 0 after a clean shutdown, 1 for a runtime failure (port in use,
 command not found, first child failed to start), 2 for bad usage.
@@ -79,6 +80,7 @@ import grp
 import json
 import logging
 import logging.handlers
+import math
 import os
 import pwd
 import re
@@ -130,6 +132,7 @@ _DEFAULT_STOP_TIMEOUT = 10.0
 _DEFAULT_BACKLOG = 1024
 _KILL_GRACE = 5.0          # seconds from SIGTERM to SIGKILL
 _RELOAD_SETTLE = 1.0         # --reload: how long retired children may take to exit unmentioned
+_CONTROL_SPARE = 2.0         # --reload, --stop, --upgrade: seconds waited beyond the daemon's limits
 _DRAIN_REPORT_FIRST = 10.0   # a retired child still running: a line after this long,
 _DRAIN_REPORT_EVERY = 60.0   # then this often
 _BACKOFF_MIN = 0.1
@@ -865,9 +868,10 @@ class _Child:
         self.stalled = False                     # sent b"N", not yet sent b"K": send nothing
         self.nacked = False                      # ever short of descriptors
         # Sizes of the messages sent that the child may not have received
-        # yet, oldest first, and their sum (the inbox is the truth: _sync).
+        # yet, oldest first, and their sum (the inbox is the truth: unreceived()).
         self.queued: collections.deque = collections.deque()
         self.unread = 0
+        self.sent = 0                            # connections sent to it, in all
         self.waiting_since = 0.0                 # --hang-timeout: last progress seen
         self.reclaimed = 0                       # connections taken back from its queue
         # Processes (forked by the child) that still hold its channel after
@@ -880,6 +884,11 @@ class _Child:
         self.assume_ready_at: Optional[float] = None
         self.notified = False       # activation: sent READY=1, not yet seen waiting
         self.look_at: Optional[float] = None     # activation: next look for it waiting
+        # For the status: how it was judged ready ("channel": it sent b"R";
+        # "notify": READY=1; "epoll", "accept": seen waiting; "delay":
+        # --ready-delay), and the directory it started in, resolved.
+        self.ready_by: Optional[str] = None
+        self.cwd: Optional[str] = None
 
     def can_take(self, now: float) -> bool:
         return (self.channel is not None and not self.blocked and not self.stalled
@@ -1006,6 +1015,7 @@ class _Listener:
         self.quota = 0                      # at shutdown: how many are left to accept
         self.unlooked = 0                   # fast path: accepts left before looking again
         self.address = _format_address(sock)    # for the status, once
+        self.inode = _inode(sock)                 # the status reader looks up its backlog
 
     def accept_more(self, fds, limit: int) -> None:
         """Fast path, after one accept into fds: what else waits, up to limit
@@ -1065,7 +1075,6 @@ class _ConnectionQueue:
         self.spill: Optional[List[socket.socket]] = _spill_pair() if forwarding else None
         self.takers: List[_Child] = []
         self._turn = 0                           # where the next tie-break starts
-        self._track = hang_timeout is not None   # keep child.queued (more than one taker too)
         self.listening = False
         self.accept_paused_until: Optional[float] = None
         self._accept_error: Optional[str] = None      # logged once until accept works again
@@ -1084,7 +1093,6 @@ class _ConnectionQueue:
 
     def set_takers(self, takers: List[_Child]) -> None:
         self.takers = takers
-        self._track = self._hang_timeout is not None or len(takers) > 1
 
     def deadlines(self, now: float) -> List[float]:
         pending = [d for d in (self.accept_paused_until, self.holders_check_at) if d is not None]
@@ -1221,7 +1229,11 @@ class _ConnectionQueue:
             return False
         for fd in fds:
             _close(fd)          # the child's queue holds them now
-        self.forwarded += len(fds)
+        count = len(fds)
+        child.queued.append(count)      # the ledger, as _send() keeps it
+        child.unread += count
+        child.sent += count
+        self.forwarded += count
         return True
 
     def _forward_to_least_loaded(self, listener: _Listener) -> bool:
@@ -1269,7 +1281,7 @@ class _ConnectionQueue:
             child = self.takers[(self._turn + k) % count]
             if not child.can_take(now):
                 continue
-            unread = self._sync(child)
+            unread = self.unreceived(child)
             if best is None or unread < fewest:
                 best, fewest = child, unread
                 if not unread:
@@ -1302,12 +1314,14 @@ class _ConnectionQueue:
                 self._hung_up(child)    # EPIPE, ECONNRESET: it hung up
             return False
         _close_fds(batch)       # the child's queue holds them now
-        if self._track:
-            child.queued.append(room)
-            child.unread += room
-            if self._hang_timeout is not None and child.deadline is None:
-                child.waiting_since = now
-                child.deadline = now + self._hang_timeout / 4
+        # The ledger, for the least loaded, the hang check and the status
+        # (pruned by unreceived(), at the latest when the counts are published).
+        child.queued.append(room)
+        child.unread += room
+        child.sent += room
+        if self._hang_timeout is not None and child.deadline is None:
+            child.waiting_since = now
+            child.deadline = now + self._hang_timeout / 4
         self.forwarded += room
         if self._debug:
             _log.debug("sent child %d %d connections (fds %s)", child.pid, room, batch)
@@ -1318,7 +1332,7 @@ class _ConnectionQueue:
         child.blocked = False
         self._sel.modify(child.channel, _IN)
 
-    def _sync(self, child: _Child) -> int:
+    def unreceived(self, child: _Child) -> int:
         """Forget what the child has received since last asked; what is left unread."""
         if child.inbox is None:
             return child.unread
@@ -1333,7 +1347,7 @@ class _ConnectionQueue:
         if child.inbox is None:
             return None
         before = len(child.queued)
-        self._sync(child)
+        self.unreceived(child)
         if len(child.queued) < before:
             child.waiting_since = now   # it took some
         if not child.queued:
@@ -1574,10 +1588,16 @@ def _inode(sock: socket.socket) -> int:
     return os.fstat(sock.fileno()).st_ino
 
 
-def _listening_inodes() -> set:
-    """The inodes of every TCP socket listening in this network namespace.
+def _ns(seconds: Optional[float]) -> Optional[int]:
+    """A time.monotonic() as CLOCK_MONOTONIC ns, as the status publishes times; None for none."""
+    return int(seconds * 1e9) if seconds else None
+
+
+def _listening_backlogs() -> dict:
+    """{inode: connections waiting to be accepted} for every TCP socket
+    listening in this network namespace (a LISTEN line's rx_queue).
     /proc/net/tcp* lists the listening sockets first: the rest is not read."""
-    found = set()
+    found = {}
     for path in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(path) as f:
@@ -1586,8 +1606,8 @@ def _listening_inodes() -> set:
                     fields = line.split()
                     if len(fields) <= 9 or fields[3] != "0A":
                         break
-                    found.add(int(fields[9]))
-        except OSError:
+                    found[int(fields[9])] = int(fields[4].partition(":")[2], 16)
+        except (OSError, ValueError):
             pass
     return found
 
@@ -1648,6 +1668,11 @@ def _migrates_queues() -> bool:
             return f.read().strip() == "1"
     except OSError:
         return False
+
+
+def _listening_inodes() -> set:
+    """The inodes of every TCP socket listening in this network namespace."""
+    return set(_listening_backlogs())
 
 
 def _listen_beside(sock: socket.socket, backlog: int) -> socket.socket:
@@ -1828,6 +1853,8 @@ def _table(convert, missing=KeyError) -> _Kind:
 
 _INT = _Kind(_as_is, int)
 _PATH = _Kind(_as_is, _optional(str), missing=None)
+_TEXT = _PATH                                               # any text new versions carry
+_COUNT = _Kind(_as_is, int, missing=0)                      # a count new versions carry
 _LATER = _Kind(_as_is, _optional(float), missing=None)     # a time new versions carry
 _INODES = _Kind(lambda inodes, keep: list(inodes), lambda inodes: [int(n) for n in inodes])
 _GROUPS = _Kind(lambda groups, keep: [list(g) for g in groups],
@@ -1877,7 +1904,8 @@ _CHILD_STATE = _fields(
     kill_at=_NUMBER, paused_until=_NUMBER, batch_limit=_INT, blocked=_FLAG, stalled=_FLAG,
     nacked=_FLAG, queued=_COUNTS, unread=_INT, waiting_since=_NUMBER, reclaimed=_INT,
     exec_error=_HEX, assume_ready_at=_NUMBER, look_at=_LATER, notified=_LATER_FLAG,
-    channel=_SOCKET, inbox=_SOCKET, notify=_SOCKET, exec_report=_FD)
+    sent=_COUNT, ready_by=_TEXT, cwd=_PATH, channel=_SOCKET, inbox=_SOCKET, notify=_SOCKET,
+    exec_report=_FD)
 _GENERATION_STATE = _fields(
     number=_INT, serving=_FLAG, slots=_SLOTS, respawn_at=_table(float),
     backoff=_table(float), quick_deaths=_table(int), sockets=_SOCKETS, look_at=_LATER,
@@ -1906,7 +1934,6 @@ _NOT_CARRIED = {
         **dict.fromkeys(("_sel", "listeners", "by_fd", "_forwarding", "_backlog",
                          "_hang_timeout", "_hung_up", "own_pids", "_message", "_debug"), _GIVEN),
         "takers": "derived from the children's states",
-        "_track": "derived from the takers",
         "_turn": "where the next tie-break starts: any place will do",
         "listening": "derived: accepting resumes as the takers allow",
         "_accept_error": "a repeated warning may be logged once more",
@@ -1923,6 +1950,7 @@ _NOT_CARRIED = {
         "_upgrade": "none: the exec happens once the check is over",
         "_exec_due": "none: this is the exec",
         "_published": "published anew", "_publish_due": "published anew",
+        "_published_counts": "published anew",
         "_stopping": "never: an upgrade is refused while shutting down",
         "_stop_deadline": "none: not shutting down",
         "_next_deadline": "computed anew", "_error": "none while running",
@@ -2024,6 +2052,7 @@ class _Supervisor:
         self._on_reopen = on_reopen
         self._on_state = on_state
         self._published: Optional[dict] = None
+        self._published_counts: Optional[dict] = None
         self._publish_due = False   # the counts changed: SIGALRM will publish them
         self._output = output   # where a detached child's output goes, for a failed start
         self._envdir = envdir
@@ -2212,11 +2241,11 @@ class _Supervisor:
                     _log.info("%s sent READY=1 and was not seen waiting on its listening socket "
                               "within %g s (a select() or poll() server cannot be): taking "
                               "READY=1 alone", self._name(child), _READY_UNSEEN)
-                    self._ready(child)
+                    self._ready(child, "notify")
                 elif child.state is _State.STARTING:
                     _log.info("%s has run %g s (--ready-delay): taking it as ready",
                               self._name(child), self._ready_delay)
-                    self._ready(child)
+                    self._ready(child, "delay")
             if child.deadline is not None and now >= child.deadline:
                 child.deadline = None
                 if (child.channel is None and child.state in _LIVE_ROLES
@@ -2403,29 +2432,65 @@ class _Supervisor:
             self._steering.recheck()    # what it held may leave its group now
 
     def snapshot(self) -> dict:
-        """What the status line says, as data (times: CLOCK_MONOTONIC ns)."""
-        ready = self._serving.ready() if self._serving is not None else []
+        """What the status says, as data (times: CLOCK_MONOTONIC ns), but for
+        the per-connection figures (_counts()).  Made and compared at each
+        turn of the loop, so each child is a list: [pid, worker, generation,
+        state, started, ready_at, retired_at, ready_by, probation, cwd, the
+        inodes of the listening sockets it accepts from, when they are its
+        generation's own (steering), else None].  The status reader
+        (_status_document) gives it its documented form."""
+        serving, fallback = self._serving, self._fallback
+        on_probation = serving is not None and serving.probation_until is not None
+        steering = self._steering is not None
+        children = []
+        for c in sorted(self._children.values(), key=lambda c: (c.generation.number, c.index)):
+            generation = c.generation
+            probation = ("on_probation" if on_probation and generation is serving else
+                         "fallback" if generation is fallback else None)
+            sockets = ([_inode(sock) for sock in generation.sockets or self._queue.sockets()
+                        if sock.fileno() >= 0] if steering else None)
+            children.append([c.pid, c.index, generation.number, c.state.value, _ns(c.started),
+                             _ns(c.ready_at), _ns(c.retired_at), c.ready_by, probation, c.cwd,
+                             sockets])
         return {
-            "listening": ", ".join(self._queue.addresses()) or None,
-            "workers": self._workers,
-            "serving": [[c.pid, int(c.ready_at * 1e9)] for c in ready],
-            "starting": [c.pid for c in self._children.values()
-                         if c.state in (_State.STARTING, _State.READY)],
-            "draining": [[c.pid, int(c.retired_at * 1e9)] for c in self._children.values()
-                         if c.state in (_State.QUIETING, _State.RETIRING, _State.STOPPING)],
+            "listeners": [[listener.address, listener.inode]
+                          for listener in self._queue.listeners],
+            "workers": self._workers, "ready": len(serving.ready()) if serving else 0,
+            "children": children,
+            "probation_until": _ns(serving.probation_until) if on_probation else None,
             "forwarded": self.forwarded, "restarts": self.restarts,
             "failed": self.failed_restarts, "crashes": self.crashes}
+
+    def _counts(self) -> Optional[dict]:
+        """The per-connection figures, forwarding only: connections accepted
+        and waiting in our own queue, and per child (by pid) those sent to
+        it and, of them, those it has not yet received.  Read only when the
+        state is published, not at each turn of the loop."""
+        if not self._forwarding:
+            return None
+        queue = self._queue
+        return {"waiting": len(queue.waiting) + queue.parked(),
+                "children": {str(c.pid): [c.sent, queue.unreceived(c)]
+                             for c in self._children.values()}}
 
     def _publish(self, due: bool = False) -> None:
         """Hand the state to on_state: at once when more than the count of
         connections forwarded changed, else at most a second late (``due``:
-        that second is over; the fast path schedules it too, see run())."""
+        that second is over; the fast path schedules it too, see run()).
+        The per-connection figures go with it, read then, and are read again
+        a second later while connections wait that no child has received:
+        the state file is never rewritten per connection."""
         snapshot, old = self.snapshot(), self._published
-        if snapshot == old:
+        if not due and snapshot == old:
             return
         if due or old is None or dict(snapshot, forwarded=old["forwarded"]) != old:
-            self._published = snapshot
-            self._on_state(snapshot)
+            counts = self._counts()
+            if (snapshot, counts) != (old, self._published_counts):
+                self._published, self._published_counts = snapshot, counts
+                self._on_state(snapshot if counts is None else dict(snapshot, counts=counts))
+            if counts and not self._publish_due and (
+                    counts["waiting"] or any(left for _, left in counts["children"].values())):
+                self._schedule_publish()
         elif not self._publish_due:
             self._schedule_publish()
 
@@ -2600,6 +2665,7 @@ class _Supervisor:
         """A child just forked (in the directory ``where``): in its slot, with
         its ready deadline, its exec report read."""
         child.deadline = child.started + self._ready_timeout
+        child.cwd = os.path.realpath(self._cwd)     # a release symlink, as it is now
         self._children[child.pid] = child
         child.generation.slots[child.index] = child
         # Whether exec worked is read from the loop: waiting for it here would
@@ -2611,11 +2677,13 @@ class _Supervisor:
                   " ".join(self._command))
         return child
 
-    def _ready(self, child: _Child) -> None:
+    def _ready(self, child: _Child, how: str) -> None:
         """STARTING -> READY, or SERVING if its generation already serves;
-        the generation's last ready child makes it the serving one."""
+        the generation's last ready child makes it the serving one.  ``how``
+        it was judged ready, for the status (see _Child.ready_by)."""
         if child.state is not _State.STARTING:
             return      # retired or stopped before it got here
+        child.ready_by = how
         child.ready_at = time.monotonic()
         child.deadline = child.look_at = child.assume_ready_at = None
         generation = child.generation
@@ -3105,7 +3173,7 @@ class _Supervisor:
             return
         _log.info("%s %s waiting for connections on its listening socket (%s): ready",
                   self._name(child), "sent READY=1 and is" if child.notified else "is", how)
-        self._ready(child)
+        self._ready(child, "accept" if how.startswith("accept") else "epoll")
 
     def _seen_waiting(self, child: _Child) -> Optional[str]:
         if child.exec_report is not None or child.exec_error:
@@ -3541,7 +3609,7 @@ class _Supervisor:
             elif msg[:1] == _MSG_READY and len(msg) in (1, 3):
                 if len(msg) == 3:
                     child.batch_limit = max(1, min(_MAX_BATCH, int.from_bytes(msg[1:], "big")))
-                self._ready(child)
+                self._ready(child, "channel")
             elif msg == _MSG_NACK and child.inbox is not None:
                 self._queue.nacked(child)
             else:
@@ -3870,24 +3938,6 @@ def _frozen(pid: int, wait: float = 0.05) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.0005)
-
-
-def _format_status(snapshot: dict, now_ns: Optional[int] = None) -> str:
-    """The status line, from a snapshot (here or read from the state file)."""
-    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if now_ns is None else now_ns
-    serving, draining = snapshot["serving"], snapshot["draining"]
-    return "; ".join([
-        f"listening on {snapshot['listening'] or 'nothing'}",
-        f"workers {len(serving)}/{snapshot['workers']} ready",
-        "serving " + (", ".join(f"child {pid} up {(now - since) / 1e9:.0f} s"
-                                for pid, since in serving) or "child none"),
-        "starting " + (", ".join(f"child {pid}" for pid in snapshot["starting"])
-                       or "child none"),
-        "draining " + (", ".join(f"child {pid} for {(now - since) / 1e9:.0f} s"
-                                 for pid, since in draining) or "none"),
-        f"{_plural(snapshot['forwarded'], 'connection')} forwarded",
-        f"{_plural(snapshot['restarts'], 'restart')}, {snapshot['failed']} failed",
-        _plural(snapshot["crashes"], "crash")])
 
 
 def _plural(count: int, noun: str) -> str:
@@ -4388,18 +4438,21 @@ class _SystemdNotifier:
 
 
 class _StateFile:
-    """PIDFILE.state: what --reload reads about the running daemon.
+    """PIDFILE.state: what --reload, --stop and --status read about the
+    running daemon.
 
     Lines: "restart SEQ START_NS OUTCOME" for each of the last few restarts
     (START_NS: CLOCK_MONOTONIC when the daemon began it; OUTCOME "running"
-    until it ended), "stopping 0|1", "last DETAIL", then "end", which closes
-    a complete record.  Rewritten in place through a descriptor opened at
-    start, so it still works after --user has dropped the right to create
-    files there.  Removed on exit.
+    until it ended), the same for upgrades, "stopping 0|1", "last DETAIL",
+    "daemon JSON" (what does not change: version, hand-off mode, start
+    time, steering, and the limits the control commands wait by), "status
+    JSON" (the supervisor's snapshot), then "end", which closes a complete
+    record.  Rewritten in place through a descriptor opened at start, so it
+    still works after --user has dropped the right to create files there.
+    Removed on exit.
     """
 
-    def __init__(self, pid_file: str, drain_timeout: Optional[float] = None,
-                 inherited: Optional[dict] = None) -> None:
+    def __init__(self, pid_file: str, inherited: Optional[dict] = None) -> None:
         """inherited: what an upgrade handed over (export()), to go on with."""
         self.path = pid_file + ".state"
         self._restarts: collections.deque = collections.deque(maxlen=8)
@@ -4408,22 +4461,30 @@ class _StateFile:
         self._stopping = False
         self._last = "starting"
         self._snapshot: dict = {}
-        self._drain_timeout = drain_timeout
+        self._daemon: dict = {}
+        self._started = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         if inherited is not None:
             self._fd = _adopt_fd(inherited["fd"])
             self._restarts.extend(inherited["restarts"])
             self._upgrades.extend(inherited["upgrades"])
             self._seq, self._last = inherited["seq"], inherited["last"]
+            self._started = inherited.get("started", self._started)
             return
         self._fd = _open_checked(self.path, os.O_RDWR | os.O_CREAT, 0o644, "state file")
         self._write(self._last)
 
     def export(self) -> dict:
         return {"path": self.path, "fd": self._fd, "restarts": list(self._restarts),
-                "upgrades": list(self._upgrades), "seq": self._seq, "last": self._last}
+                "upgrades": list(self._upgrades), "seq": self._seq, "last": self._last,
+                "started": self._started}
+
+    def describe(self, daemon: dict) -> None:
+        """What does not change while the daemon runs (the "daemon" line)."""
+        self._daemon = dict(daemon, version=__version__, started=self._started)
+        self._write(self._last)
 
     def on_state(self, snapshot: dict) -> None:
-        self._snapshot = dict(snapshot, drain_timeout=self._drain_timeout)
+        self._snapshot = snapshot
         self._write(self._last)
 
     def on_event(self, event: str, detail: str) -> None:
@@ -4447,6 +4508,7 @@ class _StateFile:
         lines = [f"restart {seq} {start} {outcome}" for seq, start, outcome in self._restarts]
         lines += [f"upgrade {seq} {start} {outcome}" for seq, start, outcome in self._upgrades]
         lines += [f"stopping {int(self._stopping)}", f"last {last}",
+                  f"daemon {json.dumps(self._daemon, separators=(',', ':'))}",
                   f"status {json.dumps(self._snapshot, separators=(',', ':'))}", "end", ""]
         try:
             os.ftruncate(self._fd, 0)
@@ -4472,7 +4534,9 @@ def _remove_owned_file(path: str, fd: int) -> None:
 
 def _read_state(path: str) -> Optional[dict]:
     """A state file's record ({"restarts": [(seq, start_ns, outcome)],
-    "stopping": bool, "last": str}); None while it is being rewritten."""
+    "upgrades": the same, "stopping": bool, "last": str, "daemon": dict,
+    "status": dict}; what an older daemon does not write is empty); None
+    while it is being rewritten."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -4482,10 +4546,13 @@ def _read_state(path: str) -> Optional[dict]:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise SocketProtectorError(f"daemon state {path} is not a regular file")
-        text = os.read(fd, 65536).decode(errors="replace")
+        # One read of the whole file: a record the daemon rewrites meanwhile
+        # then lacks its "end" (and is read again), never mixes two.
+        text = os.read(fd, os.fstat(fd).st_size + 65536).decode(errors="replace")
     finally:
         os.close(fd)
-    record: dict = {"restarts": [], "upgrades": [], "stopping": False, "last": "", "status": {}}
+    record: dict = {"restarts": [], "upgrades": [], "stopping": False, "last": "",
+                    "daemon": {}, "status": {}}
     for line in text.split("\n"):
         key, _, value = line.partition(" ")
         if key in ("restart", "upgrade"):
@@ -4495,9 +4562,9 @@ def _read_state(path: str) -> Optional[dict]:
             record["stopping"] = value == "1"
         elif key == "last":
             record["last"] = value
-        elif key == "status":
+        elif key in ("daemon", "status"):
             try:
-                record["status"] = json.loads(value)
+                record[key] = json.loads(value)
             except ValueError:
                 return None
         elif key == "end":
@@ -4556,44 +4623,65 @@ def _signal_daemon(pid: int, sig: int) -> None:
 
 
 def _control(opts: argparse.Namespace) -> int:
-    """--reload / --stop / --status: act on the daemon the pid file names.
+    """--reload / --stop / --status / --upgrade: act on the daemon the pid file names.
 
-    --reload and --stop say on stdout what they wait for (and how long at
-    most), then how it ended; a failure goes to stderr (exit 1).
+    --reload, --stop and --upgrade wait by the daemon's own limits (its
+    --ready-timeout, --probation, --stop-timeout, as its state file gives
+    them) unless this command line gives its own; they say on stdout what
+    they wait for (and how long at most, and why that long), then how it
+    ended; a failure goes to stderr (exit 1).
     """
     pid = _running_pid(opts.pid_file)
     if pid is None:
         if opts.stop:
             print("socketprotector: not running", file=sys.stderr)
             return EXIT_OK
+        if opts.format == "prometheus":     # a scrape wants a figure: up 0
+            sys.stdout.write(_format_prometheus(None, opts.pid_file))
         raise SocketProtectorError(f"not running (no daemon holds {opts.pid_file})")
     path = opts.pid_file + ".state"
     if opts.status:
         record = _read_state_settled(path)
-        print(f"socketprotector: daemon {pid}: {_format_status(record['status'])}"
-              if record["status"] else f"socketprotector: daemon {pid}: {record['last']}")
+        doc = _status_document(pid, opts.pid_file, record)
+        if opts.format == "json":
+            print(json.dumps(doc, indent=2))
+        elif opts.format == "prometheus":
+            sys.stdout.write(_format_prometheus(doc, opts.pid_file))
+        else:
+            print(f"socketprotector: daemon {pid}: {_format_status(doc)}"
+                  if record["status"] else f"socketprotector: daemon {pid}: {record['last']}")
         return EXIT_OK
     if opts.stop:
-        wait = opts.stop_timeout + 2 * _KILL_GRACE
+        try:        # the limits only: a daemon exiting meanwhile is what we want
+            limits = _read_state_settled(path)["daemon"].get("limits", {})
+        except SocketProtectorError:
+            limits = {}
+        stop, named = _limit(opts.stop_timeout, limits, "stop_timeout", _DEFAULT_STOP_TIMEOUT,
+                             "--stop-timeout")
+        grace = 2 * limits.get("kill_grace", _KILL_GRACE)
+        wait = stop + grace + _CONTROL_SPARE
+        why = (f"{named}, then up to {grace:g} s to kill what is left, {_CONTROL_SPARE:g} s "
+               f"to spare")
         _say(f"stopping daemon {pid}; waiting up to {wait:g} s for it and its children "
-             f"to exit")
+             f"to exit ({why})")
         _signal_daemon(pid, signal.SIGTERM)
         # It lets go of the pid file just before it exits: wait for both.
         _await(lambda: _running_pid(opts.pid_file) != pid and _process_gone(pid),
-               time.monotonic() + wait, f"daemon {pid} still running after SIGTERM")
+               time.monotonic() + wait,
+               f"daemon {pid} still running {wait:g} s after SIGTERM ({why})")
         _say(f"stopped daemon {pid}")
         return EXIT_OK
-    if opts.upgrade:
-        return _control_upgrade(pid, path)
-    wait = opts.ready_timeout + 2 * _KILL_GRACE
-    deadline = time.monotonic() + wait
-    if _read_state_settled(path, deadline)["stopping"]:
+    record = _read_state_settled(path)
+    if record["stopping"]:
         raise SocketProtectorError(f"daemon {pid} is shutting down")
-    _say(f"reloading daemon {pid}; waiting up to {wait:g} s for the new children to be ready")
-    record: Dict[str, Any] = {}
+    if opts.upgrade:
+        return _control_upgrade(pid, path, record)
+    wait, why = _reload_wait(opts, record)
+    deadline = time.monotonic() + wait
+    _say(f"reloading daemon {pid}; waiting up to {wait:g} s for the new children to be ready "
+         f"({why})")
     result = _signal_and_await(pid, path, signal.SIGHUP, "restarts", deadline, record,
-                               f"daemon {pid}: restart not finished after "
-                               f"{opts.ready_timeout:g} s")
+                               f"daemon {pid}: restart not finished after {wait:g} s ({why})")
     if result == "stopping":
         raise SocketProtectorError(f"daemon {pid} began shutting down before it restarted")
     if result.startswith("restart failed"):
@@ -4602,12 +4690,14 @@ def _control(opts: argparse.Namespace) -> int:
     # that before saying that some are still running.
     settle = time.monotonic() + _RELOAD_SETTLE
     while True:
-        draining = (_read_state(path) or record).get("status", {}).get("draining", [])
+        draining = [c for c in _status_children((_read_state(path) or record)["status"])
+                    if c["state"] in _DRAINING]
         if not draining or time.monotonic() > settle:
             break
         time.sleep(0.02)
     if draining:
-        limit = record["status"].get("drain_timeout")
+        # From an older daemon, in its status.
+        limit = record["daemon"].get("limits", record["status"]).get("drain_timeout")
         result += (f"; {len(draining)} retired "
                    f"{'child' if len(draining) == 1 else 'children'} still finishing open "
                    f"connections " + (f"(stopped after --drain-timeout {limit:g} s)" if limit
@@ -4617,16 +4707,49 @@ def _control(opts: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _control_upgrade(pid: int, path: str) -> int:
+def _limit(given: Optional[float], limits: dict, key: str, default: float,
+           option: str) -> tuple:
+    """One of the limits a control command waits by: (seconds, what it is).
+    This command line's own, else the daemon's, else (an older daemon that
+    does not say) the default."""
+    if given is not None:
+        return given, f"{option} {given:g} s as given"
+    if limits.get(key) is not None:
+        return limits[key], f"its {option} {limits[key]:g} s"
+    return default, f"{option} {default:g} s, the default (the daemon does not say its own)"
+
+
+def _reload_wait(opts: argparse.Namespace, record: dict) -> tuple:
+    """How long --reload waits, and why: its restart's --ready-timeout and
+    --probation, after what is left of a restart already under way (its
+    SIGHUP then makes one more, which begins once that one is decided)."""
+    limits = record["daemon"].get("limits", {})
+    ready, why = _limit(opts.ready_timeout, limits, "ready_timeout", _DEFAULT_READY_TIMEOUT,
+                        "--ready-timeout")
+    probation = limits.get("probation") or 0.0
+    one = ready + probation
+    if probation:
+        why += f" and --probation {probation:g} s"
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    running = [start for _, start, outcome in record["restarts"] if outcome == "running"]
+    ahead = 0.0
+    if running:
+        ahead = float(max(0, math.ceil(one - (now - running[-1]) / 1e9)))
+        why += f", after up to {ahead:g} s for the restart under way"
+    return ahead + one + _CONTROL_SPARE, f"{why}, {_CONTROL_SPARE:g} s to spare"
+
+
+def _control_upgrade(pid: int, path: str, record: dict) -> int:
     """--upgrade: SIGUSR2, then wait for the outcome of the first upgrade the
     daemon begins after this instant."""
-    wait = _UPGRADE_CHECK_TIMEOUT + 2 * _KILL_GRACE
+    check = record["daemon"].get("limits", {}).get("upgrade_check_timeout",
+                                                   _UPGRADE_CHECK_TIMEOUT)
+    wait = check + _CONTROL_SPARE
+    why = f"its check of the new code takes {check:g} s at most, {_CONTROL_SPARE:g} s to spare"
     deadline = time.monotonic() + wait
-    if _read_state_settled(path, deadline)["stopping"]:
-        raise SocketProtectorError(f"daemon {pid} is shutting down")
-    _say(f"upgrading daemon {pid} in place; waiting up to {wait:g} s for the new code")
+    _say(f"upgrading daemon {pid} in place; waiting up to {wait:g} s for the new code ({why})")
     result = _signal_and_await(pid, path, signal.SIGUSR2, "upgrades", deadline, {},
-                               f"daemon {pid}: upgrade not finished after {wait:g} s")
+                               f"daemon {pid}: upgrade not finished after {wait:g} s ({why})")
     if result == "stopping":
         raise SocketProtectorError(f"daemon {pid} began shutting down before it upgraded")
     if result.startswith("upgrade refused"):
@@ -4767,6 +4890,228 @@ def _become_subreaper() -> None:
 
 
 # ---------------------------------------------------------------------------
+# --status: the running daemon's status as a line, JSON or Prometheus text
+# ---------------------------------------------------------------------------
+
+_STATUS_SCHEMA = "socketprotector-status"   # --status --json: what the document is
+_STATUS_VERSION = 1     # its layout (README: "Status as data"): any change raises it
+_SNAPSHOT_CHILD = ("pid", "worker", "generation", "state", "started", "ready_at", "retired_at",
+                   "ready_by", "probation", "cwd", "sockets")     # see _Supervisor.snapshot()
+_DRAINING = ("quieting", "retiring", "stopping")
+_READY_BY = {"channel": "receive_connections()", "notify": "READY=1",
+             "epoll": "seen waiting in epoll", "accept": "seen waiting in accept()",
+             "delay": "--ready-delay"}
+
+
+def _status_children(status: dict) -> List[dict]:
+    """The children of a published snapshot as dicts (_SNAPSHOT_CHILD), also
+    from a daemon older than this code (its three lists: what they said)."""
+    if "children" in status:
+        return [dict(zip(_SNAPSHOT_CHILD, row)) for row in status["children"]]
+    blank = dict.fromkeys(_SNAPSHOT_CHILD)
+    return ([dict(blank, pid=pid, state="serving", ready_at=since)
+             for pid, since in status.get("serving", ())]
+            + [dict(blank, pid=pid, state="starting") for pid in status.get("starting", ())]
+            + [dict(blank, pid=pid, state="retiring", retired_at=since)
+               for pid, since in status.get("draining", ())])
+
+
+def _status_document(pid: int, pid_file: str, record: dict,
+                     now_ns: Optional[int] = None) -> dict:
+    """--status --json: the running daemon's status as a document of
+    _STATUS_VERSION, from its state file's record (README: "Status as
+    data"); times become seconds ago, and the backlogs of the listening
+    sockets are looked up now.  What the daemon does not know, or an older
+    daemon does not say, is None."""
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if now_ns is None else now_ns
+    status, daemon = record["status"], record["daemon"]
+    counts = status.get("counts") or {}
+    per_child = counts.get("children", {})
+    backlogs = _listening_backlogs()
+
+    def ago(since: Optional[int]) -> Optional[float]:
+        return None if not since else round(max(0, now - since) / 1e9, 3)
+
+    def queued(inodes) -> Optional[int]:
+        waiting = [backlogs.get(inode) for inode in inodes or ()]
+        return sum(waiting) if waiting and None not in waiting else None
+    children = []
+    for c in _status_children(status):
+        figures = per_child.get(str(c["pid"]))
+        children.append({
+            "pid": c["pid"], "worker": c["worker"], "generation": c["generation"],
+            "state": c["state"], "ready_by": c["ready_by"], "probation": c["probation"],
+            "cwd": c["cwd"], "uptime_seconds": ago(c["started"]),
+            "ready_seconds_ago": ago(c["ready_at"]),
+            "retired_seconds_ago": ago(c["retired_at"]),
+            "connections_sent": figures[0] if figures else None,
+            "connections_queued": figures[1] if figures else queued(c["sockets"])})
+    listeners = status.get("listeners") or [
+        [address, None] for address in (status.get("listening") or "").split(", ") if address]
+    last_restart = None
+    if record["restarts"]:
+        _, start, outcome = record["restarts"][-1]
+        last_restart = {
+            "outcome": outcome if outcome == "running" else
+            "failed" if outcome.startswith("restart failed") else "succeeded",
+            "reason": None if outcome == "running" else outcome,
+            "started_seconds_ago": ago(start)}
+    last_upgrade = None
+    if record["upgrades"]:
+        _, start, outcome = record["upgrades"][-1]
+        last_upgrade = {
+            "outcome": outcome if outcome == "running" else
+            "refused" if outcome.startswith("upgrade refused") else "upgraded",
+            "detail": None if outcome == "running" else outcome,
+            "started_seconds_ago": ago(start)}
+    forwarding = daemon.get("handoff") == "forward"
+    return {
+        "schema": _STATUS_SCHEMA, "schema_version": _STATUS_VERSION, "pid_file": pid_file,
+        "daemon": {"pid": pid, "version": daemon.get("version"),
+                   "handoff": daemon.get("handoff"),
+                   "uptime_seconds": ago(daemon.get("started"))},
+        "steering": daemon.get("steering"),
+        "listeners": [{"address": address, "queued": queued([inode] if inode else None)}
+                      for address, inode in listeners],
+        "workers": {"ready": status.get("ready", len(status.get("serving", ()))),
+                    "total": status.get("workers", 0)},
+        "children": children,
+        "probation_left_seconds": (None if not status.get("probation_until") else
+                                   round(max(0, status["probation_until"] - now) / 1e9, 3)),
+        "counters": {"restarts_succeeded": status.get("restarts", 0),
+                     "restarts_failed": status.get("failed", 0),
+                     "crashes": status.get("crashes", 0),
+                     "connections_forwarded": status.get("forwarded") if forwarding else None,
+                     "connections_waiting": counts.get("waiting")},
+        "limits": daemon.get("limits"),
+        "last_restart": last_restart, "last_upgrade": last_upgrade}
+
+
+def _format_status(doc: dict) -> str:
+    """The status line, from the status document."""
+    children, counters = doc["children"], doc["counters"]
+    activation = doc["daemon"]["handoff"] == "activation"
+
+    def notes(child: dict) -> str:
+        said = []
+        if activation and child["ready_by"] and child["state"] not in _DRAINING:
+            said.append(f"ready: {_READY_BY.get(child['ready_by'], child['ready_by'])}")
+        if child["probation"] == "on_probation":
+            left = doc["probation_left_seconds"]
+            said.append("on probation" + (f", {left:.0f} s left" if left is not None else ""))
+        elif child["probation"] == "fallback":
+            said.append("kept for a rollback")
+        return f" ({'; '.join(said)})" if said else ""
+
+    def listing(states, since: str, key: str) -> str:
+        return ", ".join(f"child {c['pid']} {since} {c[key] or 0:.0f} s{notes(c)}"
+                         for c in children if c["state"] in states)
+    serving = listing(("serving",), "up", "ready_seconds_ago")
+    starting = listing(("starting", "ready"), "for", "uptime_seconds")
+    draining = listing(_DRAINING, "for", "retired_seconds_ago")
+    parts = [f"listening on {', '.join(l['address'] for l in doc['listeners']) or 'nothing'}",
+             f"workers {doc['workers']['ready']}/{doc['workers']['total']} ready"]
+    steering = doc["steering"]
+    if steering is not None:
+        parts.append("steering on" if steering["active"] else
+                     f"steering off ({steering['fallback_reason'] or 'reason unknown'})")
+    parts.append(f"serving {serving}" if serving else "no child serving")
+    if starting:
+        parts.append(f"starting {starting}")
+    if draining:
+        parts.append(f"draining {draining}")
+    if counters["connections_forwarded"] is not None:
+        parts.append(f"{_plural(counters['connections_forwarded'], 'connection')} forwarded")
+    parts += [f"{_plural(counters['restarts_succeeded'], 'restart')} succeeded, "
+              f"{counters['restarts_failed']} failed", _plural(counters["crashes"], "crash")]
+    upgrade = doc["last_upgrade"]
+    if upgrade is not None:
+        parts.append("upgrading" if upgrade["outcome"] == "running" else
+                     f"last upgrade: {upgrade['detail']}")
+    return "; ".join(parts)
+
+
+def _prometheus_label(value) -> str:
+    """A label value in the text exposition format: \\, " and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _format_prometheus(doc: Optional[dict], pid_file: str) -> str:
+    """The status document in Prometheus's text exposition format (0.0.4),
+    for node_exporter's textfile collector: one family per figure, each
+    with its HELP and TYPE lines, every sample labelled with the pid file
+    (several daemons on one host).  None: no daemon runs (up 0 alone)."""
+    families: List[tuple] = []      # (name, type, help, [(labels, value)])
+
+    def family(name: str, kind: str, text: str, samples) -> None:
+        samples = [(labels, value) for labels, value in samples if value is not None]
+        if samples:
+            families.append((f"socketprotector_{name}", kind, text, samples))
+    family("up", "gauge", "Whether a daemon holds the pid file (1) or not (0).",
+           [({}, int(doc is not None))])
+    if doc is not None:
+        daemon, counters = doc["daemon"], doc["counters"]
+        family("info", "gauge", "The running daemon: its pid, version and hand-off mode.",
+               [({"pid": daemon["pid"], "version": daemon["version"] or "",
+                  "handoff": daemon["handoff"] or ""}, 1)])
+        family("uptime_seconds", "gauge", "Seconds since the daemon started.",
+               [({}, daemon["uptime_seconds"])])
+        if doc["steering"] is not None:
+            family("steering_active", "gauge", "Activation mode: whether new connections are "
+                   "steered to the serving generation's own socket (1), or all generations "
+                   "share one (0, and why).",
+                   [({"fallback_reason": doc["steering"]["fallback_reason"] or ""},
+                     int(doc["steering"]["active"]))])
+        family("workers", "gauge", "Workers per generation, as set.",
+               [({}, doc["workers"]["total"])])
+        family("workers_ready", "gauge", "Workers of the serving generation ready and serving.",
+               [({}, doc["workers"]["ready"])])
+        family("restarts_total", "counter", "Restarts (SIGHUP, --reload) decided, by outcome.",
+               [({"outcome": "succeeded"}, counters["restarts_succeeded"]),
+                ({"outcome": "failed"}, counters["restarts_failed"])])
+        family("crashes_total", "counter", "Serving workers that died unasked.",
+               [({}, counters["crashes"])])
+        family("connections_forwarded_total", "counter", "Forwarding: connections passed to "
+               "children (published at most a second late).",
+               [({}, counters["connections_forwarded"])])
+        family("connections_waiting", "gauge", "Forwarding: connections accepted by the daemon "
+               "and not yet passed to a child.", [({}, counters["connections_waiting"])])
+        family("listener_queued", "gauge", "Connections waiting in a listening socket's "
+               "backlog, as the kernel counts them now.",
+               [({"address": l["address"]}, l["queued"]) for l in doc["listeners"]])
+        last = doc["last_restart"]
+        if last is not None and last["outcome"] != "running":
+            family("last_restart_succeeded", "gauge", "Whether the last restart decided "
+                   "succeeded (1) or failed (0).", [({}, int(last["outcome"] == "succeeded"))])
+        family("probation_left_seconds", "gauge", "Activation: seconds left until the new "
+               "generation's probation ends.", [({}, doc["probation_left_seconds"])])
+        children = doc["children"]
+        ids = [{"pid": c["pid"], "worker": c["worker"], "generation": c["generation"]}
+               for c in children]
+        family("child_info", "gauge", "Each child: its state, how it was judged ready, its "
+               "probation and the directory it started in.",
+               [(dict(key, state=c["state"], ready_by=c["ready_by"] or "",
+                      probation=c["probation"] or "", cwd=c["cwd"] or ""), 1)
+                for key, c in zip(ids, children)])
+        family("child_uptime_seconds", "gauge", "Seconds since each child started.",
+               [(key, c["uptime_seconds"]) for key, c in zip(ids, children)])
+        family("child_connections_sent_total", "counter", "Forwarding: connections passed to "
+               "each child.", [(key, c["connections_sent"]) for key, c in zip(ids, children)])
+        family("child_connections_queued", "gauge", "Connections waiting for each child: "
+               "passed to it and not yet received (forwarding), or in the backlog of its "
+               "generation's own socket (activation with steering).",
+               [(key, c["connections_queued"]) for key, c in zip(ids, children)])
+    lines = []
+    for name, kind, text, samples in families:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+        for labels, value in samples:
+            labels = dict(labels, pid_file=pid_file)
+            inside = ",".join(f'{key}="{_prometheus_label(v)}"' for key, v in labels.items())
+            lines.append(f"{name}{{{inside}}} {value if isinstance(value, int) else repr(value)}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------
 
@@ -4886,7 +5231,14 @@ def _build_parser() -> _Parser:
     parser.add_argument("--stop", action="store_true",
                         help="with --pid-file: stop the running daemon and wait until it is gone")
     parser.add_argument("--status", action="store_true",
-                        help="with --pid-file: print the running daemon's status line")
+                        help="with --pid-file: print the running daemon's status (a line; "
+                             "see --format); exit 1 if none runs")
+    parser.add_argument("--format", choices=("line", "json", "prometheus"),
+                        help="--status as: line (default), json (a versioned document, see "
+                             "README), or prometheus (text exposition, for node_exporter's "
+                             "textfile collector)")
+    parser.add_argument("--json", action="store_const", dest="format", const="json",
+                        help="--status as JSON: --format json")
     parser.add_argument("--upgrade", action="store_true",
                         help="with --pid-file: make the running daemon replace its own code "
                              "with the socketprotector.py now on disk, in place; wait and "
@@ -4935,10 +5287,13 @@ def _build_parser() -> _Parser:
                         help="run N children (workers) at once, each told its index in "
                              f"${ENV_WORKER}; SIGTTIN/SIGTTOU add or remove one (default 1, "
                              f"at most {_MAX_WORKERS})")
+    # --ready-timeout and --stop-timeout: None unless given, so that --reload
+    # and --stop can tell the operator's own limit from the default, and
+    # wait by the daemon's otherwise (_parse_args sets the defaults).
     parser.add_argument("--ready-timeout", metavar="S", type=_seconds,
-                        default=_DEFAULT_READY_TIMEOUT,
                         help="a new child not ready after S seconds is stopped and the old "
-                             f"one keeps serving (default {_DEFAULT_READY_TIMEOUT:g})")
+                             f"one keeps serving (default {_DEFAULT_READY_TIMEOUT:g}; with "
+                             "--reload: wait by this instead of the daemon's own)")
     parser.add_argument("--drain-timeout", metavar="S", type=_seconds, default=None,
                         help="a retired child still running after S seconds gets SIGTERM, "
                              "then SIGKILL (default: no limit)")
@@ -4948,9 +5303,9 @@ def _build_parser() -> _Parser:
                              "goes to the replacement (forwarding: that child; listener and "
                              "activation: its generation, replaced start-first; default: off)")
     parser.add_argument("--stop-timeout", metavar="S", type=_seconds,
-                        default=_DEFAULT_STOP_TIMEOUT,
                         help="on shutdown, children still running after S seconds get "
-                             f"SIGTERM, then SIGKILL (default {_DEFAULT_STOP_TIMEOUT:g})")
+                             f"SIGTERM, then SIGKILL (default {_DEFAULT_STOP_TIMEOUT:g}; "
+                             "with --stop: wait by this instead of the daemon's own)")
     parser.add_argument("--chdir", metavar="DIR",
                         help="run the children in DIR (default: where the daemon was started, "
                              "as $PWD names it), resolved again for each new child")
@@ -4995,8 +5350,16 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
             raise UsageError(f"--{actions[0]} needs --pid-file")
         if opts.port is not None or command is not None:
             raise UsageError(f"--{actions[0]} takes no PORT or command")
+        if opts.format is not None and not opts.status:
+            raise UsageError(f"--format and --json are for --status, not --{actions[0]}")
         _refuse_idle_control(actions[0], given, parser.option_names)
         return opts
+    if opts.format is not None:
+        raise UsageError("--format and --json are for --status")
+    if opts.ready_timeout is None:
+        opts.ready_timeout = _DEFAULT_READY_TIMEOUT
+    if opts.stop_timeout is None:
+        opts.stop_timeout = _DEFAULT_STOP_TIMEOUT
     if opts.port is not None:
         try:
             opts.port = int(opts.port, 10)
@@ -5020,7 +5383,7 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
 
 # What each control command uses besides --pid-file; every other option
 # does nothing there, and is refused.
-_CONTROL_USES = {"reload": {"ready_timeout"}, "stop": {"stop_timeout"}, "status": set(),
+_CONTROL_USES = {"reload": {"ready_timeout"}, "stop": {"stop_timeout"}, "status": {"format"},
                  "upgrade": set()}
 _DAEMON_FLAGS = ("-d", "-D", "--daemon", "--daemonize")   # other tools' "detach"
 
@@ -5235,10 +5598,10 @@ def _serve(opts: argparse.Namespace) -> None:
             if log_file is not None:
                 log_file.take_stdio()
         if inherited and inherited["state_file"]:
-            state_file = _StateFile(pid_file.path, opts.drain_timeout, inherited["state_file"])
+            state_file = _StateFile(pid_file.path, inherited["state_file"])
         elif pid_file is not None:
             pid_file.write(os.getpid())
-            state_file = _StateFile(pid_file.path, opts.drain_timeout)
+            state_file = _StateFile(pid_file.path)
         _become_subreaper()     # imports ctypes: before --user may lose access to it
         if user is not None:
             _drop_privileges(*user)
@@ -5252,8 +5615,21 @@ def _serve(opts: argparse.Namespace) -> None:
         else:
             _log.info("listening on %s%s", ", ".join(map(_format_address, listeners)),
                       " (socket activation)" if activated else "")
-        steering = _steering_for(opts, activated, listeners, inherited)
+        steering, steering_off = _steering_for(opts, activated, listeners, inherited)
         nofile = inherited.get("nofile") if inherited else _raise_nofile()
+        # Activation needs steering for it; listener mode has none.
+        probation = (opts.probation if steering is not None or opts.handoff == "forward"
+                     else 0.0)
+        if state_file is not None:
+            state_file.describe({
+                "handoff": opts.handoff,
+                "steering": None if opts.handoff != "activation" else
+                {"active": steering is not None, "fallback_reason": steering_off},
+                # What --reload, --stop and --upgrade wait by (seconds).
+                "limits": {"ready_timeout": opts.ready_timeout, "probation": probation,
+                           "stop_timeout": opts.stop_timeout, "kill_grace": _KILL_GRACE,
+                           "drain_timeout": opts.drain_timeout,
+                           "upgrade_check_timeout": _UPGRADE_CHECK_TIMEOUT}})
 
         def exec_upgrade(supervisor_state: dict, fds: List[int]) -> str:
             """Hand everything to the new code and exec it; why not, if it failed."""
@@ -5261,7 +5637,7 @@ def _serve(opts: argparse.Namespace) -> None:
                      for f in (pid_file, state_file, log_file)]
             state = {"version": _STATE_VERSION, "from": __version__, "script": script,
                      "cwd": cwd, "envdir": envdir, "activated": activated, "made": made,
-                     "nofile": nofile,
+                     "nofile": nofile, "steering_off": steering_off,
                      "pid_file": files[0], "state_file": files[1], "log_file": files[2],
                      "supervisor": supervisor_state}
             return _exec_self(script, state, [*fds, *(f["fd"] for f in files if f)])
@@ -5284,8 +5660,7 @@ def _serve(opts: argparse.Namespace) -> None:
                 ready_delay=opts.ready_delay, stop_signal=opts.stop_signal, script=script,
                 on_upgrade=exec_upgrade,
                 restore=inherited["supervisor"] if inherited else None,
-                steering=steering, quiet_period=opts.quiet_period,
-                probation=opts.probation if opts.handoff != "listener" else 0.0,
+                steering=steering, quiet_period=opts.quiet_period, probation=probation,
                 child_nofile=nofile, upgraded_from=inherited["from"] if inherited else None)
             try:
                 supervisor.run()
@@ -5341,15 +5716,17 @@ def _why_not_steer(opts: argparse.Namespace, activated: bool) -> Optional[str]:
 
 
 def _steering_for(opts: argparse.Namespace, activated: bool, listeners: List[socket.socket],
-                  inherited: Optional[dict]) -> Optional[_Steering]:
+                  inherited: Optional[dict]) -> tuple:
     """Activation mode: a _Steering over the daemon's sockets, or None (and
-    one line saying what is lost) where the setup or the kernel refuses."""
+    one line saying what is lost) where the setup or the kernel refuses;
+    and why not (None: steering, or not activation mode)."""
     if inherited is not None:       # as the code before the upgrade had it
-        return (_Steering(listeners, opts.backlog, attach=False)
-                if inherited["supervisor"].get("steering") else None)
+        if inherited["supervisor"].get("steering"):
+            return _Steering(listeners, opts.backlog, attach=False), None
+        return None, inherited.get("steering_off") or _why_not_steer(opts, activated) or None
     why = _why_not_steer(opts, activated)
     if why == "":
-        return None
+        return None, None
     if why is None:
         try:
             steering = _Steering(listeners, opts.backlog)
@@ -5361,10 +5738,10 @@ def _steering_for(opts: argparse.Namespace, activated: bool, listeners: List[soc
                       "rolled back moves to the one serving (net.ipv4.tcp_migrate_req)"
                       if _migrates_queues() else "net.ipv4.tcp_migrate_req is off: what waits "
                       "on a generation rolled back is reset")
-            return steering
+            return steering, None
     _log.warning("restarts share one listening socket (%s): an old server may take new "
                  "connections until it stops", why)
-    return None
+    return None, why
 
 
 def _logical_cwd() -> str:

@@ -843,29 +843,36 @@ class Daemon:
         wait_until(done, f"{count} restarts (log:\n{self.log()})")
         return status
 
-    def status(self):
-        """The daemon's status, as --status reads it: the snapshot it keeps
-        beside its pid file (the count of connections forwarded is at most
-        a second late)."""
+    def record(self):
+        """What --status reads: the state file the daemon keeps beside its
+        pid file, once it holds a status (the count of connections
+        forwarded is at most a second late)."""
         def read():
             try:
                 record = socketprotector._read_state(self.pid_file + ".state")
             except socketprotector.SocketProtectorError:
                 return None
-            return record["status"] if record and record["status"] else None
+            return record if record and record["status"] else None
         return wait_until(read, f"the daemon's state beside {self.pid_file}")
 
+    def status(self):
+        """The daemon's own snapshot, as it publishes it."""
+        return self.record()["status"]
+
+    def status_document(self):
+        """The status as --status --json gives it."""
+        return socketprotector._status_document(self.pid, self.pid_file, self.record())
+
     def status_line(self):
-        return socketprotector._format_status(self.status())
+        return socketprotector._format_status(self.status_document())
 
     def settled(self):
         """The status line once no child is starting and one serves: a match
-        whose groups are the serving child's pid and the connections
-        forwarded, and whose .string is the whole line."""
+        whose group is the (first) serving child's pid, and whose .string
+        is the whole line."""
         def settled():
             line = self.status_line()
-            return re.search(r"serving child (\d+) up .*; starting child none;.*; "
-                             r"(\d+) connections? forwarded", line)
+            return "; starting " not in line and re.search(r"serving child (\d+) up", line)
         return wait_until(settled, "a status with no child starting", interval=0.05)
 
     def forwarded(self):
@@ -1039,11 +1046,10 @@ class ProtectorTestCase(unittest.TestCase):
         none, and the serving child holds the daemon's listening socket.
         (Read once no restart is under way.)"""
         status = daemon.settled()
-        forwarded = int(status.group(2))
         if self.forwarding:     # the count is at most a second late
             wait_until(lambda: daemon.forwarded() > 0, "forwarding mode to count connections")
             return
-        self.assertEqual(forwarded, 0, "listener mode forwarded connections")
+        self.assertEqual(daemon.forwarded(), 0, "listener mode forwarded connections")
         if child is not None:
             self.assertEqual(int(status.group(1)), child, "not the serving child")
         child = int(status.group(1))
@@ -1278,7 +1284,7 @@ class RestartTest(ProtectorTestCase):
         second_mark = daemon.mark()
         daemon.wait_line(r"child \d+ ready; child \d+ retiring", second_mark)
         status = daemon.settled().string
-        self.assertRegex(status, r" 2 restarts, 0 failed", daemon.log())
+        self.assertRegex(status, r" 2 restarts succeeded, 0 failed", daemon.log())
 
     def test_a_deadline_fires_while_connections_stream_in(self):
         """While nearly every wake-up is only a connection to pass on (the
@@ -1647,6 +1653,80 @@ class DaemonModeTest(ProtectorTestCase):
         self.assertEqual(reload.returncode, 1)
         self.assertOneLineError(err.decode().splitlines(), rf"daemon {pid} exited$")
 
+    def test_reload_gives_up_by_the_daemons_ready_timeout(self):
+        """--reload waits by the running daemon's --ready-timeout (here 1 s),
+        not by its own default (30 s): with the daemon frozen, it gives up
+        after that and 2 s to spare, and says what it waited for."""
+        self.assertEqual(self.start_detached("--ready-timeout", "1")[0], 0)
+        pid = read_pid(self.pid_file)
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        code, lines = self.run_protector("--reload", "--pid-file", self.pid_file,
+                                         timeout=TIMEOUT)
+        self.assertEqual(code, 1, lines)
+        self.assertLess(time.monotonic() - started, 3 + TIMEOUT / 4)
+        why = r"\(its --ready-timeout 1 s, 2 s to spare\)"
+        self.assertRegex(self.stdout[0], rf"^socketprotector: reloading daemon {pid}; waiting "
+                                         rf"up to 3 s for the new children to be ready {why}$")
+        self.assertOneLineError(lines, rf"daemon {pid}: restart not finished after 3 s {why}$")
+        os.kill(pid, signal.SIGCONT)
+        self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file)[0], 0)
+
+    def test_reload_waits_for_a_child_slower_than_its_own_default(self):
+        """The operator's case, scaled down: the daemon runs with
+        --ready-timeout 20 and the new child takes 2 s to be ready, longer
+        than the control command's own default (made 0.5 s here, with
+        nothing to spare): --reload waits by the daemon's limit and reports
+        the restart done, not "not finished"."""
+        self.assertEqual(self.start_detached("--ready-timeout", "20")[0], 0)
+        self.set_flag("SP_TEST_DELAY", "2")
+        hurried = ("import sys; sys.path.insert(0, sys.argv[1]); import socketprotector as sp; "
+                   "sp._DEFAULT_READY_TIMEOUT = 0.5; sp._KILL_GRACE = sp._CONTROL_SPARE = 0; "
+                   "sys.exit(sp.main(sys.argv[2:]))")
+        proc = subprocess.run([sys.executable, "-c", hurried, HERE, "--reload", "--pid-file",
+                               self.pid_file], capture_output=True, text=True, timeout=TIMEOUT,
+                              cwd=self.tmp, env=self.env)
+        self.assertEqual((proc.returncode, proc.stderr), (0, ""))
+        self.assertRegex(proc.stdout, r"waiting up to 20 s for the new children to be ready "
+                                      r"\(its --ready-timeout 20 s, 0 s to spare\)\n"
+                                      r"socketprotector: reloaded: child \d+ serving\n$")
+        self.clear_flag("SP_TEST_DELAY")
+        self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file)[0], 0)
+
+    def test_control_commands_wait_by_the_daemons_limits_and_say_which(self):
+        """--reload and --stop say how long they wait and why: the daemon's
+        --ready-timeout and --stop-timeout (60 s and 3 s here, not their
+        own defaults), a limit given on their own command line instead, and
+        for --reload, what is left of a restart already under way, which
+        its SIGHUP follows."""
+        self.assertEqual(self.start_detached("--ready-timeout", "60", "--stop-timeout",
+                                             "3")[0], 0)
+        pid = read_pid(self.pid_file)
+        self.assertEqual(self.run_protector("--reload", "--pid-file", self.pid_file), (0, []))
+        self.assertEqual(self.stdout[0], f"socketprotector: reloading daemon {pid}; waiting up "
+                                         f"to 62 s for the new children to be ready (its "
+                                         f"--ready-timeout 60 s, 2 s to spare)")
+        self.assertEqual(self.run_protector("--reload", "--ready-timeout", "5", "--pid-file",
+                                            self.pid_file), (0, []))
+        self.assertEqual(self.stdout[0], f"socketprotector: reloading daemon {pid}; waiting up "
+                                         f"to 7 s for the new children to be ready "
+                                         f"(--ready-timeout 5 s as given, 2 s to spare)")
+        self.set_flag("SP_TEST_DELAY", "1.0")
+        os.kill(pid, signal.SIGHUP)     # a restart whose new child needs a second
+        wait_until(lambda: os.path.exists(self.flags["SP_TEST_DELAY"] + ".sleeping"),
+                   "the new child to be past its start-up checks")
+        self.clear_flag("SP_TEST_DELAY")
+        self.assertEqual(self.run_protector("--reload", "--pid-file", self.pid_file), (0, []))
+        self.assertRegex(self.stdout[0], rf"^socketprotector: reloading daemon {pid}; waiting "
+                                         r"up to 1[12]\d s for the new children to be ready "
+                                         r"\(its --ready-timeout 60 s, after up to [56]\d s for "
+                                         r"the restart under way, 2 s to spare\)$")
+        self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file), (0, []))
+        self.assertEqual(self.stdout[0], f"socketprotector: stopping daemon {pid}; waiting up "
+                                         f"to 15 s for it and its children to exit (its "
+                                         f"--stop-timeout 3 s, then up to 10 s to kill what is "
+                                         f"left, 2 s to spare)")
+
     def test_reload_names_the_worker_of_a_broken_generation(self):
         """With three workers, --reload exits 1 naming the worker that failed;
         the old generation keeps serving."""
@@ -1707,7 +1787,8 @@ class DaemonModeTest(ProtectorTestCase):
         first = int(ask(held, b"pid"))
         self.assertEqual(self.run_protector("--reload", "--pid-file", self.pid_file), (0, []))
         self.assertEqual(self.stdout[0], f"socketprotector: reloading daemon {pid}; waiting up "
-                                         f"to 40 s for the new children to be ready")
+                                         f"to 32 s for the new children to be ready (its "
+                                         f"--ready-timeout 30 s, 2 s to spare)")
         self.assertRegex(self.stdout[1], r"^socketprotector: reloaded: child \d+ serving; 1 "
                                          r"retired child still finishing open connections \(no "
                                          r"--drain-timeout: for as long as their clients stay "
@@ -1715,14 +1796,15 @@ class DaemonModeTest(ProtectorTestCase):
         self.assertEqual(self.run_protector("--status", "--pid-file", self.pid_file), (0, []))
         self.assertRegex(self.stdout[0], rf"^socketprotector: daemon {pid}: listening on "
                                          rf"127\.0\.0\.1:{self.port}; workers 1/1 ready; "
-                                         rf"serving child \d+ up \d+ s; starting child none; "
+                                         rf"serving child \d+ up \d+ s; "
                                          rf"draining child {first} for \d+ s; \d+ connections? "
-                                         rf"forwarded; 1 restart, 0 failed; 0 crashes$")
+                                         rf"forwarded; 1 restart succeeded, 0 failed; 0 crashes$")
         held.close()
         self.assertEqual(self.run_protector("--stop", "--pid-file", self.pid_file), (0, []))
         self.assertEqual(self.stdout, [
-            f"socketprotector: stopping daemon {pid}; waiting up to 20 s for it and its "
-            f"children to exit", f"socketprotector: stopped daemon {pid}"])
+            f"socketprotector: stopping daemon {pid}; waiting up to 22 s for it and its "
+            f"children to exit (its --stop-timeout 10 s, then up to 10 s to kill what is "
+            f"left, 2 s to spare)", f"socketprotector: stopped daemon {pid}"])
         code, lines = self.run_protector("--status", "--pid-file", self.pid_file)
         self.assertEqual(code, 1)
         self.assertOneLineError(lines, r"not running \(no daemon holds .*sp\.pid\)$")
@@ -1755,8 +1837,336 @@ class DaemonModeTest(ProtectorTestCase):
 
 
 # ---------------------------------------------------------------------------
+# Status as data: the README's JSON Schema, and Prometheus's text format
+# ---------------------------------------------------------------------------
+
+
+def readme_status_blocks():
+    """The JSON blocks of the README's "Status as data": (schema, example)."""
+    text = read_text(os.path.join(HERE, "README.md"))
+    section = text[text.index("\n## Status as data\n"):]
+    section = section[:section.index("\n## ", 1)]
+    blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", section, re.S)]
+    schema = [b for b in blocks if "$schema" in b]
+    example = [b for b in blocks if "$schema" not in b]
+    assert len(schema) == 1 and len(example) == 1, "one schema and one example"
+    return schema[0], example[0]
+
+
+SCHEMA_KEYWORDS = {"$schema", "title", "description", "type", "const", "enum", "required",
+                   "properties", "additionalProperties", "items", "minimum"}
+JSON_TYPES = {"null": lambda v: v is None, "boolean": lambda v: isinstance(v, bool),
+              "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "string": lambda v: isinstance(v, str), "object": lambda v: isinstance(v, dict),
+              "array": lambda v: isinstance(v, list)}
+
+
+def schema_errors(value, schema, where="$"):
+    """What in value breaks the JSON Schema: the keywords the README's schema
+    uses (any other keyword in the schema is itself an error, so that none
+    is silently ignored)."""
+    unknown = set(schema) - SCHEMA_KEYWORDS
+    if unknown:
+        return [f"{where}: schema keyword(s) this checker does not know: {sorted(unknown)}"]
+    errors = []
+    if "type" in schema:
+        types = [schema["type"]] if isinstance(schema["type"], str) else schema["type"]
+        if not any(JSON_TYPES[t](value) for t in types):
+            return [f"{where}: {value!r} is not of type {types}"]
+    if "const" in schema and (type(value) is not type(schema["const"])
+                              or value != schema["const"]):
+        errors.append(f"{where}: {value!r} is not {schema['const']!r}")
+    if "enum" in schema and not any(type(value) is type(e) and value == e
+                                    for e in schema["enum"]):
+        errors.append(f"{where}: {value!r} is not one of {schema['enum']}")
+    if "minimum" in schema and JSON_TYPES["number"](value) and value < schema["minimum"]:
+        errors.append(f"{where}: {value!r} is below {schema['minimum']}")
+    if isinstance(value, dict):
+        errors += [f"{where}: missing {key!r}" for key in schema.get("required", ())
+                   if key not in value]
+        properties = schema.get("properties", {})
+        if schema.get("additionalProperties") is False:
+            errors += [f"{where}: unexpected {key!r}" for key in value if key not in properties]
+        for key, sub in properties.items():
+            if key in value:
+                errors += schema_errors(value[key], sub, f"{where}.{key}")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            errors += schema_errors(item, schema["items"], f"{where}[{i}]")
+    return errors
+
+
+# The text exposition format (version 0.0.4), as its specification states it.
+METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# A value as Go's ParseFloat reads it (decimal forms), or NaN, +Inf, -Inf.
+SAMPLE_VALUE = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[Ii]nf(?:inity)?)"
+                          r"|NaN")
+METRIC_TYPES = {"counter", "gauge", "histogram", "summary", "untyped"}
+
+
+def exposition_labels(line, i):
+    """The labels of a sample line from just after its "{": ({name:
+    unescaped value}, the index just after "}"); ValueError if malformed."""
+    labels = {}
+    while line[i:i + 1] != "}":
+        m = LABEL_NAME.match(line, i)
+        if not m or line[m.end():m.end() + 2] != '="':
+            raise ValueError(f"bad label at column {i}")
+        label, i, value = m.group(), m.end() + 2, ""
+        while line[i:i + 1] != '"':
+            if not line[i:i + 1]:
+                raise ValueError(f"unterminated value of label {label}")
+            if line[i] == "\\":
+                escaped = {"\\": "\\", '"': '"', "n": "\n"}.get(line[i + 1:i + 2])
+                if escaped is None:
+                    raise ValueError(f"bad escape in the value of label {label}")
+                value, i = value + escaped, i + 2
+            else:
+                value, i = value + line[i], i + 1
+        if label.startswith("__") or label in labels:
+            raise ValueError(f"label {label} reserved or repeated")
+        labels[label] = value
+        i += 1
+        if line[i:i + 1] == ",":
+            i += 1
+        elif line[i:i + 1] != "}":
+            raise ValueError(f"expected , or }} at column {i}")
+    return labels, i + 1
+
+
+def exposition_errors(text):
+    """Check text against Prometheus's text exposition format, written here
+    from its specification, not from our output: metric and label names,
+    label values (only \\\\, \\" and \\n escaped), one HELP and one TYPE per
+    family, both before its first sample, a family's samples together,
+    no series twice, float values, a final line feed.  (errors, samples as
+    (name, {label: unescaped value}, float))."""
+    errors, samples = [], []
+    helped, typed, sampled, series = set(), {}, set(), set()
+    current = None
+    if not text.endswith("\n"):
+        errors.append("the last line does not end with a line feed")
+    for n, line in enumerate(text.split("\n")[:-1], 1):
+        if not line.strip():
+            continue
+        if line.startswith("#"):
+            words = line[1:].lstrip(" \t").split(" ", 2)
+            if words[0] not in ("HELP", "TYPE"):
+                continue        # a comment
+            if len(words) < 3 or not METRIC_NAME.fullmatch(words[1]):
+                errors.append(f"line {n}: malformed {words[0]} line: {line!r}")
+                continue
+            name = words[1]
+            if name in sampled:
+                errors.append(f"line {n}: {words[0]} for {name} after its samples")
+            if words[0] == "HELP":
+                if name in helped:
+                    errors.append(f"line {n}: a second HELP for {name}")
+                helped.add(name)
+                if "\\" in re.sub(r"\\[\\n]", "", words[2]):
+                    errors.append(f"line {n}: HELP text escapes other than \\\\ and \\n")
+            else:
+                if name in typed:
+                    errors.append(f"line {n}: a second TYPE for {name}")
+                if words[2] not in METRIC_TYPES:
+                    errors.append(f"line {n}: unknown type {words[2]!r}")
+                typed[name] = words[2]
+            continue
+        m = METRIC_NAME.match(line)
+        if not m:
+            errors.append(f"line {n}: no metric name: {line!r}")
+            continue
+        name, i, labels = m.group(), m.end(), {}
+        if line[i:i + 1] == "{":
+            try:
+                labels, i = exposition_labels(line, i + 1)
+            except ValueError as e:
+                errors.append(f"line {n}: {e}: {line!r}")
+                continue
+        rest = line[i:]
+        fields = rest.split()
+        if not rest[:1] in (" ", "\t") or not 1 <= len(fields) <= 2:
+            errors.append(f"line {n}: expected a value (and a timestamp) after the name: {line!r}")
+            continue
+        if not SAMPLE_VALUE.fullmatch(fields[0]):
+            errors.append(f"line {n}: not a float: {fields[0]!r}")
+            continue
+        if len(fields) == 2 and not re.fullmatch(r"-?\d+", fields[1]):
+            errors.append(f"line {n}: not a timestamp: {fields[1]!r}")
+        family = next((f for f in (name, re.sub(r"_(bucket|sum|count)$", "", name))
+                       if typed.get(f) in ({"counter", "gauge", "untyped"} if f == name
+                                           else {"histogram", "summary"})), name)
+        if family not in typed or family not in helped:
+            errors.append(f"line {n}: a sample of {family} before its HELP and TYPE")
+        if family != current and family in sampled:
+            errors.append(f"line {n}: the samples of {family} are not together")
+        current = family
+        sampled.add(family)
+        key = (name, tuple(sorted(labels.items())))
+        if key in series:
+            errors.append(f"line {n}: the same series twice: {key}")
+        series.add(key)
+        samples.append((name, labels, float(fields[0])))
+    return errors, samples
+
+
+# ---------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------
+
+
+class StatusTest(ProtectorTestCase):
+    """--status as a line, as JSON (checked against the README's schema) and
+    as Prometheus text (checked against the exposition format)."""
+
+    def status_output(self, daemon, *form):
+        """What --status prints, with these options."""
+        code, lines = self.run_protector("--status", *form, "--pid-file", daemon.pid_file)
+        self.assertEqual((code, lines), (0, []), daemon.log())
+        return "\n".join(self.stdout) + "\n"
+
+    def test_the_status_line_says_what_it_means(self):
+        """Nothing starting or draining: no "starting child none" or
+        "draining none"; a child starting is named with how long it has run;
+        a success and a failure read "1 restart succeeded, 1 failed", which
+        cannot be taken for one failure out of one restart."""
+        daemon = Daemon(self)
+        daemon.serving()
+        self.assertEqual(self.run_protector("--reload", "--pid-file", daemon.pid_file)[0], 0)
+        self.set_flag("SP_TEST_FAIL")
+        self.assertEqual(self.run_protector("--reload", "--pid-file", daemon.pid_file)[0], 1)
+        self.clear_flag("SP_TEST_FAIL")
+        line = wait_until(lambda: (lambda line: "draining child" not in line and line)(
+            self.status_output(daemon)), "the old child to be gone", interval=0.1)
+        self.assertRegex(line, rf"^socketprotector: daemon {daemon.pid}: listening on "
+                               rf"127\.0\.0\.1:{daemon.port}; workers 1/1 ready; serving child "
+                               rf"\d+ up \d+ s; 0 connections forwarded; 1 restart succeeded, 1 "
+                               rf"failed; 0 crashes\n$")
+        self.set_flag("SP_TEST_DELAY", "30")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        late = int(daemon.wait_line(r"child (\d+) started", mark).group(1))
+        wait_until(lambda: os.path.exists(self.flags["SP_TEST_DELAY"] + ".sleeping"),
+                   "the new child to be starting")
+        self.assertRegex(self.status_output(daemon), rf"; serving child \d+ up \d+ s; starting "
+                                                     rf"child {late} for \d+ s; 0 connections")
+
+    def test_json_follows_the_documented_schema(self):
+        """--status --json with two workers: the document passes the README's
+        schema (as does the README's example) and says what the daemon
+        knows: its workers, how each was judged ready, where it started,
+        the connections each was sent, the last restart's outcome."""
+        schema, example = readme_status_blocks()
+        self.assertEqual(schema_errors(example, schema), [], "the README's example")
+        daemon = Daemon(self, "--workers", "2")
+        pids = daemon.generation()
+        for _ in range(6):
+            served_by(daemon.port)
+        wait_until(lambda: daemon.status_document()["counters"]["connections_forwarded"] == 6,
+                   "the 6 connections to be counted (a second late at most)")
+        doc = json.loads(self.status_output(daemon, "--json"))
+        self.assertEqual(schema_errors(doc, schema), [], doc)
+        self.assertEqual(json.loads(self.status_output(daemon, "--format", "json")).keys(),
+                         doc.keys())
+        self.assertEqual((doc["schema"], doc["schema_version"], doc["pid_file"]),
+                         ("socketprotector-status", 1, daemon.pid_file))
+        self.assertEqual({k: doc["daemon"][k] for k in ("pid", "version", "handoff")},
+                         {"pid": daemon.pid, "version": socketprotector.__version__,
+                          "handoff": "forward"})
+        self.assertEqual((doc["steering"], doc["workers"]), (None, {"ready": 2, "total": 2}))
+        self.assertEqual(doc["listeners"], [{"address": f"127.0.0.1:{daemon.port}",
+                                             "queued": 0}])
+        self.assertEqual([(c["pid"], c["worker"], c["generation"], c["state"], c["ready_by"],
+                           c["probation"], c["cwd"], c["connections_queued"])
+                          for c in doc["children"]],
+                         [(pid, n, 1, "serving", "channel", None, os.path.realpath(self.tmp), 0)
+                          for n, pid in enumerate(pids)])
+        self.assertEqual(sum(c["connections_sent"] for c in doc["children"]), 6)
+        self.assertEqual(doc["counters"], {"restarts_succeeded": 0, "restarts_failed": 0,
+                                           "crashes": 0, "connections_forwarded": 6,
+                                           "connections_waiting": 0})
+        self.assertEqual(doc["limits"]["ready_timeout"], 30)
+        self.assertEqual((doc["last_restart"], doc["last_upgrade"]), (None, None))
+        self.assertEqual(self.run_protector("--reload", "--pid-file", daemon.pid_file)[0], 0)
+        doc = json.loads(self.status_output(daemon, "--json"))
+        self.assertEqual(schema_errors(doc, schema), [], doc)
+        self.assertEqual({k: doc["last_restart"][k] for k in ("outcome", "reason")},
+                         {"outcome": "succeeded", "reason": "2/2 workers serving"})
+        self.assertEqual({c["generation"] for c in doc["children"] if c["state"] == "serving"},
+                         {2})
+
+    def test_connections_a_child_has_not_received_are_published_until_it_has(self):
+        """A frozen child is sent one connection, then four more, one by one
+        (the daemon's fast path sends such, and must count them too): the
+        status says how many were sent and not yet received (with one
+        worker, which needs no such count for itself); once the child
+        receives them, the status says so within a second or two, though no
+        connection came since."""
+        daemon = Daemon(self)
+        child = daemon.serving()
+        os.kill(child, signal.SIGSTOP)
+        self.addCleanup(lambda: os.kill(child, signal.SIGCONT) if alive(child) else None)
+
+        def figures():
+            c = daemon.status_document()["children"][0]
+            return c["connections_sent"], c["connections_queued"]
+        clients = []
+        for count in (1, 4):
+            for _ in range(count):
+                clients.append(connect(daemon.port))
+                self.addCleanup(clients[-1].close)
+                clients[-1].sendall(b"pid\n")
+                wait_until(lambda: accept_queue(daemon.port) == 0, "the daemon to accept it")
+            wait_until(lambda: figures() == (len(clients),) * 2,
+                       f"{len(clients)} sent, as many not received")
+        os.kill(child, signal.SIGCONT)
+        wait_until(lambda: figures() == (5, 0), "5 sent, all received", timeout=3)
+        for c in clients:
+            self.assertEqual(int(read_line(c)), child)
+
+    def test_prometheus_text_follows_the_exposition_format(self):
+        """--status --format prometheus passes a checker of the exposition
+        format written from its specification; a working directory with a
+        double quote, a backslash and a line feed comes out escaped and
+        reads back whole; every sample names the pid file; with no daemon,
+        "up 0" and exit 1."""
+        weird = os.path.join(self.tmp, 'a "quoted" \\ back\nslashed dir')
+        os.mkdir(weird)
+        daemon = Daemon(self, cwd=weird)
+        child = daemon.serving()
+        served_by(daemon.port)
+        wait_until(lambda: daemon.status()["forwarded"] == 1, "the connection to be counted")
+        text = self.status_output(daemon, "--format", "prometheus")
+        errors, samples = exposition_errors(text)
+        self.assertEqual(errors, [], text)
+        self.assertEqual({labels["pid_file"] for _, labels, _ in samples}, {daemon.pid_file})
+        self.assertIn('cwd="' + os.path.realpath(weird).replace("\\", "\\\\")
+                      .replace('"', '\\"').replace("\n", "\\n") + '"', text)
+        values = {(name, tuple(sorted((k, v) for k, v in labels.items() if k != "pid_file"))):
+                  value for name, labels, value in samples}
+        self.assertEqual(values[("socketprotector_up", ())], 1)
+        self.assertEqual(values[("socketprotector_workers_ready", ())], 1)
+        self.assertEqual(values[("socketprotector_connections_forwarded_total", ())], 1)
+        self.assertEqual(values[("socketprotector_restarts_total", (("outcome", "failed"),))], 0)
+        info = [labels for name, labels, _ in samples if name == "socketprotector_child_info"]
+        self.assertEqual(len(info), 1)
+        self.assertEqual({k: info[0][k] for k in ("pid", "worker", "generation", "state",
+                                                  "ready_by", "cwd")},
+                         {"pid": str(child), "worker": "0", "generation": "1",
+                          "state": "serving", "ready_by": "channel",
+                          "cwd": os.path.realpath(weird)})
+        self.assertEqual(daemon.status_document()["children"][0]["cwd"], os.path.realpath(weird))
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(), 0)
+        code, lines = self.run_protector("--status", "--format", "prometheus", "--pid-file",
+                                         daemon.pid_file)
+        self.assertEqual(code, 1)
+        self.assertOneLineError(lines, r"not running")
+        errors, samples = exposition_errors("\n".join(self.stdout) + "\n")
+        self.assertEqual((errors, samples), ([], [("socketprotector_up",
+                                                   {"pid_file": daemon.pid_file}, 0)]))
 
 
 class CommandLineTest(ProtectorTestCase):
@@ -1807,6 +2217,11 @@ class CommandLineTest(ProtectorTestCase):
             (["--quiet-period", "1", "4321", "--", "true"], r"--quiet-period is for --handoff "
                                                             r"activation"),
             (["--reload", "--stop", "--pid-file", "p"], r"--reload and --stop cannot be combined"),
+            (["--reload", "--json", "--pid-file", "p"], r"--format and --json are for --status, "
+                                                         r"not --reload"),
+            (["--format", "json", "4321", "--", "true"], r"--format and --json are for --status$"),
+            (["--status", "--format", "xml", "--pid-file", "p"], r"argument --format: invalid "
+                                                                 r"choice: 'xml'"),
             (["--workers", "0", "4321", "--", "true"],
              r"argument -n/--workers: must be a whole number from 1 to 256: '0'"),
             (["-n", "-1", "4321", "--", "true"],
@@ -2305,7 +2720,8 @@ class ChaosTest(ProtectorTestCase):
         self.assertEqual(load.failures, [])
 
         def settled():
-            return "starting child none; draining none" in daemon.status_line()
+            line = daemon.status_line()
+            return "; starting " not in line and "; draining " not in line
         wait_until(settled, "old children to finish", interval=0.1)
         self.assertEqual([p for p in daemon.child_pids() if alive(p)], [served_by(daemon.port)])
         self.assertNoZombies(daemon)
@@ -3142,7 +3558,7 @@ class WorkersTest(ProtectorTestCase):
         self.assertEqual(load.failures, [], daemon.log())
         status = daemon.settled().string
         self.assertRegex(status, r"workers 3/3 ready")
-        self.assertGreaterEqual(int(re.search(r"(\d+) restarts?,", status).group(1)), 3)
+        self.assertGreaterEqual(int(re.search(r"(\d+) restarts? succeeded,", status).group(1)), 3)
         self.assertRegex(status, r", 0 failed")
         self.assertNoZombies(daemon)
 
@@ -4198,6 +4614,76 @@ class ActivationTest(ProtectorTestCase):
         self.assertOneLineError(lines, r"child \d+ exited with status 4 before it was ready "
                                        + ACTIVATION_HINT)
 
+    def test_reload_waits_through_the_daemons_probation(self):
+        """--reload waits by the daemon's --ready-timeout and --probation
+        together: the restart is decided only once the new server has
+        served its probation (4.5 s), longer than the ready timeout (1.5 s)
+        and the time to spare."""
+        daemon = Daemon(self, "--ready-timeout", "1.5", "--probation", "4.5")
+        daemon.serving()
+        code, lines = self.run_protector("--reload", "--pid-file", daemon.pid_file)
+        self.assertEqual((code, lines), (0, []), daemon.log())
+        self.assertEqual(self.stdout[0], f"socketprotector: reloading daemon {daemon.pid}; "
+                                         f"waiting up to 8 s for the new children to be ready "
+                                         f"(its --ready-timeout 1.5 s and --probation 4.5 s, "
+                                         f"2 s to spare)")
+        daemon.wait_line(r"child \d+ passed probation \(4.5 s\)")
+
+    def test_status_shows_steering_readiness_and_probation(self):
+        """--status in activation mode: steering on; how each server was
+        judged ready (seen waiting in epoll, READY=1); the new generation on
+        probation and the old one kept for a rollback; no count of
+        connections forwarded, which the daemon does not forward (line, and
+        JSON checked against the README's schema)."""
+        schema, _ = readme_status_blocks()
+        self.set_flag("SP_TEST_SILENT")
+        daemon = Daemon(self, "--probation", "30")
+        first = daemon.serving()
+        self.clear_flag("SP_TEST_SILENT")
+        self.set_flag("SP_TEST_UNSEEN")     # the next says READY=1 and cannot be seen waiting
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        second = int(daemon.wait_line(r"child (\d+) ready; child \d+ retiring", mark).group(1))
+        doc = wait_until(lambda: (lambda doc: doc["probation_left_seconds"] and doc)(
+            daemon.status_document()), "the status to show the probation")
+        self.assertEqual(schema_errors(doc, schema), [], doc)
+        self.assertEqual(doc["steering"], {"active": True, "fallback_reason": None})
+        self.assertEqual([(c["pid"], c["generation"], c["state"], c["ready_by"], c["probation"],
+                           c["connections_sent"], c["connections_queued"])
+                          for c in doc["children"]],
+                         [(first, 1, "quieting", "epoll", "fallback", None, 0),
+                          (second, 2, "serving", "notify", "on_probation", None, 0)])
+        self.assertEqual(doc["counters"]["connections_forwarded"], None)
+        self.assertGreater(doc["probation_left_seconds"], 20)
+        self.assertEqual(doc["last_restart"]["outcome"], "running")
+        code, lines = self.run_protector("--status", "--pid-file", daemon.pid_file)
+        self.assertEqual((code, lines), (0, []))
+        self.assertRegex(self.stdout[0], rf"; workers 1/1 ready; steering on; serving child "
+                                         rf"{second} up \d+ s \(ready: READY=1; on probation, "
+                                         rf"\d+ s left\); draining child {first} for \d+ s "
+                                         rf"\(kept for a rollback\); 0 restarts succeeded, 0 "
+                                         rf"failed; 0 crashes$")
+        self.assertNotIn("forwarded", self.stdout[0])
+
+    def test_status_says_why_steering_fell_back(self):
+        """Without steering (a unix: address) the status says so, and why;
+        a unix: socket's backlog is not known (null), nor is a child's."""
+        schema, _ = readme_status_blocks()
+        path = os.path.join(self.tmp, "app.sock")
+        self.set_flag("SP_TEST_UNSEEN")     # ready by its READY=1 alone
+        daemon = Daemon(self, "--bind", f"unix:{path}", bind=None, port=None)
+        child = daemon.serving()
+        daemon.settled()        # published once the loop is done with the READY=1
+        doc = daemon.status_document()
+        self.assertEqual(schema_errors(doc, schema), [], doc)
+        self.assertEqual(doc["steering"], {"active": False, "fallback_reason": "a unix: address"})
+        self.assertEqual(doc["listeners"], [{"address": f"unix:{path}", "queued": None}])
+        self.assertEqual([(c["pid"], c["connections_queued"]) for c in doc["children"]],
+                         [(child, None)])
+        self.assertRegex(daemon.status_line(), r"; steering off \(a unix: address\); serving "
+                                               rf"child {child} up \d+ s \(ready: READY=1\); 0 "
+                                               r"restarts succeeded")
+
     def test_ready_delay_takes_a_silent_server_as_ready(self):
         """--ready-delay: a server that never says READY=1 is taken as ready
         once it has run that long, and serves."""
@@ -4609,11 +5095,23 @@ class UpgradeTest(ProtectorTestCase):
                 self.assertOneLineError(lines, rf"upgrade refused: {reason}")
                 with connect(daemon.port) as s:
                     self.assertEqual(ask(s, b"still"), b"still")
+        schema, _ = readme_status_blocks()
+        doc = daemon.status_document()      # the status says how the last one ended
+        self.assertEqual(schema_errors(doc, schema), [], doc)
+        self.assertEqual(doc["last_upgrade"]["outcome"], "refused")
+        self.assertRegex(doc["last_upgrade"]["detail"], rf"^upgrade refused: {broken[-1][2]}")
+        self.assertRegex(daemon.status_line(), rf"; last upgrade: upgrade refused: {script}: "
+                                               r"RuntimeError: this build is broken")
         self.install(good.replace(f'__version__ = "{socketprotector.__version__}"',
                                   '__version__ = "99.0.0"'))
         self.assertEqual(self.upgrade(daemon), (0, []))
         self.assertEqual(self.stdout[-1], f"socketprotector: upgraded to socketprotector 99.0.0 "
                                           f"from {self.script} (daemon {daemon.pid})")
+        doc = wait_until(lambda: (lambda doc: doc["last_upgrade"]["outcome"] == "upgraded" and doc)(
+            daemon.status_document()), "the status to show the upgrade")
+        self.assertEqual(schema_errors(doc, schema), [], doc)
+        self.assertEqual(doc["last_upgrade"]["detail"], f"upgraded to socketprotector 99.0.0 "
+                                                        f"from {self.script}")
         daemon.wait_line(rf"socketprotector 99.0.0 took over from "
                          rf"{re.escape(socketprotector.__version__)}")
         with connect(daemon.port) as s:
@@ -5198,7 +5696,7 @@ COST = {"ThirdPartyServerTest": 60, "ListenerChaosTest": 19, "ChaosTest": 19, "H
         "DaemonModeTest": 18, "WorkersTest": 14, "WorkersUpgradeTest": 12, "SampleTest": 11,
         "UpgradeTest": 10, "ListenerWorkersTest": 9,
         "ListenerUpgradeTest": 8, "ActivationUpgradeTest": 8, "RestartTest": 8,
-        "OperationsTest": 6}
+        "OperationsTest": 6, "StatusTest": 18}
 DONE = "@@ class done"
 
 
