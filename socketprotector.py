@@ -4948,22 +4948,18 @@ def _status_document(pid: int, pid_file: str, record: dict,
             "connections_queued": figures[1] if figures else queued(c["sockets"])})
     listeners = status.get("listeners") or [
         [address, None] for address in (status.get("listening") or "").split(", ") if address]
-    last_restart = None
-    if record["restarts"]:
-        _, start, outcome = record["restarts"][-1]
-        last_restart = {
-            "outcome": outcome if outcome == "running" else
-            "failed" if outcome.startswith("restart failed") else "succeeded",
-            "reason": None if outcome == "running" else outcome,
-            "started_seconds_ago": ago(start)}
-    last_upgrade = None
-    if record["upgrades"]:
-        _, start, outcome = record["upgrades"][-1]
-        last_upgrade = {
-            "outcome": outcome if outcome == "running" else
-            "refused" if outcome.startswith("upgrade refused") else "upgraded",
-            "detail": None if outcome == "running" else outcome,
-            "started_seconds_ago": ago(start)}
+    def last(entries: list, failure: str, failed: str, done: str, said: str) -> Optional[dict]:
+        """The last restart's or upgrade's outcome, from the state file's record."""
+        if not entries:
+            return None
+        _, start, outcome = entries[-1]
+        return {"outcome": outcome if outcome == "running" else
+                failed if outcome.startswith(failure) else done,
+                said: None if outcome == "running" else outcome,
+                "started_seconds_ago": ago(start)}
+
+    last_restart = last(record["restarts"], "restart failed", "failed", "succeeded", "reason")
+    last_upgrade = last(record["upgrades"], "upgrade refused", "refused", "upgraded", "detail")
     forwarding = daemon.get("handoff") == "forward"
     return {
         "schema": _STATUS_SCHEMA, "schema_version": _STATUS_VERSION, "pid_file": pid_file,

@@ -1005,6 +1005,18 @@ class ProtectorTestCase(unittest.TestCase):
         self.assertEqual(int(ask(held, b"pid")), first)
         return held, first
 
+    def reload_rolled_back(self, daemon, first, flag, value):
+        """--reload with a flag that makes the new build exit with status 3
+        once ready: it exits 1, rolled back, and first serves again."""
+        self.set_flag(flag, value)
+        code, lines = self.run_protector("--reload", "--pid-file", daemon.pid_file)
+        self.clear_flag(flag)
+        self.assertEqual(code, 1, daemon.log())
+        self.assertOneLineError(lines, r"restart failed: child \d+ exited with status 3 "
+                                       r"unexpectedly on probation; rolled back: child "
+                                       rf"{first} keeps serving$")
+        self.assertEqual({served_by(daemon.port) for _ in range(10)}, {first})
+
     def queued_while_frozen(self, daemon, count):
         """Clients that each send "pid", opened while the daemon is frozen
         (SIGSTOP), so that it takes them all in one batch: (the clients, the
@@ -1198,14 +1210,7 @@ class RestartTest(ProtectorTestCase):
         build then passes its probation, and only then does the old retire."""
         daemon, load = self.under_load("--probation", "3", threads=2, sessions=10)
         held, first = self.hold_connection(daemon)
-        self.set_flag("SP_TEST_DIE", "3")
-        code, lines = self.run_protector("--reload", "--pid-file", daemon.pid_file)
-        self.clear_flag("SP_TEST_DIE")
-        self.assertEqual(code, 1, daemon.log())
-        self.assertOneLineError(lines, r"restart failed: child \d+ exited with status 3 "
-                                       r"unexpectedly on probation; rolled back: child "
-                                       rf"{first} keeps serving$")
-        self.assertEqual({served_by(daemon.port) for _ in range(10)}, {first})
+        self.reload_rolled_back(daemon, first, "SP_TEST_DIE", "3")
         self.assertEqual(int(ask(held, b"pid")), first)
         load.wait_for(20)
         mark = daemon.mark()
@@ -4494,14 +4499,7 @@ class ActivationTest(ProtectorTestCase):
         passes its probation, and only then is the old server stopped."""
         daemon = Daemon(self, "--probation", "3")
         first = daemon.serving()
-        self.set_flag("SP_TEST_DIE_AFTER", "0.5")
-        code, lines = self.run_protector("--reload", "--pid-file", daemon.pid_file)
-        self.clear_flag("SP_TEST_DIE_AFTER")
-        self.assertEqual(code, 1, daemon.log())
-        self.assertOneLineError(lines, r"restart failed: child \d+ exited with status 3 "
-                                       r"unexpectedly on probation; rolled back: child "
-                                       rf"{first} keeps serving$")
-        self.assertEqual({served_by(daemon.port) for _ in range(10)}, {first})
+        self.reload_rolled_back(daemon, first, "SP_TEST_DIE_AFTER", "0.5")
         self.assertEqual(daemon.count(rf"stopped by .* pid {first}$"), 0, daemon.log())
         mark = daemon.mark()
         code, lines = self.run_protector("--reload", "--pid-file", daemon.pid_file)
