@@ -2958,6 +2958,9 @@ class _Supervisor:
         """The restart a SIGHUP began has ended (an outcome for --reload and systemd)."""
         if self._restart_open:
             self._restart_open = False
+            # What --reload reads with the outcome (children still draining)
+            # must not be the state from before it.
+            self._publish()
             self._on_event("reloaded", outcome)
 
     # -- one child's transitions --------------------------------------------
