@@ -1614,11 +1614,13 @@ def _listening_backlogs() -> dict:
 
 class _QueueWatch:
     """--hang-timeout where the servers accept for themselves (listener and
-    activation modes): how long the longest-waiting connection that nobody
-    has accepted has waited.  A queued connection is listed in
-    /proc/net/tcp* with inode 0 until a process accepts it.  Its length
-    alone would not do: a loaded, healthy server keeps a queue too, but it
-    does not leave the same connection in it for seconds."""
+    activation modes): how long the serving generation has accepted none of
+    the connections waiting for it.  Its queue's length is read first (cheap:
+    TCP_INFO); only when something waits are the waiting connections listed,
+    from /proc/net/tcp*, where one has inode 0 until a process accepts it.
+    Progress is one seen waiting at the last look and gone now.  A long
+    queue alone would not do: an overloaded healthy server keeps one, but
+    keeps taking from it."""
 
     def __init__(self, listeners: List[socket.socket]) -> None:
         # The local addresses to look for, as /proc/net/tcp* writes them.
@@ -1630,12 +1632,27 @@ class _QueueWatch:
                 self.ends.add((sock.family, None if wildcard else
                                "%08X" % struct.unpack("=I", socket.inet_aton(host))[0],
                                "%04X" % port))
-        self.first_seen: dict = {}      # (local, remote) -> when first seen unaccepted
+        self.seen: set = set()          # (local, remote) of those waiting at the last look
+        self.progress_at: Optional[float] = None
         self.look_at: Optional[float] = None
 
-    def oldest(self, now: float) -> float:
-        """Seconds the longest-waiting unaccepted connection has waited (as far as seen)."""
-        seen = {}
+    def stalled(self, now: float, sockets: List[socket.socket]) -> float:
+        """Seconds the connections waiting on these sockets have seen no
+        accept (0: none waits, or one was accepted since the last look)."""
+        if not any(_backlog_length(sock) for sock in sockets):
+            self.reset(now)
+            return 0.0
+        waiting = self._waiting()
+        if self.progress_at is None or self.seen - waiting:
+            self.progress_at = now
+        self.seen = waiting
+        return now - self.progress_at
+
+    def reset(self, now: Optional[float] = None) -> None:
+        self.seen, self.progress_at = set(), now
+
+    def _waiting(self) -> set:
+        found = set()
         for family, path in ((socket.AF_INET, "/proc/net/tcp"), (socket.AF_INET6, "/proc/net/tcp6")):
             ends = [(host, port) for f, host, port in self.ends if f == family]
             if not ends:
@@ -1652,12 +1669,10 @@ class _QueueWatch:
                             continue
                         host, _, port = fields[1].rpartition(":")
                         if any(port == p and h in (None, host) for h, p in ends):
-                            key = (fields[1], fields[2])
-                            seen[key] = self.first_seen.get(key, now)
+                            found.add((fields[1], fields[2]))
             except OSError:
                 pass
-        self.first_seen = seen
-        return now - min(seen.values(), default=now)
+        return found
 
 
 def _migrates_queues() -> bool:
@@ -1775,9 +1790,12 @@ class _Steering:
             self.retired.remove(sock)
             waiting = _backlog_length(sock)
             if waiting:
+                one = waiting == 1
                 _log.warning("%s waiting on a listening socket let go of %s", _plural(
-                    waiting, "connection"), "move to the serving one (net.ipv4.tcp_migrate_req)"
-                    if _migrates_queues() else "are reset: net.ipv4.tcp_migrate_req is off")
+                    waiting, "connection"),
+                    f"{'moves' if one else 'move'} to another of its group "
+                    f"(net.ipv4.tcp_migrate_req)" if _migrates_queues() else
+                    f"{'is' if one else 'are'} reset: net.ipv4.tcp_migrate_req is off")
             sock.close()
             self.ghosts.append(inode)
             self._settle()
@@ -2827,6 +2845,9 @@ class _Supervisor:
         if generation.hung:     # what waits for it is its successor's: nothing to quiet
             for child in generation.children():
                 self._terminate(child)
+                # Frozen, it would get the SIGTERM only at the SIGKILL: woken,
+                # it finishes what it had accepted.
+                self._signal(child, signal.SIGCONT)
             return
         steered = (self._steering is not None and self._serving is not None
                    and generation.sockets is not self._serving.sockets)
@@ -3233,30 +3254,40 @@ class _Supervisor:
         self._signal(child, signal.SIGCONT)     # so that it gets the SIGTERM
 
     def _look_for_hang(self, now: float) -> None:
-        """--hang-timeout, listener and activation modes: a connection left
-        unaccepted that long while the serving generation has a backlog
-        means it is hung.  A replacement starts on the same listening
-        sockets, so that it accepts what waits there; once it is ready the
-        hung generation is stopped (_retire_generation)."""
+        """--hang-timeout, listener and activation modes: the serving
+        generation has accepted none of the connections waiting for it that
+        long (_QueueWatch): it is hung.  A replacement starts on the same
+        listening sockets, so that it accepts what waits there; once it is
+        ready the hung generation is stopped (_retire_generation).  On
+        probation, the generation before it serves again instead.  One that
+        takes connections again while its replacement starts is no longer
+        hung: the replacement retires it as a restart would."""
         watch = self._queue_watch
         watch.look_at = None if self._stopping else now + max(self._hang_timeout / 4, _QUIET_LOOK)
         generation = self._serving
-        if (generation is None or self._stopping or self._starting is not None
-                or generation.probation_until is not None):
-            return      # a restart under way or undecided replaces it anyway
-        waited = watch.oldest(now)
-        if waited < self._hang_timeout:
+        if generation is None or self._stopping:
             return
-        sockets = generation.sockets or self._queue.sockets()
-        waiting = sum(_backlog_length(sock) or 0 for sock in sockets)
-        if not waiting:
-            return          # an older generation's queue, ending with it
-        watch.first_seen.clear()    # a replacement that fails is tried again after as long
+        stalled = watch.stalled(now, generation.sockets or self._queue.sockets())
+        if self._starting is not None:
+            if generation.hung and not stalled and watch.seen:
+                generation.hung = False
+                _log.info("%s takes connections again: no longer hung",
+                          self._describe(generation.children()))
+            return      # the generation starting replaces it anyway
+        if stalled < self._hang_timeout:
+            return
+        waiting = len(watch.seen)
+        watch.reset()       # a replacement that fails is tried again after as long
+        what = (f"{self._describe(generation.children())} accepted none of the "
+                f"{_plural(waiting, 'connection')} waiting for "
+                f"{'it' if len(generation.children()) == 1 else 'them'} for "
+                f"{self._hang_timeout:g} s: hung")
+        if generation.probation_until is not None and self._fallback is not None:
+            self._roll_back(what)
+            return
         generation.hung = True
-        _log.warning("%s accepted none of the %s waiting for it for %g s: hung; starting a "
-                     "replacement, which takes them over", self._describe(generation.children()),
-                     _plural(waiting, "connection"), self._hang_timeout)
-        self._on_event("reloading", "replacing a hung server")
+        _log.warning("%s; starting a replacement, which takes them over", what)
+        self._on_event("status", "replacing a hung server")
         self._start_generation(share=generation)
 
     def _not_ready_in_time(self, child: _Child) -> None:

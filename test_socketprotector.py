@@ -4104,8 +4104,11 @@ late = flag("SP_TEST_LATE_ACCEPT")     # READY=1, then that many seconds until i
 late = float(open(late).read()) if late else 0.0
 prefork = flag("SP_TEST_PREFORK")
 unseen = flag("SP_TEST_UNSEEN")
-burst = flag("SP_TEST_ACCEPT_EVERY")    # accept in bursts, all that waits, every that many s
-burst = float(open(burst).read()) if burst else 0.0
+# SP_TEST_ACCEPT_EVERY "S": accept in bursts, all that waits, every S seconds;
+# "S one": one connection every S seconds.
+burst = flag("SP_TEST_ACCEPT_EVERY")
+burst, one = ((float(open(burst).read().split()[0]), "one" in open(burst).read()) if burst
+              else (0.0, False))
 stop = flag("SP_TEST_STOP")
 stop_signal = getattr(signal, open(stop).read().strip()) if stop else signal.SIGTERM
 def on_stop(signum, frame):
@@ -4180,7 +4183,7 @@ while not stopping.is_set():
                 break
             conn.setblocking(True)
             threading.Thread(target=serve, args=(conn,)).start()
-            if not burst:
+            if not burst or one:
                 break
     if burst:
         stopping.wait(burst)
@@ -4268,6 +4271,68 @@ class ActivationTest(ProtectorTestCase):
             time.sleep(0.03)        # the load's pace, not a wait for anything
         self.assertEqual(int(read_line(client)), server)
         self.assertEqual(daemon.count(r"hung"), 0, daemon.log())
+
+    def test_a_server_accepting_slower_than_clients_arrive_is_not_hung(self):
+        """--hang-timeout 1: a server that accepts one connection every 0.15 s
+        while clients arrive every 0.05 s: its queue grows and each
+        connection waits longer than the last, but it never stops accepting:
+        not hung (an overloaded uvicorn was replaced over and over when the
+        longest wait was what counted)."""
+        self.set_flag("SP_TEST_ACCEPT_EVERY", "0.15 one")
+        daemon = Daemon(self, "--hang-timeout", "1")
+        server = daemon.serving()
+        first = None
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            client = connect(daemon.port)
+            self.addCleanup(client.close)
+            client.sendall(b"pid\n")
+            first = first or client
+            time.sleep(0.05)        # the load's pace, not a wait for anything
+        self.assertEqual(int(read_line(first)), server)
+        self.assertEqual(daemon.count(r"hung"), 0, daemon.log())
+
+    def test_a_hung_servers_own_connections_are_answered_and_no_restart_is_opened(self):
+        """A client the server had accepted before it froze sends a request:
+        once the replacement serves, the hung server is woken (SIGCONT) with
+        its SIGTERM, and answers it before it exits.  A hang's replacement is
+        not a restart: no restart is recorded for --reload and systemd (it
+        would stay 'running': RELOADING=1 with no READY=1 after it)."""
+        daemon = Daemon(self, "--hang-timeout", "1")
+        first = daemon.serving()
+        held = connect(daemon.port)
+        self.addCleanup(held.close)
+        self.assertEqual(int(ask(held, b"pid")), first)
+        os.kill(first, signal.SIGSTOP)
+        self.addCleanup(lambda: alive(first) and os.kill(first, signal.SIGKILL))
+        held.sendall(b"pid\n")
+        queued = connect(daemon.port)
+        self.addCleanup(queued.close)
+        queued.sendall(b"pid\n")
+        daemon.wait_line(rf"stopping child {first}, hung")
+        self.assertNotEqual(int(read_line(queued)), first)
+        self.assertEqual(int(read_line(held)), first)
+        held.close()
+        daemon.wait_line(rf"child {first} exited with status 0")
+        self.assertEqual(daemon.record()["restarts"], [], daemon.log())
+
+    def test_a_server_that_hangs_on_probation_is_rolled_back(self):
+        """A new build that freezes on probation: the old server, kept idle to
+        fall back to, serves again (as for a worker that dies on probation);
+        the frozen build does not pass its probation."""
+        daemon = Daemon(self, "--hang-timeout", "1", "--probation", "4")
+        first = daemon.serving()
+        new = daemon.restart()
+        os.kill(new, signal.SIGSTOP)
+        self.addCleanup(lambda: alive(new) and os.kill(new, signal.SIGKILL))
+        mark = daemon.mark()
+        with connect(daemon.port) as stuck:      # queued on the frozen build's socket
+            stuck.sendall(b"pid\n")
+            daemon.wait_line(rf"restart failed: child {new} accepted none of the 1 connection "
+                             rf"waiting for it for 1 s: hung on probation; rolled back: child "
+                             rf"{first} keeps serving", mark)
+        self.assertEqual(served_by(daemon.port), first)
+        self.assertEqual(daemon.count(rf"child {new} passed probation"), 0, daemon.log())
 
     def test_a_notification_from_an_unrelated_process_is_ignored(self):
         """READY=1 sent to a child's NOTIFY_SOCKET by a running process that is
@@ -4549,7 +4614,7 @@ class ActivationTest(ProtectorTestCase):
         daemon.wait_line(rf"rolled back: child {first} keeps serving", mark)
         if migrate == "1":
             daemon.wait_line(r"5 connections waiting on a listening socket let go of move to "
-                             r"the serving one", mark)
+                             r"another of its group", mark)
             for client in clients:
                 self.assertEqual(int(read_line(client)), first)
         else:
