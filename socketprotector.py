@@ -1640,7 +1640,7 @@ class _QueueWatch:
         """Seconds the connections waiting on these sockets have seen no
         accept (0: none waits, or one was accepted since the last look)."""
         if not any(_backlog_length(sock) for sock in sockets):
-            self.reset(now)
+            self.reset()        # the clock starts when something is seen waiting
             return 0.0
         waiting = self._waiting()
         if self.progress_at is None or self.seen - waiting:
@@ -1648,8 +1648,8 @@ class _QueueWatch:
         self.seen = waiting
         return now - self.progress_at
 
-    def reset(self, now: Optional[float] = None) -> None:
-        self.seen, self.progress_at = set(), now
+    def reset(self) -> None:
+        self.seen, self.progress_at = set(), None
 
     def _waiting(self) -> set:
         found = set()
