@@ -1737,6 +1737,11 @@ class _Steering:
         self.steered: List[socket.socket] = list(anchors)   # those sockets, held by the daemon
         self.retired: List[socket.socket] = []   # let go of when that moves nothing steered to
         self.ghosts: List[int] = []
+        # The anchors' generation is gone (idle), and they have left their
+        # groups (out: shutdown(SHUT_RD), which a closed listener's queue
+        # migrating by hash must not land on).
+        self.anchors_idle = False
+        self.anchors_out = False
         if attach:
             self.attach()
 
@@ -1785,20 +1790,42 @@ class _Steering:
         for sock in list(self.retired):
             inode = _inode(sock)
             g = next(i for i, group in enumerate(self.groups) if inode in group)
-            if self.groups[g][-1] == self.targets[g]:
-                continue        # the socket steered to would take its place
+            if self.groups[g][-1] == self.targets[g] and len(self.groups[g]) > 2:
+                continue        # the socket steered to would take its place (alone, it
+                                # gets everything the program's stale index sends on)
             self.retired.remove(sock)
-            waiting = _backlog_length(sock)
-            if waiting:
-                one = waiting == 1
-                _log.warning("%s waiting on a listening socket let go of %s", _plural(
-                    waiting, "connection"),
-                    f"{'moves' if one else 'move'} to another of its group "
-                    f"(net.ipv4.tcp_migrate_req)" if _migrates_queues() else
-                    f"{'is' if one else 'are'} reset: net.ipv4.tcp_migrate_req is off")
+            self._let_go_of(sock)
             sock.close()
             self.ghosts.append(inode)
             self._settle()
+        if (self.anchors_idle and not self.anchors_out
+                and all(group[-1] != target or len(group) <= 2
+                        for group, target in zip(self.groups, self.targets))):
+            for sock, group in zip(self.anchors, self.groups):
+                self._let_go_of(sock)
+                try:
+                    sock.shutdown(socket.SHUT_RD)   # out of its group at once
+                except OSError as e:
+                    _log.warning("cannot take the first generation's listening socket out of "
+                                 "its group: %s", e.strerror)
+                    continue
+                i = group.index(_inode(sock))
+                group[i] = group[-1]
+                group.pop()
+            self.anchors_out = True
+            self.attach()
+
+    @staticmethod
+    def _let_go_of(sock: socket.socket) -> None:
+        """Say what waits on a listening socket about to leave its group."""
+        waiting = _backlog_length(sock)
+        if waiting:
+            one = waiting == 1
+            _log.warning("%s waiting on a listening socket let go of %s", _plural(
+                waiting, "connection"),
+                f"{'moves' if one else 'move'} to another of its group "
+                f"(net.ipv4.tcp_migrate_req)" if _migrates_queues() else
+                f"{'is' if one else 'are'} reset: net.ipv4.tcp_migrate_req is off")
 
     def _settle(self) -> None:
         """The kernel's rule, in order, for each ghost that no longer listens."""
@@ -1928,7 +1955,8 @@ _GENERATION_STATE = _fields(
     number=_INT, serving=_FLAG, slots=_SLOTS, respawn_at=_table(float),
     backoff=_table(float), quick_deaths=_table(int), sockets=_SOCKETS, look_at=_LATER,
     quiet_at=_LATER, quiet_limit=_LATER, probation_until=_LATER, hung=_LATER_FLAG)
-_STEERING_STATE = _fields(groups=_GROUPS, targets=_INODES, ghosts=_INODES, retired=_SOCKETS)
+_STEERING_STATE = _fields(groups=_GROUPS, targets=_INODES, ghosts=_INODES, retired=_SOCKETS,
+                          anchors_idle=_LATER_FLAG, anchors_out=_LATER_FLAG)
 _QUEUE_STATE = _fields(
     waiting=_FDS, take_back=_CHILDREN, deferred=_CHILDREN, accept_paused_until=_NUMBER,
     forwarded=_INT, spill=_SOCKETS, spilled=_counts(missing=()))
@@ -2569,6 +2597,12 @@ class _Supervisor:
                 _log.warning("cannot open listening sockets for the new generation (%s): it "
                              "shares the serving one's, which may take connections until "
                              "it stops", e.strerror)
+                if self._serving.sockets is not None:   # the daemon's may be out of use
+                    try:
+                        generation.sockets = [sock.dup() for sock in self._serving.sockets]
+                    except OSError as e:
+                        self._generation_failed(generation, None, f"cannot start: {e.strerror}")
+                        return
         try:
             for index in range(len(generation.slots)):
                 self._spawn(generation, index)
@@ -2891,10 +2925,15 @@ class _Supervisor:
 
     def _release_generation(self, generation: _Generation) -> None:
         """A generation none of whose processes is left: the daemon lets go of
-        its sockets, which leave their groups."""
-        if (self._steering is None or generation.sockets is None
-                or generation in (self._serving, self._starting, self._fallback)
-                or any(c.generation is generation for c in self._children.values())):
+        its sockets, which leave their groups.  The daemon's own (the first
+        generation's) leave theirs too once no live generation uses them."""
+        live = {g for g in (self._serving, self._starting, self._fallback) if g is not None}
+        live.update(c.generation for c in self._children.values())
+        if (self._steering is not None and not self._steering.anchors_idle
+                and not any(g.sockets is None for g in live)):
+            self._steering.anchors_idle = True
+            self._prune()
+        if self._steering is None or generation.sockets is None or generation in live:
             return
         sockets, generation.sockets = generation.sockets, None
         # A hung generation's successor holds copies of its sockets: those stay.
@@ -2908,7 +2947,9 @@ class _Supervisor:
 
     def _prune(self) -> None:
         """_Steering.prune(), once no child of ours is between fork and exec."""
-        if self._steering is not None and self._steering.retired and not any(
+        if self._steering is not None and (
+                self._steering.retired or self._steering.anchors_idle
+                and not self._steering.anchors_out) and not any(
                 c.exec_report is not None for c in self._children.values()):
             self._steering.prune()
 

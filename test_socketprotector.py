@@ -4051,8 +4051,10 @@ def check_hung_server_replaced(test, daemon, hung):
                      r"for it for 1 s: hung; starting a replacement", mark)
     replacement = int(daemon.wait_line(r"child (\d+) ready, serving; stopping "
                                        rf"child {hung}( \(worker \d\))?, hung", mark).group(1))
-    for client in clients:
-        test.assertEqual(int(read_line(client)), replacement)
+    # Woken to stop, the hung server may take one more before its SIGTERM: it answers it.
+    answered = [int(read_line(client)) for client in clients]
+    test.assertIn(replacement, answered)
+    test.assertLessEqual(set(answered), {replacement, hung})
     test.assertLess(time.monotonic() - began, 1 + 5, "the queued connections waited too long")
     wait_until(lambda: not alive(hung), "the hung server to be stopped")
     test.assertEqual(served_by(daemon.port), replacement)
@@ -4575,10 +4577,12 @@ class ActivationTest(ProtectorTestCase):
 
     def test_what_waits_on_a_generation_rolled_back_moves_with_tcp_migrate_req(self):
         """In a network namespace of its own (where the sysctl is the test's):
-        a new build says READY=1, accepts nothing and is killed on probation;
-        with net.ipv4.tcp_migrate_req=1 the connections that queued on its
-        socket are served by the old server after the rollback, and the log
-        says they moved; with it off, the log says how many were reset."""
+        after a restart, a new build says READY=1, accepts nothing and is
+        killed on probation; with net.ipv4.tcp_migrate_req=1 the connections
+        that queued on its socket are all served by the old server after the
+        rollback (none lands on the daemon's own socket, idle since the first
+        generation left), and the log says they moved; with it off, the log
+        says how many were reset."""
         migrate = os.environ.get("SP_TEST_NETNS")
         if migrate is None:
             if os.geteuid() != 0 or not shutil.which("unshare"):
@@ -4596,8 +4600,12 @@ class ActivationTest(ProtectorTestCase):
         loopback_up()
         with open("/proc/sys/net/ipv4/tcp_migrate_req", "w") as f:
             f.write(migrate)
-        daemon = Daemon(self, "--probation", "10")
-        first = daemon.serving()
+        daemon = Daemon(self, "--probation", "2")
+        daemon.serving()
+        # A restart first: the first generation's socket, the daemon's own,
+        # must then be out of the group (a migrating queue could land on it).
+        first = daemon.restart()
+        daemon.wait_line(rf"child {first} passed probation")
         self.set_flag("SP_TEST_NO_ACCEPT")
         mark = daemon.mark()
         daemon.signal(signal.SIGHUP)
@@ -4605,20 +4613,20 @@ class ActivationTest(ProtectorTestCase):
                                    mark).group(1))
         self.clear_flag("SP_TEST_NO_ACCEPT")
         clients = []
-        for _ in range(5):
+        for _ in range(10):
             clients.append(connect(daemon.port))
             self.addCleanup(clients[-1].close)
             clients[-1].sendall(b"pid\n")
-        wait_until(lambda: listen_queue(daemon.port) == 5, "5 connections queued")
+        wait_until(lambda: listen_queue(daemon.port) == 10, "10 connections queued")
         os.kill(new, signal.SIGKILL)
         daemon.wait_line(rf"rolled back: child {first} keeps serving", mark)
         if migrate == "1":
-            daemon.wait_line(r"5 connections waiting on a listening socket let go of move to "
+            daemon.wait_line(r"10 connections waiting on a listening socket let go of move to "
                              r"another of its group", mark)
             for client in clients:
                 self.assertEqual(int(read_line(client)), first)
         else:
-            daemon.wait_line(r"5 connections waiting on a listening socket let go of are "
+            daemon.wait_line(r"10 connections waiting on a listening socket let go of are "
                              r"reset: net.ipv4.tcp_migrate_req is off", mark)
             for client in clients:
                 self.assertRaises(ConnectionResetError, client.recv, 1)
