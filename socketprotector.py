@@ -3300,9 +3300,7 @@ class _Supervisor:
         long (_QueueWatch): it is hung.  A replacement starts on the same
         listening sockets, so that it accepts what waits there; once it is
         ready the hung generation is stopped (_retire_generation).  On
-        probation, the generation before it serves again instead.  One that
-        takes connections again while its replacement starts is no longer
-        hung: the replacement retires it as a restart would."""
+        probation, the generation before it serves again instead."""
         watch = self._queue_watch
         watch.look_at = None if self._stopping else now + max(self._hang_timeout / 4, _QUIET_LOOK)
         generation = self._serving
@@ -3310,11 +3308,10 @@ class _Supervisor:
             return
         stalled = watch.stalled(now, generation.sockets or self._queue.sockets())
         if self._starting is not None:
-            if generation.hung and not stalled and watch.seen:
-                generation.hung = False
-                _log.info("%s takes connections again: no longer hung",
-                          self._describe(generation.children()))
-            return      # the generation starting replaces it anyway
+            # The generation starting replaces it anyway.  (Whether a hung one
+            # took connections again cannot be told meanwhile: its
+            # replacement may accept from the same socket before it is ready.)
+            return
         if stalled < self._hang_timeout:
             return
         waiting = len(watch.seen)
