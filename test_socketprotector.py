@@ -3563,7 +3563,10 @@ class WorkersTest(ProtectorTestCase):
         self.assertEqual(load.failures, [], daemon.log())
         status = daemon.settled().string
         self.assertRegex(status, r"workers 3/3 ready")
-        self.assertGreaterEqual(int(re.search(r"(\d+) restarts? succeeded,", status).group(1)), 3)
+        # SIGHUPs during a start fold into one more: how many generations
+        # that makes depends on how fast three workers start (2 on a loaded
+        # machine, in .ci/run).
+        self.assertGreaterEqual(int(re.search(r"(\d+) restarts? succeeded,", status).group(1)), 2)
         self.assertRegex(status, r", 0 failed")
         self.assertNoZombies(daemon)
 
