@@ -151,6 +151,13 @@ _READY_UNSEEN = 1.0        # activation: READY=1 taken alone once not seen waiti
 # /proc/PID/task/TID/syscall.
 _ACCEPT_SYSCALLS = {"x86_64": (43, 288), "aarch64": (202, 242), "arm64": (202, 242),
                     "riscv64": (202, 242), "i686": (), "armv7l": (285, 366)}
+# select(2)/pselect6(2) (nfds, readfds, ...) and poll(2)/ppoll(2) (fds, nfds,
+# ...), by machine: what a thread blocked in one waits for is in its memory
+# (/proc/PID/mem, readable by an ancestor), at the address in its syscall file.
+_SELECT_SYSCALLS = {"x86_64": (23, 270), "aarch64": (72,), "arm64": (72,), "riscv64": (72,),
+                    "armv7l": (142, 335)}
+_POLL_SYSCALLS = {"x86_64": (7, 271), "aarch64": (73,), "arm64": (73,), "riscv64": (73,),
+                  "armv7l": (168, 336)}
 _QUIET_MAX = 10.0          # a backlog not drained by then is not going to be
 _SO_ATTACH_REUSEPORT_CBPF = 51
 _BPF_RET_K = 0x06          # BPF_RET | BPF_K: "return the constant k"
@@ -885,7 +892,7 @@ class _Child:
         self.notified = False       # activation: sent READY=1, not yet seen waiting
         self.look_at: Optional[float] = None     # activation: next look for it waiting
         # For the status: how it was judged ready ("channel": it sent b"R";
-        # "notify": READY=1; "epoll", "accept": seen waiting; "delay":
+        # "notify": READY=1; "epoll", "accept", "select", "poll": seen waiting; "delay":
         # --ready-delay), and the directory it started in, resolved.
         self.ready_by: Optional[str] = None
         self.cwd: Optional[str] = None
@@ -2285,7 +2292,7 @@ class _Supervisor:
                 child.assume_ready_at = None
                 if child.state is _State.STARTING and child.notified:
                     _log.info("%s sent READY=1 and was not seen waiting on its listening socket "
-                              "within %g s (a select() or poll() server cannot be): taking "
+                              "within %g s (one waiting some other way cannot be): taking "
                               "READY=1 alone", self._name(child), _READY_UNSEEN)
                     self._ready(child, "notify")
                 elif child.state is _State.STARTING:
@@ -3238,7 +3245,7 @@ class _Supervisor:
             return
         _log.info("%s %s waiting for connections on its listening socket (%s): ready",
                   self._name(child), "sent READY=1 and is" if child.notified else "is", how)
-        self._ready(child, "accept" if how.startswith("accept") else "epoll")
+        self._ready(child, how.partition("(")[0].partition(",")[0])
 
     def _seen_waiting(self, child: _Child) -> Optional[str]:
         if child.exec_report is not None or child.exec_error:
@@ -3250,8 +3257,8 @@ class _Supervisor:
         """READY=1 from a starting server.  It does not prove anyone accepts:
         gunicorn's arbiter sends it before its workers have imported the
         application.  So it is ready once also seen waiting on its socket,
-        or, where that cannot be seen (select() or poll()), after
-        _READY_UNSEEN."""
+        or, where that cannot be seen (io_uring, or memory we may not read),
+        after _READY_UNSEEN."""
         if child.state is not _State.STARTING or child.notified:
             return
         child.notified = True
@@ -3942,10 +3949,10 @@ def _process_tree(root: int) -> List[int]:
 def _seen_waiting(root: int, inodes: set) -> Optional[str]:
     """How root, or a process it started, is seen waiting for connections on
     one of the listening sockets ``inodes``: "epoll, pid N" (an epoll
-    instance watches it: asyncio, uvicorn, gthread, Node, Go, tokio) or
-    "accept(), pid N" (a thread blocked in accept on it); None if not seen
-    (select() and poll() servers cannot be)."""
-    accepts = _ACCEPT_SYSCALLS.get(os.uname().machine, ())
+    instance watches it: asyncio, uvicorn, gthread, Node, Go, tokio),
+    "accept(), pid N" (a thread blocked in accept on it), "select(), pid N"
+    or "poll(), pid N" (a thread blocked in one, for reading it: gunicorn's
+    sync workers); None if not seen."""
     for pid in _process_tree(root):
         held, epolls = set(), []
         try:
@@ -3970,19 +3977,59 @@ def _seen_waiting(root: int, inodes: set) -> Optional[str]:
                 continue
             if any(int(ino, 16) in inodes for ino in watched):
                 return f"epoll, pid {pid}"
-        try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/syscall") as f:
-                    fields = f.read().split()
-                if int(fields[0]) in accepts and int(fields[1], 16) in held:
-                    return f"accept(), pid {pid}"
-            except (OSError, ValueError, IndexError):
-                continue
+        how = _blocked_on(pid, held)
+        if how is not None:
+            return f"{how}, pid {pid}"
     return None
+
+
+def _blocked_on(pid: int, held: set) -> Optional[str]:
+    """ "accept()", "select()" or "poll()": a thread of pid blocked in that
+    system call on one of its descriptors ``held`` (for reading); None if none is."""
+    machine = os.uname().machine
+    accepts = _ACCEPT_SYSCALLS.get(machine, ())
+    selects = _SELECT_SYSCALLS.get(machine, ()) if sys.byteorder == "little" else ()
+    polls = _POLL_SYSCALLS.get(machine, ()) if sys.byteorder == "little" else ()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                fields = f.read().split()
+            number, args = int(fields[0]), [int(arg, 16) for arg in fields[1:4]]
+        except (OSError, ValueError, IndexError):
+            continue
+        if number in accepts and args[0] in held:
+            return "accept()"
+        if number in selects and args[1]:
+            # readfds: a bitmap of args[0] bits, fd f at byte f // 8 (little-endian words)
+            wanted = sorted(fd for fd in held if fd < args[0])
+            bits = _read_memory(pid, args[1], (args[0] + 7) // 8) if wanted else b""
+            if any(len(bits) > fd // 8 and bits[fd // 8] >> fd % 8 & 1 for fd in wanted):
+                return "select()"
+        if number in polls and args[0] and 0 < args[1] <= 4096:
+            # struct pollfd {int fd; short events; short revents;}
+            table = _read_memory(pid, args[0], args[1] * 8)
+            for fd, events, _ in struct.iter_unpack("=ihh", table[:len(table) // 8 * 8]):
+                if fd in held and events & select.POLLIN:
+                    return "poll()"
+    return None
+
+
+def _read_memory(pid: int, address: int, size: int) -> bytes:
+    """size bytes of a process's memory at address (b"" if we may not read them)."""
+    try:
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        return os.pread(fd, size, address)
+    except (OSError, OverflowError, ValueError):
+        return b""
+    finally:
+        os.close(fd)
 
 
 def _count_sockets(pid: int) -> Optional[int]:
@@ -4972,6 +5019,7 @@ _SNAPSHOT_CHILD = ("pid", "worker", "generation", "state", "started", "ready_at"
 _DRAINING = ("quieting", "retiring", "stopping")
 _READY_BY = {"channel": "receive_connections()", "notify": "READY=1",
              "epoll": "seen waiting in epoll", "accept": "seen waiting in accept()",
+             "select": "seen waiting in select()", "poll": "seen waiting in poll()",
              "delay": "--ready-delay"}
 
 
@@ -5335,8 +5383,9 @@ def _build_parser() -> _Parser:
                              "LISTEN_FDS): for servers not written for socketprotector")
     parser.add_argument("--ready-delay", metavar="S", type=_seconds,
                         help="--handoff activation: a child that has sent no READY=1 and is "
-                             "not seen waiting on its listening socket (a select() or poll() "
-                             "server) counts as ready once it has run S seconds (a guess)")
+                             "never seen waiting on its listening socket (in epoll, accept(), "
+                             "select() or poll()) counts as ready once it has run S seconds "
+                             "(a guess)")
     parser.add_argument("--quiet-period", metavar="S", type=_seconds, default=_DEFAULT_QUIET,
                         help="--handoff activation: once the new generation serves, the old "
                              "one gets no new connection, accepts what waits for it, and is "

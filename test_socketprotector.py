@@ -4110,6 +4110,8 @@ late = flag("SP_TEST_LATE_ACCEPT")     # READY=1, then that many seconds until i
 late = float(open(late).read()) if late else 0.0
 prefork = flag("SP_TEST_PREFORK")
 unseen = flag("SP_TEST_UNSEEN")
+wait_with = flag("SP_TEST_WAIT_WITH")
+wait_with = open(wait_with).read().strip() if wait_with else None
 # SP_TEST_ACCEPT_EVERY "S": accept in bursts, all that waits, every S seconds;
 # "S one": one connection every S seconds.
 burst = flag("SP_TEST_ACCEPT_EVERY")
@@ -4175,8 +4177,16 @@ if late:
 if no_accept:      # ready, and never accepts
     stopping.wait()
     sys.exit(0)
-# SP_TEST_UNSEEN: wait with select(), which the daemon cannot see (epoll, it can).
-sel = selectors.SelectSelector() if unseen else selectors.DefaultSelector()
+# SP_TEST_WAIT_WITH "select" or "poll": wait in that system call (the
+# daemon sees epoll, accept(), select() and poll()).  SP_TEST_UNSEEN: try
+# accept() every 10 ms instead and sleep between, which it cannot see.
+class Sleeper(selectors.SelectSelector):      # registers nothing with the kernel
+    def select(self, timeout=None):
+        stopping.wait(0.01)
+        return [(key, selectors.EVENT_READ) for key in self.get_map().values()]
+sel = (Sleeper() if unseen else
+       {"select": selectors.SelectSelector, "poll": selectors.PollSelector}.get(
+           wait_with, selectors.DefaultSelector)())
 for listener in listeners:
     listener.setblocking(False)
     sel.register(listener, selectors.EVENT_READ)
@@ -4226,6 +4236,7 @@ class ActivationTest(ProtectorTestCase):
                           SP_TEST_HELPER=os.path.join(self.tmp, "helper"),
                           SP_TEST_PREFORK=os.path.join(self.tmp, "prefork"),
                           SP_TEST_UNSEEN=os.path.join(self.tmp, "unseen"),
+                          SP_TEST_WAIT_WITH=os.path.join(self.tmp, "wait-with"),
                           SP_TEST_DIE_AFTER=os.path.join(self.tmp, "die-after"),
                           SP_TEST_ACCEPT_EVERY=os.path.join(self.tmp, "accept-every"),
                           SP_TEST_NO_ACCEPT=os.path.join(self.tmp, "no-accept"),
@@ -4562,6 +4573,35 @@ class ActivationTest(ProtectorTestCase):
         with connect(daemon.port) as s:
             self.assertEqual(int(read_line(s)), second)
 
+    def test_a_server_waiting_in_select_or_poll_is_seen(self):
+        """No READY=1 and no --ready-delay: a server whose worker waits for its
+        socket in select(), then one waiting in poll(), is ready once seen
+        there (what it waits for is read from its memory, /proc/PID/mem),
+        and the status says how; one that only tries accept() between
+        sleeps is never seen, and is not taken as ready."""
+        self.set_flag("SP_TEST_SILENT")
+        self.set_flag("SP_TEST_PREFORK")    # the worker, not the process started, waits
+        self.set_flag("SP_TEST_WAIT_WITH", "select")
+        daemon = Daemon(self, "--ready-timeout", "3")
+        first, worker = map(int, daemon.wait_line(
+            r"child (\d+) is waiting for connections on its listening socket \(select\(\), "
+            r"pid (\d+)\): ready").groups())
+        self.assertNotEqual(worker, first)      # one of its workers
+        self.assertEqual(proc_stat(worker)[1], first)
+        self.set_flag("SP_TEST_WAIT_WITH", "poll")
+        second = daemon.restart()
+        daemon.wait_line(rf"child {second} is waiting for connections on its listening socket "
+                         rf"\(poll\(\), pid \d+\): ready")
+        doc = wait_until(lambda: (lambda d: d["children"][-1]["ready_by"] == "poll" and d)(
+            daemon.status_document()), "the status to say ready_by poll")
+        self.assertEqual(doc["children"][-1]["pid"], second)
+        self.clear_flag("SP_TEST_PREFORK")
+        self.set_flag("SP_TEST_UNSEEN")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(rf"restart failed: child \d+ was not ready within 3 s; stopped it; "
+                         rf"child {second} keeps serving", mark)
+
     def test_a_new_server_that_dies_on_probation_is_rolled_back(self):
         """A new build says READY=1, then dies half a second later (as gunicorn
         without --preload, whose workers fail to load the app): within the
@@ -4674,7 +4714,7 @@ class ActivationTest(ProtectorTestCase):
         mark = daemon.mark()
         daemon.signal(signal.SIGHUP)
         daemon.wait_line(r"child \d+ sent READY=1 and was not seen waiting on its listening "
-                         r"socket within 1 s \(a select\(\) or poll\(\) server cannot be\): "
+                         r"socket within 1 s \(one waiting some other way cannot be\): "
                          r"taking READY=1 alone", mark)
 
     def test_a_first_server_that_exits_before_using_its_socket_is_explained(self):
@@ -5038,9 +5078,9 @@ class ThirdPartyServerTest(ProtectorTestCase):
 
     def test_thirty_gunicorn_sync_restarts_under_load_fail_no_request(self):
         """gunicorn with sync workers (-w 2; its socket from LISTEN_FDS).  They
-        wait in select(), where they cannot be seen: gunicorn is ready on its
-        arbiter's READY=1, before its workers run, and what is steered to its
-        socket meanwhile waits there.  A sync worker told to stop leaves what
+        wait in select(), where the daemon sees them (what they wait for is
+        read from their memory): each generation is ready once a worker
+        waits, not at its arbiter's READY=1 alone.  A sync worker told to stop leaves what
         waits in its backlog unaccepted, so each old generation is stopped
         only once its own socket's backlog has stayed empty.  Over 30
         restarts (counted from the log) under HTTP load, not one request
@@ -5050,6 +5090,12 @@ class ThirdPartyServerTest(ProtectorTestCase):
         daemon = Daemon(self, "--probation", "0.1", "--quiet-period", "0.1", command=[
             gunicorn, "--preload", "--no-control-socket", "-w", "2", "webapp:wsgi"])
         self.restart_thirty_times(daemon, HttpLoad(daemon.port, threads=4))
+        # The generations were seen waiting in select() in a worker, not
+        # taken at their arbiter's READY=1 alone (all 31 here when the
+        # machine is idle; a worker not started within 1 s of READY=1, on a
+        # loaded one, is taken at it).
+        self.assertGreater(daemon.count(r"waiting for connections on its listening socket "
+                                        r"\(select\(\), pid \d+\): ready"), 20, daemon.log())
 
     def test_thirty_gunicorn_gthread_restarts_with_keep_alive_clients_fail_no_request(self):
         """gunicorn with gthread workers, behind clients that keep their
