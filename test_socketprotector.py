@@ -4960,9 +4960,10 @@ class KeepAliveHttpLoad(HttpLoad):
         conn.close()
 
 
-class ThirdPartyServerTest(ProtectorTestCase):
+class ThirdPartyServers:
     """Real gunicorn and uvicorn behind --handoff activation (test-only
-    dependencies, installed into .ci/venv by .ci/run)."""
+    dependencies, installed into .ci/venv by .ci/run): what the tests that
+    run them share."""
     OPTIONS = ("--handoff", "activation")
 
     def setUp(self):
@@ -4997,6 +4998,28 @@ class ThirdPartyServerTest(ProtectorTestCase):
                                       "webapp:wsgi"]),
             "uvicorn": ([], [self.server("uvicorn"), "--fd", "3", "webapp:asgi"]),
         }
+
+    def restart_thirty_times(self, daemon, load):
+        """30 restarts (counted from the log) under `load`, each once 10 more
+        requests have been answered: every request is answered 200."""
+        daemon.serving()
+        daemon.wait_line(r"new connections go to the serving one's")
+        self.addCleanup(load.stop)
+        load.wait_for(20)
+        for _ in range(30):
+            daemon.restart()
+            load.wait_for(10)
+        load.stop()
+        self.assertEqual(daemon.count(r"ready; child \d+ retiring"), 30)
+        self.assertEqual([s for s in load.statuses if s != 200], [], daemon.log())
+        self.assertGreater(len(load.statuses), 300)
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(TIMEOUT * 2), 0, daemon.log())
+
+
+class ThirdPartyServerTest(ThirdPartyServers, ProtectorTestCase):
+    """gunicorn and uvicorn: restarts every second, a broken build, and what
+    a misconfigured one is told."""
 
     def test_without_the_servers_the_skip_names_both(self):
         """Without .ci/venv, the tests skip saying that gunicorn and uvicorn are
@@ -5034,23 +5057,6 @@ class ThirdPartyServerTest(ProtectorTestCase):
                 # end it: that is the bound to wait for.
                 self.assertEqual(daemon.wait(TIMEOUT * 2), 0, daemon.log())
 
-    def restart_thirty_times(self, daemon, load):
-        """30 restarts (counted from the log) under `load`, each once 10 more
-        requests have been answered: every request is answered 200."""
-        daemon.serving()
-        daemon.wait_line(r"new connections go to the serving one's")
-        self.addCleanup(load.stop)
-        load.wait_for(20)
-        for _ in range(30):
-            daemon.restart()
-            load.wait_for(10)
-        load.stop()
-        self.assertEqual(daemon.count(r"ready; child \d+ retiring"), 30)
-        self.assertEqual([s for s in load.statuses if s != 200], [], daemon.log())
-        self.assertGreater(len(load.statuses), 300)
-        daemon.signal(signal.SIGTERM)
-        self.assertEqual(daemon.wait(TIMEOUT * 2), 0, daemon.log())
-
     def test_gunicorn_given_its_socket_twice_is_told_how_to_take_it(self):
         """gunicorn -b fd://3 under --handoff activation (it takes fd 3 from
         LISTEN_FDS as well, uses it twice and fails with EBADF): the start
@@ -5062,6 +5068,37 @@ class ThirdPartyServerTest(ProtectorTestCase):
         self.assertEqual(code, 1)      # after gunicorn's own traceback
         self.assertRegex(lines[-1], r"^socketprotector: child \d+ exited with status 1 "
                                     r"before it was ready " + ACTIVATION_HINT)
+
+    def test_a_broken_build_leaves_the_old_one_serving(self):
+        """A new build whose app fails to import: --reload exits 1, and the old
+        server keeps answering."""
+        for name, (options, command) in self.commands().items():
+            with self.subTest(server=name):
+                pid_file = os.path.join(self.tmp, f"{name.replace(' ', '-')}.pid")
+                daemon = Daemon(self, "--pid-file", pid_file, *options, command=command)
+                first = daemon.serving()
+                load = HttpLoad(daemon.port)
+                self.addCleanup(load.stop)
+                load.wait_for(10)
+                open(self.broken, "w").close()
+                code, lines = self.run_protector("--reload", "--pid-file", pid_file,
+                                                 timeout=TIMEOUT * 3)
+                os.unlink(self.broken)
+                self.assertEqual(code, 1, lines)
+                self.assertOneLineError(lines, rf"restart failed: child \d+ exited with "
+                                               rf"status \d+ before it was ready; child {first} "
+                                               rf"keeps serving$")
+                load.wait_for(10)
+                load.stop()
+                self.assertEqual([s for s in load.statuses if s != 200], [], daemon.log())
+                daemon.signal(signal.SIGTERM)
+                self.assertEqual(daemon.wait(), 0, daemon.log())
+
+
+class ThirdPartyRestartsTest(ThirdPartyServers, ProtectorTestCase):
+    """Thirty restarts of each under HTTP load: uvicorn, gunicorn sync and
+    gunicorn gthread behind keep-alive clients (a class of its own, so that
+    the suite's two processes share the third-party servers' time)."""
 
     def test_thirty_uvicorn_restarts_under_load_fail_no_request(self):
         """uvicorn's own shutdown closes the connections it has accepted but
@@ -5111,31 +5148,6 @@ class ThirdPartyServerTest(ProtectorTestCase):
             gunicorn, "--preload", "--no-control-socket", "-w", "2", "-k", "gthread",
             "--threads", "4", "webapp:wsgi"])
         self.restart_thirty_times(daemon, KeepAliveHttpLoad(daemon.port, threads=2))
-
-    def test_a_broken_build_leaves_the_old_one_serving(self):
-        """A new build whose app fails to import: --reload exits 1, and the old
-        server keeps answering."""
-        for name, (options, command) in self.commands().items():
-            with self.subTest(server=name):
-                pid_file = os.path.join(self.tmp, f"{name.replace(' ', '-')}.pid")
-                daemon = Daemon(self, "--pid-file", pid_file, *options, command=command)
-                first = daemon.serving()
-                load = HttpLoad(daemon.port)
-                self.addCleanup(load.stop)
-                load.wait_for(10)
-                open(self.broken, "w").close()
-                code, lines = self.run_protector("--reload", "--pid-file", pid_file,
-                                                 timeout=TIMEOUT * 3)
-                os.unlink(self.broken)
-                self.assertEqual(code, 1, lines)
-                self.assertOneLineError(lines, rf"restart failed: child \d+ exited with "
-                                               rf"status \d+ before it was ready; child {first} "
-                                               rf"keeps serving$")
-                load.wait_for(10)
-                load.stop()
-                self.assertEqual([s for s in load.statuses if s != 200], [], daemon.log())
-                daemon.signal(signal.SIGTERM)
-                self.assertEqual(daemon.wait(), 0, daemon.log())
 
 
 class UpgradeTest(ProtectorTestCase):
@@ -5813,7 +5825,7 @@ def served_by_or_none(port):
 # Seconds each class took here, alone (python3 -m unittest, Python 3.11): the
 # longest are handed out first, so the workers finish together.  A class not
 # listed counts as 5.
-COST = {"ThirdPartyServerTest": 60, "ListenerChaosTest": 19, "ChaosTest": 19, "HostileTest": 18,
+COST = {"ThirdPartyRestartsTest": 30, "ThirdPartyServerTest": 16, "ListenerChaosTest": 19, "ChaosTest": 19, "HostileTest": 18,
         "DaemonModeTest": 18, "WorkersTest": 14, "WorkersUpgradeTest": 12, "SampleTest": 11,
         "UpgradeTest": 10, "ListenerWorkersTest": 9,
         "ListenerUpgradeTest": 8, "ActivationUpgradeTest": 8, "RestartTest": 8,
