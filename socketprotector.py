@@ -1998,7 +1998,8 @@ _SUPERVISOR_STATE = {
               restart_again=_FLAG, restart_open=_FLAG),
     **_fields("_", serving=_GENERATION, starting=_GENERATION, notify_dir=_PATH,
               fallback=_FALLBACK),
-    **_fields(restarts=_INT, failed_restarts=_INT, crashes=_INT)}
+    **_fields(restarts=_INT, failed_restarts=_INT, crashes=_INT, hangs_replaced=_COUNT,
+              failed_replacements=_COUNT)}
 
 # Everything else each object holds, and why it need not cross.
 _GIVEN = "given again: the command line, or made by the new process"
@@ -2039,7 +2040,9 @@ _NOT_CARRIED = {
         "_child_nofile": "carried beside the supervisor's state (nofile)",
         "_quiet": _GIVEN, "_probation": _GIVEN, "_upgraded_from": _GIVEN,
         "last_upgrade": "made anew: the upgrade that made the new process",
-        "_queue_watch": "started anew: a connection waiting across the exec is timed afresh"}}
+        "_queue_watch": "started anew: a connection waiting across the exec is timed afresh",
+        **dict.fromkeys(("_replace_after", "_replace_failures"),
+                        "started anew: a failed hang replacement's back-off begins again")}}
 _CARRIED = {"child": _CHILD_STATE, "generation": _GENERATION_STATE, "queue": _QUEUE_STATE,
             "supervisor": _SUPERVISOR_STATE, "steering": _STEERING_STATE}
 
@@ -2187,6 +2190,13 @@ class _Supervisor:
         self.restarts = 0
         self.failed_restarts = 0
         self.crashes = 0
+        # --hang-timeout, listener and activation modes: hung generations
+        # replaced, replacements that failed, and after one failed, not
+        # not before when the next starts, and how many failed in a row.
+        self.hangs_replaced = 0
+        self.failed_replacements = 0
+        self._replace_after = 0.0
+        self._replace_failures = 0
         # What systemd meant for the daemon is not for the children.
         self._child_env = {k: v for k, v in os.environ.items() if k not in _DAEMON_ONLY_ENV}
         self._child_env[ENV_HANDOFF] = handoff
@@ -2538,7 +2548,9 @@ class _Supervisor:
             "children": children,
             "probation_until": _ns(serving.probation_until) if on_probation else None,
             "forwarded": self.forwarded, "restarts": self.restarts,
-            "failed": self.failed_restarts, "crashes": self.crashes}
+            "failed": self.failed_restarts, "crashes": self.crashes,
+            "hangs_replaced": self.hangs_replaced,
+            "failed_replacements": self.failed_replacements}
 
     def _counts(self) -> Optional[dict]:
         """The per-connection figures, forwarding only: connections accepted
@@ -2809,6 +2821,8 @@ class _Supervisor:
         new = self._describe(generation.children())
         probation = False
         if old is not None and old.hung:
+            self.hangs_replaced += 1
+            self._replace_failures = 0
             _log.info("%s ready, serving; stopping %s, hung", new,
                       self._describe(old.children()))
             self._retire_generation(old)
@@ -3079,6 +3093,9 @@ class _Supervisor:
         if self._serving is None:
             self._fail(what + self._start_hint(unready))
             return
+        if self._serving.hung:      # a hang's replacement (restarts wait for it)
+            self._replacement_failed(what)
+            return
         self.failed_restarts += 1
         ready = self._serving.ready()
         keeps = (f"{self._describe(ready)} {'keeps' if len(ready) == 1 else 'keep'} serving"
@@ -3087,6 +3104,23 @@ class _Supervisor:
         failure = f"restart failed: {what}; {keeps}"
         _log.error("%s", failure)
         self._restart_finished(failure)
+        if self._restart_again:
+            self._restart_again = False
+            self._request_restart()
+
+    def _replacement_failed(self, what: str) -> None:
+        """A hung generation's replacement failed: not a restart.  The hung one
+        serves on (and may recover: the check decides again); the next
+        replacement waits the hang timeout, doubled after each failure in a
+        row up to _BACKOFF_MAX."""
+        self._serving.hung = False
+        self.failed_replacements += 1
+        self._replace_failures += 1
+        delay = min(self._hang_timeout * 2 ** (self._replace_failures - 1),
+                    max(self._hang_timeout, _BACKOFF_MAX))
+        self._replace_after = time.monotonic() + delay
+        _log.error("replacing the hung generation failed: %s; the next replacement not before "
+                   "%g s", what, delay)
         if self._restart_again:
             self._restart_again = False
             self._request_restart()
@@ -3422,7 +3456,7 @@ class _Supervisor:
             # is ready: whether a hung one took connections again cannot be
             # told meanwhile.)
             return
-        if stalled < self._hang_timeout:
+        if stalled < self._hang_timeout or now < self._replace_after:
             return
         waiting = len(watch.seen)
         watch.reset()       # a replacement that fails is tried again after as long
@@ -3431,7 +3465,8 @@ class _Supervisor:
             self._roll_back(what)
             return
         generation.hung = True
-        _log.warning("%s; starting a replacement, which takes them over", what)
+        _log.warning("%s; starting a replacement, which takes them over%s", what,
+                     f" (attempt {self._replace_failures + 1})" if self._replace_failures else "")
         self._on_event("status", "replacing a hung server")
         self._start_generation(share=generation)
 
@@ -5073,7 +5108,7 @@ def _become_subreaper() -> None:
 # ---------------------------------------------------------------------------
 
 _STATUS_SCHEMA = "socketprotector-status"   # --status --json: what the document is
-_STATUS_VERSION = 1     # its layout (README: "Status as data"): any change raises it
+_STATUS_VERSION = 2     # its layout (README: "Status as data"): any change raises it
 _SNAPSHOT_CHILD = ("pid", "worker", "generation", "state", "started", "ready_at", "retired_at",
                    "ready_by", "probation", "cwd", "sockets")     # see _Supervisor.snapshot()
 _DRAINING = ("quieting", "retiring", "stopping")
@@ -5156,6 +5191,8 @@ def _status_document(pid: int, pid_file: str, record: dict,
         "counters": {"restarts_succeeded": status.get("restarts", 0),
                      "restarts_failed": status.get("failed", 0),
                      "crashes": status.get("crashes", 0),
+                     "hangs_replaced": status.get("hangs_replaced", 0),
+                     "hang_replacements_failed": status.get("failed_replacements", 0),
                      "connections_forwarded": status.get("forwarded") if forwarding else None,
                      "connections_waiting": counts.get("waiting")},
         "limits": daemon.get("limits"),
@@ -5199,6 +5236,9 @@ def _format_status(doc: dict) -> str:
         parts.append(f"{_plural(counters['connections_forwarded'], 'connection')} forwarded")
     parts += [f"{_plural(counters['restarts_succeeded'], 'restart')} succeeded, "
               f"{counters['restarts_failed']} failed", _plural(counters["crashes"], "crash")]
+    if counters["hangs_replaced"] or counters["hang_replacements_failed"]:
+        parts.append(f"{_plural(counters['hangs_replaced'], 'hung generation')} replaced, "
+                     f"{counters['hang_replacements_failed']} failed")
     upgrade = doc["last_upgrade"]
     if upgrade is not None:
         parts.append("upgrading" if upgrade["outcome"] == "running" else
@@ -5246,6 +5286,10 @@ def _format_prometheus(doc: Optional[dict], pid_file: str) -> str:
                 ({"outcome": "failed"}, counters["restarts_failed"])])
         family("crashes_total", "counter", "Serving workers that died unasked.",
                [({}, counters["crashes"])])
+        family("hang_replacements_total", "counter", "--hang-timeout: hung generations' "
+               "replacements (not restarts), by outcome.",
+               [({"outcome": "succeeded"}, counters["hangs_replaced"]),
+                ({"outcome": "failed"}, counters["hang_replacements_failed"])])
         family("connections_forwarded_total", "counter", "Forwarding: connections passed to "
                "children (published at most a second late).",
                [({}, counters["connections_forwarded"])])

@@ -2076,7 +2076,7 @@ class StatusTest(ProtectorTestCase):
         self.assertEqual(json.loads(self.status_output(daemon, "--format", "json")).keys(),
                          doc.keys())
         self.assertEqual((doc["schema"], doc["schema_version"], doc["pid_file"]),
-                         ("socketprotector-status", 1, daemon.pid_file))
+                         ("socketprotector-status", 2, daemon.pid_file))
         self.assertEqual({k: doc["daemon"][k] for k in ("pid", "version", "handoff")},
                          {"pid": daemon.pid, "version": socketprotector.__version__,
                           "handoff": "forward"})
@@ -2090,7 +2090,9 @@ class StatusTest(ProtectorTestCase):
                           for n, pid in enumerate(pids)])
         self.assertEqual(sum(c["connections_sent"] for c in doc["children"]), 6)
         self.assertEqual(doc["counters"], {"restarts_succeeded": 0, "restarts_failed": 0,
-                                           "crashes": 0, "connections_forwarded": 6,
+                                           "crashes": 0, "hangs_replaced": 0,
+                                           "hang_replacements_failed": 0,
+                                           "connections_forwarded": 6,
                                            "connections_waiting": 0})
         self.assertEqual(doc["limits"]["ready_timeout"], 30)
         self.assertEqual((doc["last_restart"], doc["last_upgrade"]), (None, None))
@@ -4321,6 +4323,57 @@ class ActivationTest(ProtectorTestCase):
         held.close()
         daemon.wait_line(rf"child {first} exited with status 0")
         self.assertEqual(daemon.record()["restarts"], [], daemon.log())
+
+    def test_a_hang_replacement_that_fails_backs_off_and_is_not_a_restart(self):
+        """--hang-timeout 0.5: the server freezes with a connection queued,
+        and the next build exits before it is ready.  Each replacement that
+        fails is said in one line, with the wait before the next: 0.5 s,
+        then 1 s (doubling); the next build works and the third attempt
+        replaces the hung server, which answers nothing: the replacement
+        answers the queued client.  The status counts one hung generation
+        replaced and two replacements failed, and no restart of either
+        kind (line, JSON, Prometheus)."""
+        daemon = Daemon(self, "--hang-timeout", "0.5")
+        first = daemon.serving()
+        with open(self.app) as f:
+            good = f.read()
+        with open(self.app, "w") as f:
+            f.write("import sys\nsys.exit(3)\n")
+        os.kill(first, signal.SIGSTOP)
+        self.addCleanup(lambda: alive(first) and os.kill(first, signal.SIGKILL))
+        client = connect(daemon.port)
+        self.addCleanup(client.close)
+        client.sendall(b"pid\n")
+        mark = daemon.mark()
+        daemon.wait_line(r"replacing the hung generation failed: child \d+ exited with status 3 "
+                         r"before it was ready; the next replacement not before 0.5 s$", mark)
+        daemon.wait_line(r"starting a replacement, which takes them over \(attempt 2\)$", mark)
+        started = time.monotonic()
+        daemon.wait_line(r"the next replacement not before 1 s$", mark)
+        with open(self.app, "w") as f:
+            f.write(good)
+        daemon.wait_line(r"starting a replacement, which takes them over \(attempt 3\)$", mark)
+        self.assertGreaterEqual(time.monotonic() - started, 0.9, daemon.log())
+        new = int(daemon.wait_line(rf"child (\d+) ready, serving; stopping child {first}, hung",
+                                   mark).group(1))
+        self.assertEqual(int(read_line(client)), new)
+        wait_until(lambda: daemon.status_document()["counters"]["hangs_replaced"],
+                   "the replacement to be published")
+        counters = daemon.status_document()["counters"]
+        self.assertEqual((counters["hangs_replaced"], counters["hang_replacements_failed"],
+                          counters["restarts_succeeded"], counters["restarts_failed"]),
+                         (1, 2, 0, 0), daemon.log())
+        self.assertRegex(daemon.status_line(), r"; 0 restarts succeeded, 0 failed; 0 crashes; "
+                                               r"1 hung generation replaced, 2 failed$")
+        code, lines = self.run_protector("--status", "--format", "prometheus", "--pid-file",
+                                         daemon.pid_file)
+        self.assertEqual((code, lines), (0, []))
+        errors, samples = exposition_errors("\n".join(self.stdout) + "\n")
+        self.assertEqual(errors, [])
+        self.assertEqual(sorted((labels["outcome"], value) for name, labels, value in samples
+                                if name == "socketprotector_hang_replacements_total"),
+                         [("failed", 2), ("succeeded", 1)])
+        self.assertEqual(daemon.count(r"restart failed"), 0, daemon.log())
 
     def test_a_server_that_hangs_on_probation_is_rolled_back(self):
         """A new build that freezes on probation: the old server, kept idle to
