@@ -942,6 +942,10 @@ class _Generation:
         self.quiet_limit: Optional[float] = None
         self.probation_until: Optional[float] = None     # serving, its predecessor kept
         self.hung = False       # left its connections unaccepted: ended once replaced
+        # --hang-timeout, listener and activation modes, once replaced: its
+        # backlog at the last look, and since when none of it was accepted.
+        self.backlog_seen = 0
+        self.stalled_since: Optional[float] = None
 
     def children(self) -> List[_Child]:
         return [c for c in self.slots if c is not None]
@@ -1776,6 +1780,30 @@ class _Steering:
         """A generation is gone: its sockets leave their groups, in time (prune())."""
         self.retired += sockets
 
+    def take_out(self, sockets: List[socket.socket]) -> None:
+        """A hung generation's sockets leave their groups at once
+        (shutdown(SHUT_RD)), though its processes still hold them: what
+        waits on them moves to another of the group (tcp_migrate_req) or
+        is reset, and _let_go_of() says which.  Never one steered to."""
+        for sock in sockets:
+            inode = _inode(sock)
+            group = next((g for g in self.groups if inode in g), None)
+            if group is None or inode in self.targets:
+                continue
+            self._let_go_of(sock)
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError as e:
+                _log.warning("cannot take a hung generation's listening socket out of its "
+                             "group: %s", e.strerror)
+                continue
+            i = group.index(inode)
+            group[i] = group[-1]
+            group.pop()
+            if any(sock is anchor for anchor in self.anchors):
+                self.anchors_out = True
+        self.attach()
+
     def recheck(self) -> None:
         """A process left behind has been reaped: did a ghost leave with it?"""
         if self.ghosts:
@@ -1796,7 +1824,11 @@ class _Steering:
         would leave the group later, when it execs, unseen."""
         for sock in list(self.retired):
             inode = _inode(sock)
-            g = next(i for i, group in enumerate(self.groups) if inode in group)
+            g = next((i for i, group in enumerate(self.groups) if inode in group), None)
+            if g is None:       # taken out already (take_out())
+                self.retired.remove(sock)
+                sock.close()
+                continue
             if self.groups[g][-1] == self.targets[g] and len(self.groups[g]) > 2:
                 continue        # the socket steered to would take its place (alone, it
                                 # gets everything the program's stale index sends on)
@@ -1961,7 +1993,8 @@ _CHILD_STATE = _fields(
 _GENERATION_STATE = _fields(
     number=_INT, serving=_FLAG, slots=_SLOTS, respawn_at=_table(float),
     backoff=_table(float), quick_deaths=_table(int), sockets=_SOCKETS, look_at=_LATER,
-    quiet_at=_LATER, quiet_limit=_LATER, probation_until=_LATER, hung=_LATER_FLAG)
+    quiet_at=_LATER, quiet_limit=_LATER, probation_until=_LATER, hung=_LATER_FLAG,
+    backlog_seen=_COUNT, stalled_since=_LATER)
 _STEERING_STATE = _fields(groups=_GROUPS, targets=_INODES, ghosts=_INODES, retired=_SOCKETS,
                           anchors_idle=_LATER_FLAG, anchors_out=_LATER_FLAG)
 _QUEUE_STATE = _fields(
@@ -1972,7 +2005,8 @@ _SUPERVISOR_STATE = {
               restart_again=_FLAG, restart_open=_FLAG),
     **_fields("_", serving=_GENERATION, starting=_GENERATION, notify_dir=_PATH,
               fallback=_FALLBACK),
-    **_fields(restarts=_INT, failed_restarts=_INT, crashes=_INT)}
+    **_fields(restarts=_INT, failed_restarts=_INT, crashes=_INT, hangs_replaced=_COUNT,
+              failed_replacements=_COUNT)}
 
 # Everything else each object holds, and why it need not cross.
 _GIVEN = "given again: the command line, or made by the new process"
@@ -2013,7 +2047,9 @@ _NOT_CARRIED = {
         "_child_nofile": "carried beside the supervisor's state (nofile)",
         "_quiet": _GIVEN, "_probation": _GIVEN, "_upgraded_from": _GIVEN,
         "last_upgrade": "made anew: the upgrade that made the new process",
-        "_queue_watch": "started anew: a connection waiting across the exec is timed afresh"}}
+        "_queue_watch": "started anew: a connection waiting across the exec is timed afresh",
+        **dict.fromkeys(("_replace_after", "_replace_failures"),
+                        "started anew: a failed hang replacement's back-off begins again")}}
 _CARRIED = {"child": _CHILD_STATE, "generation": _GENERATION_STATE, "queue": _QUEUE_STATE,
             "supervisor": _SUPERVISOR_STATE, "steering": _STEERING_STATE}
 
@@ -2161,6 +2197,13 @@ class _Supervisor:
         self.restarts = 0
         self.failed_restarts = 0
         self.crashes = 0
+        # --hang-timeout, listener and activation modes: hung generations
+        # replaced, replacements that failed, and after one failed, not
+        # not before when the next starts, and how many failed in a row.
+        self.hangs_replaced = 0
+        self.failed_replacements = 0
+        self._replace_after = 0.0
+        self._replace_failures = 0
         # What systemd meant for the daemon is not for the children.
         self._child_env = {k: v for k, v in os.environ.items() if k not in _DAEMON_ONLY_ENV}
         self._child_env[ENV_HANDOFF] = handoff
@@ -2512,7 +2555,9 @@ class _Supervisor:
             "children": children,
             "probation_until": _ns(serving.probation_until) if on_probation else None,
             "forwarded": self.forwarded, "restarts": self.restarts,
-            "failed": self.failed_restarts, "crashes": self.crashes}
+            "failed": self.failed_restarts, "crashes": self.crashes,
+            "hangs_replaced": self.hangs_replaced,
+            "failed_replacements": self.failed_replacements}
 
     def _counts(self) -> Optional[dict]:
         """The per-connection figures, forwarding only: connections accepted
@@ -2783,11 +2828,17 @@ class _Supervisor:
         new = self._describe(generation.children())
         probation = False
         if old is not None and old.hung:
+            self.hangs_replaced += 1
+            self._replace_failures = 0
             _log.info("%s ready, serving; stopping %s, hung", new,
                       self._describe(old.children()))
             self._retire_generation(old)
         elif old is not None:
             retiring = old.ready()
+            hung = self._stalled_before(old)
+            if hung:
+                _log.warning("%s: hung; stopping %s", hung,
+                             "it" if len(old.children()) == 1 else "them")
             self._retire_generation(old)    # before saying so: whoever reads the log may act
             # Kept ready to serve again only where it can be steered back to.
             probation = self._probation > 0 and any(
@@ -2798,7 +2849,9 @@ class _Supervisor:
                 generation.probation_until = time.monotonic() + self._probation
             else:
                 self.restarts += 1
-            if retiring:
+            if hung:
+                _log.info("%s ready, serving", new)
+            elif retiring:
                 _log.info("%s ready; %s retiring%s", new, self._describe(retiring),
                           f" once the new one has served {self._probation:g} s (probation)"
                           if probation else "")
@@ -2819,6 +2872,29 @@ class _Supervisor:
         if self._restart_again and not probation:
             self._restart_again = False
             self._request_restart()
+
+    def _stalled_before(self, old: _Generation) -> str:
+        """--hang-timeout, listener and activation modes: the serving
+        generation is replaced by a restart.  Its stall so far (what waits
+        for it unaccepted, and since when) goes with it: a quieting one is
+        hung once that reaches the hang timeout (_quiet_hung()); one that
+        reached it while the restart was starting is hung now (set, and
+        said: "")."""
+        watch = self._queue_watch
+        if watch is None or watch.progress_at is None:
+            return ""
+        now = time.monotonic()
+        old.stalled_since, waiting = watch.progress_at, len(watch.seen)
+        watch.reset()       # what waits now is the new generation's
+        if now - old.stalled_since < self._hang_timeout:
+            return ""
+        old.hung = True
+        return self._accepted_none(old.children(), waiting) + " while the restart started"
+
+    def _accepted_none(self, children: List[_Child], waiting: int) -> str:
+        return (f"{self._describe(children)} accepted none of the "
+                f"{_plural(waiting, 'connection')} waiting for "
+                f"{'it' if len(children) == 1 else 'them'} for {self._hang_timeout:g} s")
 
     def _probation_passed(self, now: float) -> None:
         """The new generation served its probation: the old one may retire."""
@@ -2884,11 +2960,7 @@ class _Supervisor:
         generation.serving = False
         generation.respawn_at.clear()
         if generation.hung:     # what waits for it is its successor's: nothing to quiet
-            for child in generation.children():
-                self._terminate(child)
-                # Frozen, it would get the SIGTERM only at the SIGKILL: woken,
-                # it finishes what it had accepted.
-                self._signal(child, signal.SIGCONT)
+            self._stop_hung(generation)
             return
         steered = (self._steering is not None and self._serving is not None
                    and generation.sockets is not self._serving.sockets)
@@ -2911,12 +2983,16 @@ class _Supervisor:
 
     def _look_at_quieting(self, generation: _Generation, now: float) -> None:
         """A generation steered away: retire it once its backlog has stayed
-        empty for the quiet period (or at the latest after _QUIET_MAX)."""
-        if generation is self._fallback:    # on probation: kept as it is
-            generation.look_at = self._serving.probation_until
-            return
+        empty for the quiet period (or at the latest after _QUIET_MAX); stop
+        it at once if it is hung (_quiet_hung())."""
         waiting = 0 if self._forwarding else sum(
             _backlog_length(sock) or 0 for sock in generation.sockets or self._queue.sockets())
+        if self._quiet_hung(generation, waiting, now):
+            return
+        if generation is self._fallback:    # on probation: kept as it is
+            generation.look_at = (now + _QUIET_LOOK if self._queue_watch is not None
+                                  else self._serving.probation_until)
+            return
         if waiting:
             generation.quiet_at = now + self._quiet
         generation.look_at = now + _QUIET_LOOK
@@ -2929,6 +3005,50 @@ class _Supervisor:
         for child in list(self._children.values()):
             if child.generation is generation and child.state is _State.QUIETING:
                 self._retire(child)
+
+    def _quiet_hung(self, generation: _Generation, waiting: int, now: float) -> bool:
+        """--hang-timeout, listener and activation modes: a generation steered
+        away whose backlog (which only it takes from) has not shrunk for
+        that long, from when it was still serving on, is hung: stopped at
+        once (_stop_hung()), not left to --drain-timeout."""
+        if self._queue_watch is None:
+            return False
+        if not waiting:
+            generation.stalled_since = None
+        elif generation.stalled_since is None or waiting < generation.backlog_seen:
+            generation.stalled_since = now
+        generation.backlog_seen = waiting
+        if (generation.stalled_since is None
+                or now - generation.stalled_since < self._hang_timeout):
+            return False
+        quieting = [c for c in self._children.values()
+                    if c.generation is generation and c.state is _State.QUIETING]
+        _log.warning("%s: hung; stopping %s", self._accepted_none(quieting, waiting),
+                     "it" if len(quieting) == 1 else "them")
+        self._stop_hung(generation)
+        return True
+
+    def _stop_hung(self, generation: _Generation) -> None:
+        """A hung generation that no longer serves: its own sockets leave
+        their groups first, so that what waits on them moves to the serving
+        generation's where the kernel can (tcp_migrate_req), not to a
+        server woken to stop; then each of its processes gets SIGTERM, and
+        SIGCONT: frozen, it would get the SIGTERM only at the SIGKILL;
+        woken, it finishes what it had accepted."""
+        generation.hung = True
+        generation.look_at = generation.quiet_at = generation.quiet_limit = None
+        if generation is self._fallback:
+            self._fallback = None       # nothing to roll back to
+        if self._steering is not None:
+            others = {_inode(sock) for g in (self._serving, self._starting, self._fallback)
+                      if g is not None and g is not generation
+                      for sock in g.sockets or self._steering.anchors}
+            self._steering.take_out([sock for sock in generation.sockets or self._steering.anchors
+                                     if _inode(sock) not in others])
+        for child in [c for c in self._children.values() if c.generation is generation
+                      and c.state in (*_LIVE_ROLES, _State.QUIETING)]:
+            self._terminate(child)
+            self._signal(child, signal.SIGCONT)
 
     def _release_generation(self, generation: _Generation) -> None:
         """A generation none of whose processes is left: the daemon lets go of
@@ -2980,6 +3100,9 @@ class _Supervisor:
         if self._serving is None:
             self._fail(what + self._start_hint(unready))
             return
+        if self._serving.hung:      # a hang's replacement (restarts wait for it)
+            self._replacement_failed(what)
+            return
         self.failed_restarts += 1
         ready = self._serving.ready()
         keeps = (f"{self._describe(ready)} {'keeps' if len(ready) == 1 else 'keep'} serving"
@@ -2988,6 +3111,23 @@ class _Supervisor:
         failure = f"restart failed: {what}; {keeps}"
         _log.error("%s", failure)
         self._restart_finished(failure)
+        if self._restart_again:
+            self._restart_again = False
+            self._request_restart()
+
+    def _replacement_failed(self, what: str) -> None:
+        """A hung generation's replacement failed: not a restart.  The hung one
+        serves on (and may recover: the check decides again); the next
+        replacement waits the hang timeout, doubled after each failure in a
+        row up to _BACKOFF_MAX."""
+        self._serving.hung = False
+        self.failed_replacements += 1
+        self._replace_failures += 1
+        delay = min(self._hang_timeout * 2 ** (self._replace_failures - 1),
+                    max(self._hang_timeout, _BACKOFF_MAX))
+        self._replace_after = time.monotonic() + delay
+        _log.error("replacing the hung generation failed: %s; the next replacement not before "
+                   "%g s", what, delay)
         if self._restart_again:
             self._restart_again = False
             self._request_restart()
@@ -3315,23 +3455,25 @@ class _Supervisor:
             return
         stalled = watch.stalled(now, generation.sockets or self._queue.sockets())
         if self._starting is not None:
-            # The generation starting replaces it anyway.  (Whether a hung one
-            # took connections again cannot be told meanwhile: its
-            # replacement may accept from the same socket before it is ready.)
+            # The generation starting replaces it anyway, and the stall so far
+            # goes with it: hung by then, it is stopped as the new one
+            # serves, else once it is (_stalled_before(), _quiet_hung()).
+            # If the new one fails, this check goes on where it was.  (A
+            # hang's replacement may accept from the same socket before it
+            # is ready: whether a hung one took connections again cannot be
+            # told meanwhile.)
             return
-        if stalled < self._hang_timeout:
+        if stalled < self._hang_timeout or now < self._replace_after:
             return
         waiting = len(watch.seen)
         watch.reset()       # a replacement that fails is tried again after as long
-        what = (f"{self._describe(generation.children())} accepted none of the "
-                f"{_plural(waiting, 'connection')} waiting for "
-                f"{'it' if len(generation.children()) == 1 else 'them'} for "
-                f"{self._hang_timeout:g} s: hung")
+        what = self._accepted_none(generation.children(), waiting) + ": hung"
         if generation.probation_until is not None and self._fallback is not None:
             self._roll_back(what)
             return
         generation.hung = True
-        _log.warning("%s; starting a replacement, which takes them over", what)
+        _log.warning("%s; starting a replacement, which takes them over%s", what,
+                     f" (attempt {self._replace_failures + 1})" if self._replace_failures else "")
         self._on_event("status", "replacing a hung server")
         self._start_generation(share=generation)
 
@@ -5013,7 +5155,7 @@ def _become_subreaper() -> None:
 # ---------------------------------------------------------------------------
 
 _STATUS_SCHEMA = "socketprotector-status"   # --status --json: what the document is
-_STATUS_VERSION = 1     # its layout (README: "Status as data"): any change raises it
+_STATUS_VERSION = 2     # its layout (README: "Status as data"): any change raises it
 _SNAPSHOT_CHILD = ("pid", "worker", "generation", "state", "started", "ready_at", "retired_at",
                    "ready_by", "probation", "cwd", "sockets")     # see _Supervisor.snapshot()
 _DRAINING = ("quieting", "retiring", "stopping")
@@ -5097,6 +5239,8 @@ def _status_document(pid: int, pid_file: str, record: dict,
         "counters": {"restarts_succeeded": status.get("restarts", 0),
                      "restarts_failed": status.get("failed", 0),
                      "crashes": status.get("crashes", 0),
+                     "hangs_replaced": status.get("hangs_replaced", 0),
+                     "hang_replacements_failed": status.get("failed_replacements", 0),
                      "connections_forwarded": status.get("forwarded") if forwarding else None,
                      "connections_waiting": counts.get("waiting")},
         "limits": daemon.get("limits"),
@@ -5140,6 +5284,9 @@ def _format_status(doc: dict) -> str:
         parts.append(f"{_plural(counters['connections_forwarded'], 'connection')} forwarded")
     parts += [f"{_plural(counters['restarts_succeeded'], 'restart')} succeeded, "
               f"{counters['restarts_failed']} failed", _plural(counters["crashes"], "crash")]
+    if counters["hangs_replaced"] or counters["hang_replacements_failed"]:
+        parts.append(f"{_plural(counters['hangs_replaced'], 'hung generation')} replaced, "
+                     f"{counters['hang_replacements_failed']} failed")
     upgrade = doc["last_upgrade"]
     if upgrade is not None:
         parts.append("upgrading" if upgrade["outcome"] == "running" else
@@ -5187,6 +5334,10 @@ def _format_prometheus(doc: Optional[dict], pid_file: str) -> str:
                 ({"outcome": "failed"}, counters["restarts_failed"])])
         family("crashes_total", "counter", "Serving workers that died unasked.",
                [({}, counters["crashes"])])
+        family("hang_replacements_total", "counter", "--hang-timeout: hung generations' "
+               "replacements (not restarts), by outcome.",
+               [({"outcome": "succeeded"}, counters["hangs_replaced"]),
+                ({"outcome": "failed"}, counters["hang_replacements_failed"])])
         family("connections_forwarded_total", "counter", "Forwarding: connections passed to "
                "children (published at most a second late).",
                [({}, counters["connections_forwarded"])])

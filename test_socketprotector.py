@@ -2076,7 +2076,7 @@ class StatusTest(ProtectorTestCase):
         self.assertEqual(json.loads(self.status_output(daemon, "--format", "json")).keys(),
                          doc.keys())
         self.assertEqual((doc["schema"], doc["schema_version"], doc["pid_file"]),
-                         ("socketprotector-status", 1, daemon.pid_file))
+                         ("socketprotector-status", 2, daemon.pid_file))
         self.assertEqual({k: doc["daemon"][k] for k in ("pid", "version", "handoff")},
                          {"pid": daemon.pid, "version": socketprotector.__version__,
                           "handoff": "forward"})
@@ -2090,7 +2090,9 @@ class StatusTest(ProtectorTestCase):
                           for n, pid in enumerate(pids)])
         self.assertEqual(sum(c["connections_sent"] for c in doc["children"]), 6)
         self.assertEqual(doc["counters"], {"restarts_succeeded": 0, "restarts_failed": 0,
-                                           "crashes": 0, "connections_forwarded": 6,
+                                           "crashes": 0, "hangs_replaced": 0,
+                                           "hang_replacements_failed": 0,
+                                           "connections_forwarded": 6,
                                            "connections_waiting": 0})
         self.assertEqual(doc["limits"]["ready_timeout"], 30)
         self.assertEqual((doc["last_restart"], doc["last_upgrade"]), (None, None))
@@ -4333,6 +4335,57 @@ class ActivationTest(ProtectorTestCase):
         daemon.wait_line(rf"child {first} exited with status 0")
         self.assertEqual(daemon.record()["restarts"], [], daemon.log())
 
+    def test_a_hang_replacement_that_fails_backs_off_and_is_not_a_restart(self):
+        """--hang-timeout 0.5: the server freezes with a connection queued,
+        and the next build exits before it is ready.  Each replacement that
+        fails is said in one line, with the wait before the next: 0.5 s,
+        then 1 s (doubling); the next build works and the third attempt
+        replaces the hung server, which answers nothing: the replacement
+        answers the queued client.  The status counts one hung generation
+        replaced and two replacements failed, and no restart of either
+        kind (line, JSON, Prometheus)."""
+        daemon = Daemon(self, "--hang-timeout", "0.5")
+        first = daemon.serving()
+        with open(self.app) as f:
+            good = f.read()
+        with open(self.app, "w") as f:
+            f.write("import sys\nsys.exit(3)\n")
+        os.kill(first, signal.SIGSTOP)
+        self.addCleanup(lambda: alive(first) and os.kill(first, signal.SIGKILL))
+        client = connect(daemon.port)
+        self.addCleanup(client.close)
+        client.sendall(b"pid\n")
+        mark = daemon.mark()
+        daemon.wait_line(r"replacing the hung generation failed: child \d+ exited with status 3 "
+                         r"before it was ready; the next replacement not before 0.5 s$", mark)
+        daemon.wait_line(r"starting a replacement, which takes them over \(attempt 2\)$", mark)
+        started = time.monotonic()
+        daemon.wait_line(r"the next replacement not before 1 s$", mark)
+        with open(self.app, "w") as f:
+            f.write(good)
+        daemon.wait_line(r"starting a replacement, which takes them over \(attempt 3\)$", mark)
+        self.assertGreaterEqual(time.monotonic() - started, 0.9, daemon.log())
+        new = int(daemon.wait_line(rf"child (\d+) ready, serving; stopping child {first}, hung",
+                                   mark).group(1))
+        self.assertEqual(int(read_line(client)), new)
+        wait_until(lambda: daemon.status_document()["counters"]["hangs_replaced"],
+                   "the replacement to be published")
+        counters = daemon.status_document()["counters"]
+        self.assertEqual((counters["hangs_replaced"], counters["hang_replacements_failed"],
+                          counters["restarts_succeeded"], counters["restarts_failed"]),
+                         (1, 2, 0, 0), daemon.log())
+        self.assertRegex(daemon.status_line(), r"; 0 restarts succeeded, 0 failed; 0 crashes; "
+                                               r"1 hung generation replaced, 2 failed$")
+        code, lines = self.run_protector("--status", "--format", "prometheus", "--pid-file",
+                                         daemon.pid_file)
+        self.assertEqual((code, lines), (0, []))
+        errors, samples = exposition_errors("\n".join(self.stdout) + "\n")
+        self.assertEqual(errors, [])
+        self.assertEqual(sorted((labels["outcome"], value) for name, labels, value in samples
+                                if name == "socketprotector_hang_replacements_total"),
+                         [("failed", 2), ("succeeded", 1)])
+        self.assertEqual(daemon.count(r"restart failed"), 0, daemon.log())
+
     def test_a_server_that_hangs_on_probation_is_rolled_back(self):
         """A new build that freezes on probation: the old server, kept idle to
         fall back to, serves again (as for a worker that dies on probation);
@@ -4619,19 +4672,15 @@ class ActivationTest(ProtectorTestCase):
         daemon.wait_line(rf"^stopped by SIGTERM pid {first}$", mark)
         self.assertEqual(served_by(daemon.port), second)
 
-    def test_what_waits_on_a_generation_rolled_back_moves_with_tcp_migrate_req(self):
-        """In a network namespace of its own (where the sysctl is the test's):
-        after a restart, a new build says READY=1, accepts nothing and is
-        killed on probation; with net.ipv4.tcp_migrate_req=1 the connections
-        that queued on its socket are all served by the old server after the
-        rollback (none lands on the daemon's own socket, idle since the first
-        generation left), and the log says they moved; with it off, the log
-        says how many were reset."""
+    def in_network_namespace(self, *settings):
+        """The net.ipv4.tcp_migrate_req this run of the test has set, in a
+        network namespace of its own (lo up); or None: not in one yet, the
+        test has run again in one for each of the settings (done)."""
         migrate = os.environ.get("SP_TEST_NETNS")
         if migrate is None:
             if os.geteuid() != 0 or not shutil.which("unshare"):
                 self.skipTest("needs root and unshare(1) for a private network namespace")
-            for migrate in ("1", "0"):
+            for migrate in settings:
                 module = os.path.splitext(os.path.basename(__file__))[0]
                 test = f"{module}.{type(self).__name__}.{self._testMethodName}"
                 run = subprocess.run(["unshare", "--net", sys.executable, "-m", "unittest", test],
@@ -4640,10 +4689,72 @@ class ActivationTest(ProtectorTestCase):
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      timeout=TIMEOUT * 6)
                 self.assertEqual(run.returncode, 0, run.stdout.decode(errors="replace"))
-            return
+            return None
         loopback_up()
         with open("/proc/sys/net/ipv4/tcp_migrate_req", "w") as f:
             f.write(migrate)
+        return migrate
+
+    def test_a_server_frozen_as_a_restart_begins_leaves_nothing_queued_behind(self):
+        """--hang-timeout 1, in a network namespace with tcp_migrate_req=1: the
+        serving server is frozen (SIGSTOP), 5 connections queue on its
+        socket, then --reload.  The new server is ready before the hang
+        timeout and gets every new connection; the frozen one, quieting
+        (or kept on probation to fall back to), is found hung at the hang
+        timeout: its socket leaves the group at once, so that what queued
+        on it moves to the new server, which answers all of it within the
+        hang timeout and a start, and it is stopped long before
+        --drain-timeout 60.  The restart succeeded.  Twice: the first
+        generation's socket is the daemon's own, the second's its own."""
+        if self.in_network_namespace("1") is None:
+            return
+        for probation in ("0", "2"):
+            daemon = Daemon(self, "--hang-timeout", "1", "--drain-timeout", "60",
+                            "--probation", probation)
+            frozen = daemon.serving()
+            for _ in range(2):
+                frozen = self.check_frozen_at_restart(daemon, frozen)
+            self.assertEqual(daemon.count(r"restart failed"), 0, daemon.log())
+
+    def check_frozen_at_restart(self, daemon, frozen):
+        """Freeze the serving server, queue 5 connections, --reload: the new
+        server answers them, the frozen one is stopped; the new one's pid."""
+        os.kill(frozen, signal.SIGSTOP)
+        self.addCleanup(lambda: alive(frozen) and os.kill(frozen, signal.SIGKILL))
+        clients = []
+        for _ in range(5):
+            clients.append(connect(daemon.port))
+            self.addCleanup(clients[-1].close)
+            clients[-1].sendall(b"pid\n")
+        wait_until(lambda: listen_queue(daemon.port) == 5, "5 connections queued")
+        began = time.monotonic()
+        mark = daemon.mark()
+        code, lines = self.run_protector("--reload", "--pid-file", daemon.pid_file)
+        self.assertEqual(code, 0, lines)
+        new = daemon.serving(mark)
+        self.assertEqual(served_by(daemon.port), new)
+        for client in clients:
+            client.settimeout(max(0.1, began + 1 + 3 - time.monotonic()))
+            self.assertEqual(int(read_line(client)), new, daemon.log())
+            client.close()
+        daemon.wait_line(rf"child {frozen} accepted none of the 5 connections waiting for it "
+                         r"for 1 s: hung; stopping it", mark)
+        daemon.wait_line(r"5 connections waiting on a listening socket let go of move to "
+                         r"another of its group", mark)
+        wait_until(lambda: not alive(frozen), "the frozen server to be stopped", timeout=3)
+        return new
+
+    def test_what_waits_on_a_generation_rolled_back_moves_with_tcp_migrate_req(self):
+        """In a network namespace of its own (where the sysctl is the test's):
+        after a restart, a new build says READY=1, accepts nothing and is
+        killed on probation; with net.ipv4.tcp_migrate_req=1 the connections
+        that queued on its socket are all served by the old server after the
+        rollback (none lands on the daemon's own socket, idle since the first
+        generation left), and the log says they moved; with it off, the log
+        says how many were reset."""
+        migrate = self.in_network_namespace("1", "0")
+        if migrate is None:
+            return
         daemon = Daemon(self, "--probation", "2")
         daemon.serving()
         # A restart first: the first generation's socket, the daemon's own,
