@@ -5736,10 +5736,12 @@ class PrivilegeTest(ProtectorTestCase):
         self.assertEqual(os.path.getsize(pid_file) if os.path.exists(pid_file) else 0, 0)
 
 
-    def activated_as_nobody(self, *options, port="0", script=DAEMON, python=sys.executable):
+    def activated_as_nobody(self, *options, port="0", script=DAEMON):
         """As root with --user nobody, in activation mode, serving
         ACTIVATED_APP with steering on: (daemon, first child, the pid of its
-        socket helper)."""
+        socket helper).  The daemon runs on the system's python: as nobody it
+        imports modules later (tempfile) and execs itself (an upgrade),
+        which an interpreter under /root (pyenv's) would refuse."""
         run = os.path.join(self.tmp, "run")
         if not os.path.isdir(run):      # a second daemon in the same test uses it too
             self.service_user_dir()
@@ -5752,7 +5754,7 @@ class PrivilegeTest(ProtectorTestCase):
         self.env["TMPDIR"] = run        # the servers' notification sockets, made as nobody
         daemon = Daemon(self, "--handoff", "activation", "--user", "nobody", *options,
                         command=[self.SYSTEM_PYTHON, self.app], port=port, script=script,
-                        python=python)
+                        python=self.SYSTEM_PYTHON)
         first = daemon.serving()
         self.assertEqual(daemon.count(r"each generation listens on sockets of its own"), 1,
                          daemon.log())
@@ -5831,8 +5833,7 @@ class PrivilegeTest(ProtectorTestCase):
         script = os.path.join(self.tmp, "socketprotector.py")
         shutil.copy(DAEMON, script)
         os.chmod(script, 0o644)
-        daemon, first, helper = self.activated_as_nobody(script=script,
-                                                         python=self.SYSTEM_PYTHON)
+        daemon, first, helper = self.activated_as_nobody(script=script)
         link = os.readlink(f"/proc/{first}/fd/3")
         code, lines = self.run_protector("--upgrade", "--pid-file", daemon.pid_file,
                                          timeout=TIMEOUT * 4)
