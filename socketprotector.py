@@ -143,6 +143,8 @@ _CRASH_LOOP = 3            # that many in a row: the slot's replacements are bac
 _MAX_WORKERS = 256         # each costs the daemon a few descriptors and a process
 _EXIT_GRACE = 1.0          # after a child hangs up, how long to wait for it to exit
 _DEFAULT_QUIET = 0.3       # activation: the old generation's quiet period before its stop
+_HELPER_TIMEOUT = 2.0      # --user in activation: the socket helper's answer, at most
+_HELPER_NAME = b"sp-sock-helper"    # its process name (ps, top), 15 bytes at most
 _DEFAULT_PROBATION = 2.0   # activation: how long the old generation stays ready to take over
 _QUIET_LOOK = 0.05         # how often its backlog is looked at meanwhile
 _READY_LOOK = 0.05         # activation: how often a starting server is looked at
@@ -1703,20 +1705,196 @@ def _listening_inodes() -> set:
 
 def _listen_beside(sock: socket.socket, backlog: int) -> socket.socket:
     """A new listening socket on sock's address, in its SO_REUSEPORT group."""
-    new = socket.socket(sock.family, socket.SOCK_STREAM)
+    return _listen_at(_where(sock), backlog)
+
+
+def _where(sock: socket.socket) -> tuple:
+    """What _listen_at() needs to listen beside sock: (family, address, IPV6_V6ONLY)."""
+    return (sock.family, sock.getsockname(),
+            sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+            if sock.family == socket.AF_INET6 else None)
+
+
+def _listen_at(where: tuple, backlog: int) -> socket.socket:
+    """A new listening socket at _where()'s address, joining its SO_REUSEPORT group."""
+    family, address, v6only = where
+    new = socket.socket(family, socket.SOCK_STREAM)
     try:
         new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if sock.family == socket.AF_INET6:
-            new.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY,
-                           sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
-        new.bind(sock.getsockname())
+        if v6only is not None:
+            new.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        new.bind(address)
         new.listen(backlog)
     except BaseException:
         new.close()
         raise
     new.setblocking(True)       # as the servers get it
     return new
+
+
+class _HelperGone(Exception):
+    """The socket helper did not answer: why, as the end of a sentence."""
+
+
+class _SocketHelper:
+    """--user in activation mode: a process that keeps root, forked before
+    the daemon drops it, whose only job is to make the listening sockets of
+    a new generation, beside the daemon's own (a group of SO_REUSEPORT
+    sockets must all belong to one user, and a port below 1024 needs
+    root).  It is given the addresses at the fork and nothing else (every
+    other descriptor closed, standard ones on /dev/null); each request (one
+    byte on a private socketpair) gets one socket per address, sent back
+    and closed at once (a copy it kept would stay in the group), or the
+    errno that refused them.  It exits when the daemon's end closes, the
+    daemon SIGKILLed too.
+
+    The daemon calls make() (blocking, _HELPER_TIMEOUT at most), abandon()
+    when it will ask no more, stop() at exit; its waitpid() loop reaps it."""
+
+    def __init__(self, pid: int, channel: Optional[socket.socket]) -> None:
+        self.pid: Optional[int] = pid   # None once reaped
+        self.channel = channel          # None once abandoned
+        if channel is not None:
+            channel.settimeout(_HELPER_TIMEOUT)
+
+    @classmethod
+    def start(cls, anchors: List[socket.socket], backlog: int) -> "_SocketHelper":
+        """Fork it, beside these sockets (OSError if it cannot be)."""
+        places = [_where(sock) for sock in anchors]
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                status = 1
+                try:
+                    _help_make_sockets(theirs.fileno(), places, backlog)
+                    status = 0
+                finally:
+                    os._exit(status)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        _log.info("socket helper %d started: it keeps root to open each new generation's "
+                  "listening sockets", pid)
+        return cls(pid, ours)
+
+    def make(self, count: int) -> List[socket.socket]:
+        """One new listening socket per address, in the order given at the
+        start; OSError with the errno that refused them; _HelperGone if it
+        does not answer (the caller abandons it)."""
+        if self.channel is None:
+            raise _HelperGone("was abandoned")
+        try:
+            self.channel.send(b"o")
+            msg, fds, flags, _ = socket.recv_fds(self.channel, 64, count)
+        except socket.timeout:
+            raise _HelperGone(f"did not answer within {_HELPER_TIMEOUT:g} s") from None
+        except OSError as e:
+            raise _HelperGone(f"cannot be reached: {e.strerror}") from None
+        sockets = []
+        for fd in fds:
+            os.set_inheritable(fd, False)
+            sockets.append(socket.socket(fileno=fd))
+        if msg == b"k" and len(sockets) == count and not flags & _TRUNCATED:
+            for sock in sockets:
+                sock.setblocking(True)
+            return sockets
+        for sock in sockets:
+            sock.close()
+        if msg[:1] == b"e" and msg[1:].isdigit():
+            code = int(msg[1:])
+            raise OSError(code, os.strerror(code))
+        raise _HelperGone("has exited" if not msg else
+                          f"answered {msg[:16]!r} with {len(sockets)} of {count} sockets")
+
+    def abandon(self) -> None:
+        """Ask no more: its channel closed, it SIGKILLed (reaped by the loop)."""
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)   # not yet reaped: the pid is still its
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        """At exit: EOF on its channel, which it exits at; SIGKILL if it has
+        not within _HELPER_TIMEOUT; reaped."""
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.pid is None:
+            return
+        pid, self.pid = self.pid, None
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            fd = -1
+        exited = False
+        if fd >= 0:
+            try:
+                exited = bool(select.select([fd], [], [], _HELPER_TIMEOUT)[0])
+            finally:
+                os.close(fd)
+        if not exited:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _help_make_sockets(channel_fd: int, places: List[tuple], backlog: int) -> None:
+    """The socket helper's life, in the forked child (see _SocketHelper):
+    shed what the daemon holds, then answer requests until EOF."""
+    os.setsid()         # the terminal's signals are for the daemon, which stops it
+    for sig in _HANDLED_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if channel_fd != 3:
+        os.dup2(channel_fd, 3, inheritable=False)
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) > 3:
+            try:
+                os.close(int(name))
+            except OSError:
+                pass        # the directory listdir() read, closed already
+    try:
+        with open("/proc/self/comm", "wb") as f:
+            f.write(_HELPER_NAME)       # as ps and top show it
+    except OSError:
+        pass
+    channel = socket.socket(fileno=3)
+    while True:
+        request = channel.recv(16)
+        if request != b"o":
+            return          # EOF: the daemon has closed its end, or is gone
+        made: List[socket.socket] = []
+        try:
+            for where in places:
+                made.append(_listen_at(where, backlog))
+            reply = b"k"
+        except OSError as e:
+            reply = b"e%d" % (e.errno or errno.EIO)
+        try:
+            _send_fds(channel, reply, [sock.fileno() for sock in made] if reply == b"k" else [])
+        finally:
+            for sock in made:
+                sock.close()
 
 
 class _Steering:
@@ -1738,11 +1916,17 @@ class _Steering:
     (``ghosts``, in the order let go of) until it no longer does.
     """
 
-    def __init__(self, anchors: List[socket.socket], backlog: int, attach: bool = True) -> None:
+    def __init__(self, anchors: List[socket.socket], backlog: int, attach: bool = True,
+                 helper: Optional[_SocketHelper] = None) -> None:
         """attach false: after an upgrade, the restore sets the groups and
-        steers (the program on the sockets steers meanwhile)."""
+        steers (the program on the sockets steers meanwhile).  helper: what
+        makes the new sockets (--user), else the daemon does."""
         self.anchors = anchors                   # the daemon's own sockets (the first generation's)
         self.backlog = backlog
+        self.helper = helper
+        # Why new generations share the serving one's sockets from now on
+        # (the socket helper is gone); None while each gets its own.
+        self.off: Optional[str] = None
         self.groups: List[List[int]] = [[_inode(sock)] for sock in anchors]
         self.targets: List[int] = [group[0] for group in self.groups]   # steered to, per group
         self.steered: List[socket.socket] = list(anchors)   # those sockets, held by the daemon
@@ -1758,9 +1942,17 @@ class _Steering:
 
     def open(self) -> List[socket.socket]:
         """A new generation's sockets, one per address; OSError if the kernel refuses."""
+        if self.off is not None:
+            raise OSError(errno.EPIPE, self.off)
         sockets: List[socket.socket] = []
+        if self.helper is not None:
+            try:
+                sockets = self.helper.make(len(self.anchors))
+            except _HelperGone as e:
+                self._lose_helper(f"socket helper {self.helper.pid} {e}")
+                raise OSError(errno.EPIPE, self.off) from None
         try:
-            for anchor in self.anchors:
+            for anchor in self.anchors[len(sockets):]:
                 sockets.append(_listen_beside(anchor, self.backlog))
         except BaseException:
             for sock in sockets:
@@ -1812,10 +2004,32 @@ class _Steering:
     def inodes(self) -> set:
         return {inode for group in self.groups for inode in group}
 
+    def reaped(self, pid: int, status: int) -> bool:
+        """Whether a process reaped was the socket helper (then gone: one line,
+        unless it was abandoned and said so already)."""
+        if self.helper is None or pid != self.helper.pid:
+            return False
+        self.helper.pid = None
+        if self.off is None:
+            self._lose_helper(f"socket helper {pid} {_describe_status(status)}")
+        self.helper.abandon()
+        self.helper = None
+        return True
+
+    def _lose_helper(self, what: str) -> None:
+        """No socket helper from now on: restarts share the serving generation's sockets."""
+        self.off = f"--user: {what}"
+        _log.warning("%s: new generations share the serving one's listening sockets from now "
+                     "on (an old server may take new connections until it stops)", what)
+        self.helper.abandon()
+
     def close(self) -> None:
         for sock in self.retired:
             sock.close()
         self.retired = []
+        if self.helper is not None:
+            self.helper.stop()
+            self.helper = None
 
     def prune(self) -> None:
         """Let go of the retired sockets whose leaving moves nothing steered
@@ -1995,8 +2209,14 @@ _GENERATION_STATE = _fields(
     backoff=_table(float), quick_deaths=_table(int), sockets=_SOCKETS, look_at=_LATER,
     quiet_at=_LATER, quiet_limit=_LATER, probation_until=_LATER, hung=_LATER_FLAG,
     backlog_seen=_COUNT, stalled_since=_LATER)
+_HELPER = _Kind(lambda helper, keep: None if helper is None else [helper.pid,
+                                                                   keep(helper.channel)],
+                _optional(lambda pair: [int(pair[0]), _optional(int)(pair[1])]),
+                lambda pair, refs: None if pair is None else _SocketHelper(
+                    pair[0], _adopt_socket(pair[1])), missing=None)
 _STEERING_STATE = _fields(groups=_GROUPS, targets=_INODES, ghosts=_INODES, retired=_SOCKETS,
-                          anchors_idle=_LATER_FLAG, anchors_out=_LATER_FLAG)
+                          anchors_idle=_LATER_FLAG, anchors_out=_LATER_FLAG, helper=_HELPER,
+                          off=_TEXT)
 _QUEUE_STATE = _fields(
     waiting=_FDS, take_back=_CHILDREN, deferred=_CHILDREN, accept_paused_until=_NUMBER,
     forwarded=_INT, spill=_SOCKETS, spilled=_counts(missing=()))
@@ -2213,6 +2433,8 @@ class _Supervisor:
         pids = set(self._children)
         if self._upgrade is not None:
             pids.add(self._upgrade["pid"])
+        if self._steering is not None and self._steering.helper is not None:
+            pids.add(self._steering.helper.pid)     # holds a socket it makes, for an instant
         return pids
 
     @property
@@ -2467,6 +2689,8 @@ class _Supervisor:
             if self._upgrade is not None and pid == self._upgrade["pid"]:
                 self._upgrade_checked(status)
                 continue
+            if self._steering is not None and self._steering.reaped(pid, status):
+                continue
             child = self._children.pop(pid, None)
             if child is not None:
                 self._exited(child, status)
@@ -2557,7 +2781,8 @@ class _Supervisor:
             "forwarded": self.forwarded, "restarts": self.restarts,
             "failed": self.failed_restarts, "crashes": self.crashes,
             "hangs_replaced": self.hangs_replaced,
-            "failed_replacements": self.failed_replacements}
+            "failed_replacements": self.failed_replacements,
+            "steering_off": self._steering.off if steering else None}
 
     def _counts(self) -> Optional[dict]:
         """The per-connection figures, forwarding only: connections accepted
@@ -5228,7 +5453,9 @@ def _status_document(pid: int, pid_file: str, record: dict,
         "daemon": {"pid": pid, "version": daemon.get("version"),
                    "handoff": daemon.get("handoff"),
                    "uptime_seconds": ago(daemon.get("started"))},
-        "steering": daemon.get("steering"),
+        # Steering lost while running (its socket helper gone) says so in the status.
+        "steering": ({"active": False, "fallback_reason": status["steering_off"]}
+                     if status.get("steering_off") else daemon.get("steering")),
         "listeners": [{"address": address, "queued": queued([inode] if inode else None)}
                       for address, inode in listeners],
         "workers": {"ready": status.get("ready", len(status.get("serving", ()))),
@@ -5845,6 +6072,8 @@ def _serve(opts: argparse.Namespace) -> None:
                 if inherited and inherited["pid_file"] else
                 _PidFile(opts.pid_file) if opts.pid_file else None)
     launcher = notifier = state_file = None
+    helper: Optional[_SocketHelper] = None     # --user in activation mode (a root process)
+    helper_error: Optional[str] = None
     listeners: List[socket.socket] = []
     made: List[tuple] = []          # Unix sockets we created, to remove at exit
     try:
@@ -5871,6 +6100,9 @@ def _serve(opts: argparse.Namespace) -> None:
             pid_file.write(os.getpid())
             state_file = _StateFile(pid_file.path)
         _become_subreaper()     # imports ctypes: before --user may lose access to it
+        if (user is not None and os.geteuid() == 0
+                and _why_not_steer(opts, activated) is None):
+            helper, helper_error = _start_helper(listeners, opts.backlog)
         if user is not None:
             _drop_privileges(*user)
         if os.environ.get("NOTIFY_SOCKET"):
@@ -5883,7 +6115,8 @@ def _serve(opts: argparse.Namespace) -> None:
         else:
             _log.info("listening on %s%s", ", ".join(map(_format_address, listeners)),
                       " (socket activation)" if activated else "")
-        steering, steering_off = _steering_for(opts, activated, listeners, inherited)
+        steering, steering_off = _steering_for(opts, activated, listeners, inherited,
+                                               helper, helper_error)
         nofile = inherited.get("nofile") if inherited else _raise_nofile()
         # Activation needs steering for it; listener mode has none.
         probation = (opts.probation if steering is not None or opts.handoff == "forward"
@@ -5941,6 +6174,8 @@ def _serve(opts: argparse.Namespace) -> None:
                 sink.on_event("failed", str(e))
         raise
     finally:
+        if helper is not None:
+            helper.stop()       # the steering's, stopped already if the supervisor ran
         for sock in listeners:
             sock.close()
         _remove_unix_paths(made)
@@ -5978,16 +6213,25 @@ def _why_not_steer(opts: argparse.Namespace, activated: bool) -> Optional[str]:
         return "systemd passed the sockets"
     if any(kind == "unix" for kind, _, _ in opts.binds):
         return "a unix: address"
-    if opts.user:
-        return "--user: the daemon, no longer root, could not join root's sockets"
     return None
 
 
+def _start_helper(listeners: List[socket.socket], backlog: int) -> tuple:
+    """--user in activation mode, still root: (the socket helper, None), or
+    (None, why it could not be started)."""
+    try:
+        return _SocketHelper.start(listeners, backlog), None
+    except OSError as e:
+        return None, f"--user: cannot start the socket helper that keeps root: {e.strerror}"
+
+
 def _steering_for(opts: argparse.Namespace, activated: bool, listeners: List[socket.socket],
-                  inherited: Optional[dict]) -> tuple:
-    """Activation mode: a _Steering over the daemon's sockets, or None (and
-    one line saying what is lost) where the setup or the kernel refuses;
-    and why not (None: steering, or not activation mode)."""
+                  inherited: Optional[dict], helper: Optional[_SocketHelper] = None,
+                  helper_error: Optional[str] = None) -> tuple:
+    """Activation mode: a _Steering over the daemon's sockets (with the
+    socket helper --user started, which it then owns), or None (and one
+    line saying what is lost) where the setup or the kernel refuses; and
+    why not (None: steering, or not activation mode)."""
     if inherited is not None:       # as the code before the upgrade had it
         if inherited["supervisor"].get("steering"):
             return _Steering(listeners, opts.backlog, attach=False), None
@@ -5996,10 +6240,14 @@ def _steering_for(opts: argparse.Namespace, activated: bool, listeners: List[soc
     if why == "":
         return None, None
     if why is None:
+        why = helper_error
+    if why is None:
         try:
-            steering = _Steering(listeners, opts.backlog)
+            steering = _Steering(listeners, opts.backlog, helper=helper)
         except OSError as e:
             why = f"the kernel refused the steering program: {e.strerror}"
+            if helper is not None:
+                helper.stop()
         else:
             _log.info("each generation listens on sockets of its own; new connections go to "
                       "the serving one's (SO_REUSEPORT, BPF); %s", "what waits on a generation "

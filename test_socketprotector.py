@@ -725,8 +725,9 @@ class Daemon:
     """socketprotector in the foreground, in its own session, on 127.0.0.1:0."""
 
     def __init__(self, test, *options, command=None, env=None, preexec_fn=None, prefix=(),
-                 bind="127.0.0.1", cwd=None, script=DAEMON, port="0"):
-        """port: PORT, or None when every --bind in options names its own."""
+                 bind="127.0.0.1", cwd=None, script=DAEMON, port="0", python=sys.executable):
+        """port: PORT, or None when every --bind in options names its own;
+        python: the interpreter that runs it (one --user can run, to upgrade)."""
         self.test = test
         command = command or [sys.executable, test.app]
         if "--pid-file" in options:
@@ -736,7 +737,7 @@ class Daemon:
             test.daemons = getattr(test, "daemons", 0) + 1
             self.pid_file = os.path.join(test.tmp, f"daemon-{test.daemons}.pid")
             options = ("--pid-file", self.pid_file, *options)
-        argv = [*prefix, sys.executable, script, "-f", *(["--bind", bind] if bind else []),
+        argv = [*prefix, python, script, "-f", *(["--bind", bind] if bind else []),
                 *test.OPTIONS, *options, *([port] if port else []), "--", *command]
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -5902,6 +5903,130 @@ class PrivilegeTest(ProtectorTestCase):
         self.assertEqual(proc.wait(TIMEOUT), 0)
         # nobody may not unlink in a root-owned directory: the file is emptied instead
         self.assertEqual(os.path.getsize(pid_file) if os.path.exists(pid_file) else 0, 0)
+
+
+    def activated_as_nobody(self, *options, port="0", script=DAEMON):
+        """As root with --user nobody, in activation mode, serving
+        ACTIVATED_APP with steering on: (daemon, first child, the pid of its
+        socket helper).  The daemon runs on the system's python: as nobody it
+        imports modules later (tempfile) and execs itself (an upgrade),
+        which an interpreter under /root (pyenv's) would refuse."""
+        run = os.path.join(self.tmp, "run")
+        if not os.path.isdir(run):      # a second daemon in the same test uses it too
+            self.service_user_dir()
+        os.chmod(self.tmp, 0o755)
+        ActivationTest.use_activated_app(self)
+        os.chmod(self.app, 0o644)
+        if not os.path.exists(self.SYSTEM_PYTHON) or not all(
+                os.stat(d).st_mode & 0o001 for p in (HERE, self.tmp) for d in _ancestors(p)):
+            self.skipTest("no python and test files that user nobody can reach")
+        self.env["TMPDIR"] = run        # the servers' notification sockets, made as nobody
+        daemon = Daemon(self, "--handoff", "activation", "--user", "nobody", *options,
+                        command=[self.SYSTEM_PYTHON, self.app], port=port, script=script,
+                        python=self.SYSTEM_PYTHON)
+        first = daemon.serving()
+        self.assertEqual(daemon.count(r"each generation listens on sockets of its own"), 1,
+                         daemon.log())
+        helper = int(daemon.wait_line(r"socket helper (\d+) started").group(1))
+        self.addCleanup(lambda: alive(helper) and os.kill(helper, signal.SIGKILL))
+        self.assertEqual(daemon.status_document()["steering"],
+                         {"active": True, "fallback_reason": None})
+        return daemon, first, helper
+
+    def assertOwnSocket(self, daemon, new, old):
+        """The new server listens on a socket of its own (not the one old, a
+        server's fd 3 read while it served, names), which every new
+        connection reaches: what the new server's fd 3 names."""
+        link = os.readlink(f"/proc/{new}/fd/3")
+        self.assertNotEqual(link, old, daemon.log())
+        self.assertEqual({served_by(daemon.port) for _ in range(10)}, {new}, daemon.log())
+        return link
+
+    def test_steering_with_user_under_load(self):
+        """Activation with --user nobody, on an ephemeral port and on a
+        privileged one: each restart's server listens on a socket of its own
+        (the socket helper, root, made it: nobody could neither join root's
+        group nor bind below 1024), and no session fails across the restarts
+        (it fell back to one shared socket)."""
+        low = next((p for p in range(900, 1000) if _port_free(p)), None)
+        for port in ("0", low):
+            with self.subTest(port=port):
+                if port is None:
+                    self.skipTest("no free port in 900..999")
+                daemon, first, _ = self.activated_as_nobody(
+                    "--probation", "0.2", "--quiet-period", "0.1", port=str(port))
+                link = os.readlink(f"/proc/{first}/fd/3")
+                load = Load(daemon.port, threads=4)
+                self.addCleanup(load.stop)
+                load.wait_for(20)
+                for _ in range(3):
+                    link = self.assertOwnSocket(daemon, daemon.restart(), link)
+                    load.wait_for(20)
+                load.stop()
+                self.assertEqual(load.failures, [], daemon.log())
+                daemon.signal(signal.SIGTERM)
+                self.assertEqual(daemon.wait(), 0, daemon.log())
+
+    def test_the_socket_helper_holds_nothing_else_and_ends_with_the_daemon(self):
+        """The socket helper (root, named sp-sock-helper) holds its channel
+        and /dev/null on 0-2, nothing else, before and after making a
+        restart's socket (none kept: it would stay in the group); it is
+        gone once the daemon stops, and exits when the daemon is SIGKILLed."""
+        for how in ("stop", "SIGKILL"):
+            with self.subTest(how=how):
+                daemon, first, helper = self.activated_as_nobody()
+                with open(f"/proc/{helper}/status") as f:
+                    status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+                self.assertEqual((status["Name"], status["Uid"].split()[0]),
+                                 ("sp-sock-helper", "0"))
+                link = os.readlink(f"/proc/{first}/fd/3")
+                for _ in range(2):
+                    links = {int(fd): os.readlink(f"/proc/{helper}/fd/{fd}")
+                             for fd in os.listdir(f"/proc/{helper}/fd")}
+                    self.assertEqual(sorted(links), [0, 1, 2, 3], links)
+                    self.assertEqual({links[fd] for fd in (0, 1, 2)}, {"/dev/null"}, links)
+                    self.assertRegex(links[3], r"^socket:")
+                    link = self.assertOwnSocket(daemon, daemon.restart(), link)
+                if how == "stop":
+                    daemon.signal(signal.SIGTERM)
+                    self.assertEqual(daemon.wait(), 0, daemon.log())
+                    self.assertIsNone(proc_stat(helper), "the helper was not reaped")
+                else:
+                    daemon.signal(signal.SIGKILL)
+                    wait_until(lambda: not alive(helper), "the helper to exit with the daemon")
+
+    def test_an_upgrade_carries_the_socket_helper(self):
+        """An upgrade in place with --user nobody: the new code takes the
+        socket helper over, and a restart after it still gives the new
+        server a socket of its own."""
+        script = os.path.join(self.tmp, "socketprotector.py")
+        shutil.copy(DAEMON, script)
+        os.chmod(script, 0o644)
+        daemon, first, helper = self.activated_as_nobody(script=script)
+        link = os.readlink(f"/proc/{first}/fd/3")
+        code, lines = self.run_protector("--upgrade", "--pid-file", daemon.pid_file,
+                                         timeout=TIMEOUT * 4)
+        self.assertEqual((code, lines), (0, []), daemon.log())
+        self.assertOwnSocket(daemon, daemon.restart(), link)
+        self.assertTrue(alive(helper))
+        self.assertEqual(daemon.status_document()["steering"],
+                         {"active": True, "fallback_reason": None})
+        self.assertEqual(daemon.count(r"socket helper|cannot open"), 1, daemon.log())
+
+    def test_a_socket_helper_gone_is_said_and_restarts_share_the_socket(self):
+        """The socket helper killed: one line says so, the status says
+        steering is off and why, and the next restart shares the serving
+        server's socket and succeeds."""
+        daemon, first, helper = self.activated_as_nobody()
+        os.kill(helper, signal.SIGKILL)
+        daemon.wait_line(rf"socket helper {helper} killed by SIGKILL: new generations share "
+                         r"the serving one's listening sockets from now on")
+        reason = f"--user: socket helper {helper} killed by SIGKILL"
+        wait_until(lambda: daemon.status_document()["steering"] ==
+                   {"active": False, "fallback_reason": reason}, "the status to say why")
+        link = os.readlink(f"/proc/{first}/fd/3")
+        second = daemon.restart()
+        self.assertEqual(os.readlink(f"/proc/{second}/fd/3"), link)
 
 
 def _ancestors(path):
