@@ -5572,6 +5572,29 @@ class ActivationUpgradeTest(UpgradeTest):
         super().setUp()
         ActivationTest.use_activated_app(self)
 
+    def test_a_share_under_way_survives_an_upgrade(self):
+        """An upgrade while the new generation, ready by READY=1 alone, gets
+        1 in 16 new connections: the new code keeps the share (the status
+        says so, and the old server still answers most new connections),
+        and ends it when the probation ends, when the old server stops."""
+        daemon = Daemon(self, "--probation", "5", script=self.script)
+        first = daemon.serving()
+        self.set_flag("SP_TEST_UNSEEN")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        second = int(daemon.wait_line(r"child (\d+) ready by READY=1 alone: it gets 1 in 16",
+                                      mark).group(1))
+        self.assertEqual(self.upgrade(daemon), (0, []))
+        daemon.wait_line(r"socketprotector \S+ took over from", mark)
+        self.assertEqual([(c["pid"], c["share"]) for c in daemon.status_document()["children"]],
+                         [(first, "15/16"), (second, "1/16")])
+        served = [served_by(daemon.port) for _ in range(32)]
+        self.assertGreater(served.count(first), 16, served)
+        daemon.wait_line(rf"child {second} was not seen accepting before its probation ended",
+                         mark)
+        daemon.wait_line(rf"^stopped by SIGTERM pid {first}$", mark)
+        self.assertEqual({served_by(daemon.port) for _ in range(5)}, {second})
+
 
 class PrivilegeTest(ProtectorTestCase):
     SYSTEM_PYTHON = "/usr/bin/python3"      # outside /root, so "nobody" can run it
