@@ -163,6 +163,12 @@ _POLL_SYSCALLS = {"x86_64": (7, 271), "aarch64": (73,), "arm64": (73,), "riscv64
 _QUIET_MAX = 10.0          # a backlog not drained by then is not going to be
 _SO_ATTACH_REUSEPORT_CBPF = 51
 _BPF_RET_K = 0x06          # BPF_RET | BPF_K: "return the constant k"
+_BPF_LD_W_ABS = 0x20       # BPF_LD | BPF_W | BPF_ABS: "A = the word at k" (or an extension)
+_BPF_JSET_K = 0x45         # BPF_JMP | BPF_JSET | BPF_K: "if A & k: skip jt, else jf"
+_SKF_AD_RANDOM = (-0x1000 + 56) & 0xFFFFFFFF    # SKF_AD_OFF + SKF_AD_RANDOM: a random word
+# Activation: a generation ready by READY=1 alone (never seen waiting) gets
+# one new connection in this many (a power of two) until it is seen accepting.
+_SHARE = 16
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -944,8 +950,13 @@ class _Generation:
         self.quiet_limit: Optional[float] = None
         self.probation_until: Optional[float] = None     # serving, its predecessor kept
         self.hung = False       # left its connections unaccepted: ended once replaced
-        # --hang-timeout, listener and activation modes, once replaced: its
-        # backlog at the last look, and since when none of it was accepted.
+        # Its backlog at the last look: while it serves with a share of new
+        # connections (unproven: ready by READY=1 alone, it gets one in
+        # _SHARE, its predecessor the rest, until seen accepting; look_at is
+        # then when to look next), or, --hang-timeout in listener and
+        # activation modes, once replaced (with since when none of it was
+        # accepted).
+        self.unproven = False
         self.backlog_seen = 0
         self.stalled_since: Optional[float] = None
 
@@ -1930,6 +1941,10 @@ class _Steering:
         self.groups: List[List[int]] = [[_inode(sock)] for sock in anchors]
         self.targets: List[int] = [group[0] for group in self.groups]   # steered to, per group
         self.steered: List[socket.socket] = list(anchors)   # those sockets, held by the daemon
+        # While the one steered to gets only a share (1 in _SHARE): per group,
+        # the socket that gets the rest (the generation before it: the
+        # supervisor's fallback, whose sockets it holds till the share ends).
+        self.previous: Optional[List[int]] = None
         self.retired: List[socket.socket] = []   # let go of when that moves nothing steered to
         self.ghosts: List[int] = []
         # The anchors' generation is gone (idle), and they have left their
@@ -1962,11 +1977,19 @@ class _Steering:
             group.append(_inode(sock))
         return sockets
 
-    def steer(self, sockets: Optional[List[socket.socket]]) -> None:
-        """Every new connection to the given sockets (None: the daemon's own)."""
+    def steer(self, sockets: Optional[List[socket.socket]],
+              previous: Optional[List[socket.socket]] = None) -> None:
+        """Every new connection to the given sockets (None: the daemon's own);
+        with previous, only one in _SHARE, and the rest to those."""
         self.steered = list(sockets or self.anchors)
         self.targets = [_inode(sock) for sock in self.steered]
+        self.previous = None if previous is None else [_inode(sock) for sock in previous]
         self.attach()
+
+    def _steered_to(self, g: int) -> tuple:
+        """The sockets of group g that new connections go to: none may move."""
+        return (self.targets[g],) if self.previous is None else (self.targets[g],
+                                                                 self.previous[g])
 
     def release(self, sockets: List[socket.socket]) -> None:
         """A generation is gone: its sockets leave their groups, in time (prune())."""
@@ -2043,7 +2066,7 @@ class _Steering:
                 self.retired.remove(sock)
                 sock.close()
                 continue
-            if self.groups[g][-1] == self.targets[g] and len(self.groups[g]) > 2:
+            if self.groups[g][-1] in self._steered_to(g) and len(self.groups[g]) > 2:
                 continue        # the socket steered to would take its place (alone, it
                                 # gets everything the program's stale index sends on)
             self.retired.remove(sock)
@@ -2052,8 +2075,8 @@ class _Steering:
             self.ghosts.append(inode)
             self._settle()
         if (self.anchors_idle and not self.anchors_out
-                and all(group[-1] != target or len(group) <= 2
-                        for group, target in zip(self.groups, self.targets))):
+                and all(group[-1] not in self._steered_to(g) or len(group) <= 2
+                        for g, group in enumerate(self.groups))):
             for sock, group in zip(self.anchors, self.groups):
                 self._let_go_of(sock)
                 try:
@@ -2086,26 +2109,35 @@ class _Steering:
         moved = False
         for inode in [g for g in self.ghosts if g not in listening]:
             self.ghosts.remove(inode)
-            for group, target in zip(self.groups, self.targets):
+            for g, group in enumerate(self.groups):
                 if inode in group:
                     i = group.index(inode)
-                    moved = moved or group[-1] == target
+                    moved = moved or group[-1] in self._steered_to(g)
                     group[i] = group[-1]
                     group.pop()
         if moved:
             self.attach()       # only a ghost that left late can have moved it
 
     def attach(self) -> None:
-        _log.debug("steering: group members (inodes) %s; new connections to %s", self.groups,
-                   self.targets)
+        _log.debug("steering: group members (inodes) %s; new connections to %s%s", self.groups,
+                   self.targets, "" if self.previous is None else
+                   f", 1 in {_SHARE} (the rest to {self.previous})")
         # Through the socket steered to: the daemon holds it as long as it serves.
-        for sock, group, target in zip(self.steered, self.groups, self.targets):
+        for g, (sock, group, target) in enumerate(zip(self.steered, self.groups, self.targets)):
             if sock.fileno() < 0:
                 continue        # shutting down: closed already
-            code = array.array("B", struct.pack("=HBBI", _BPF_RET_K, 0, 0, group.index(target)))
+            program = [(_BPF_RET_K, 0, 0, group.index(target))]
+            if self.previous is not None:
+                # A random word (prandom: loopback and any NIC alike); its low
+                # bits all clear one time in _SHARE: the new socket, else the old.
+                program = [(_BPF_LD_W_ABS, 0, 0, _SKF_AD_RANDOM),
+                           (_BPF_JSET_K, 1, 0, _SHARE - 1),
+                           *program,
+                           (_BPF_RET_K, 0, 0, group.index(self.previous[g]))]
+            code = array.array("B", b"".join(struct.pack("=HBBI", *op) for op in program))
             address, _ = code.buffer_info()
             sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF,
-                            struct.pack("@HP", 1, address))
+                            struct.pack("@HP", len(program), address))
 
 
 # ---------------------------------------------------------------------------
@@ -2208,7 +2240,7 @@ _GENERATION_STATE = _fields(
     number=_INT, serving=_FLAG, slots=_SLOTS, respawn_at=_table(float),
     backoff=_table(float), quick_deaths=_table(int), sockets=_SOCKETS, look_at=_LATER,
     quiet_at=_LATER, quiet_limit=_LATER, probation_until=_LATER, hung=_LATER_FLAG,
-    backlog_seen=_COUNT, stalled_since=_LATER)
+    unproven=_LATER_FLAG, backlog_seen=_COUNT, stalled_since=_LATER)
 _HELPER = _Kind(lambda helper, keep: None if helper is None else [helper.pid,
                                                                    keep(helper.channel)],
                 _optional(lambda pair: [int(pair[0]), _optional(int)(pair[1])]),
@@ -2216,7 +2248,11 @@ _HELPER = _Kind(lambda helper, keep: None if helper is None else [helper.pid,
                     pair[0], _adopt_socket(pair[1])), missing=None)
 _STEERING_STATE = _fields(groups=_GROUPS, targets=_INODES, ghosts=_INODES, retired=_SOCKETS,
                           anchors_idle=_LATER_FLAG, anchors_out=_LATER_FLAG, helper=_HELPER,
-                          off=_TEXT)
+                          off=_TEXT,
+                          previous=_Kind(lambda inodes, keep: None if inodes is None
+                                         else list(inodes),
+                                         _optional(lambda inodes: [int(n) for n in inodes]),
+                                         missing=None))
 _QUEUE_STATE = _fields(
     waiting=_FDS, take_back=_CHILDREN, deferred=_CHILDREN, accept_paused_until=_NUMBER,
     forwarded=_INT, spill=_SOCKETS, spilled=_counts(missing=()))
@@ -2510,6 +2546,8 @@ class _Supervisor:
             pending.append(self._queue_watch.look_at)
         if self._serving is not None and self._serving.probation_until is not None:
             pending.append(self._serving.probation_until)
+        if self._serving is not None and self._serving.unproven:
+            pending.append(self._serving.look_at)
         for child in self._children.values():
             if child.deadline is not None:
                 pending.append(child.deadline)
@@ -2578,6 +2616,9 @@ class _Supervisor:
                     _log.warning("child %d still draining after %g s; stopping it",
                                  child.pid, self._drain_timeout)
                     self._terminate(child)
+        if (self._serving is not None and self._serving.unproven
+                and now >= self._serving.look_at):
+            self._look_at_unproven(self._serving, now)
         if (self._serving is not None and self._serving.probation_until is not None
                 and now >= self._serving.probation_until):
             self._probation_passed(now)
@@ -2757,11 +2798,14 @@ class _Supervisor:
         turn of the loop, so each child is a list: [pid, worker, generation,
         state, started, ready_at, retired_at, ready_by, probation, cwd, the
         inodes of the listening sockets it accepts from, when they are its
-        generation's own (steering), else None].  The status reader
+        generation's own (steering), else None, share: the part of new
+        connections it gets while its generation or the next is unproven
+        ("1/16", "15/16"), else None].  The status reader
         (_status_document) gives it its documented form."""
         serving, fallback = self._serving, self._fallback
         on_probation = serving is not None and serving.probation_until is not None
         steering = self._steering is not None
+        unproven = serving is not None and serving.unproven
         children = []
         for c in sorted(self._children.values(), key=lambda c: (c.generation.number, c.index)):
             generation = c.generation
@@ -2769,9 +2813,11 @@ class _Supervisor:
                          "fallback" if generation is fallback else None)
             sockets = ([_inode(sock) for sock in generation.sockets or self._queue.sockets()
                         if sock.fileno() >= 0] if steering else None)
+            share = (None if not unproven else f"1/{_SHARE}" if generation is serving else
+                     f"{_SHARE - 1}/{_SHARE}" if generation is fallback else None)
             children.append([c.pid, c.index, generation.number, c.state.value, _ns(c.started),
                              _ns(c.ready_at), _ns(c.retired_at), c.ready_by, probation, c.cwd,
-                             sockets])
+                             sockets, share])
         return {
             "listeners": [[listener.address, listener.inode]
                           for listener in self._queue.listeners],
@@ -3042,9 +3088,16 @@ class _Supervisor:
         self._starting = None
         self._serving = generation
         generation.serving = True
+        # Ready by READY=1 alone, it has not shown that anyone accepts: it
+        # gets a share until it does, while the old one (kept for a rollback
+        # anyway) serves the rest.
+        share = (self._steering is not None and old is not None and not old.hung
+                 and self._probation > 0 and bool(old.ready())
+                 and any(c.ready_by == "notify" for c in generation.children()))
         if self._steering is not None:
             try:
-                self._steering.steer(generation.sockets)
+                self._steering.steer(generation.sockets, (old.sockets or self._steering.anchors)
+                                     if share else None)
             except OSError as e:
                 _log.error("cannot steer new connections to the new generation: %s", e.strerror)
             self._prune()
@@ -3082,6 +3135,15 @@ class _Supervisor:
                           if probation else "")
             else:
                 _log.info("%s ready, serving", new)
+            if share and probation:
+                generation.unproven = True
+                generation.look_at = time.monotonic()
+                generation.backlog_seen = 0
+                _log.info("%s ready by READY=1 alone: it gets 1 in %d new connections, %s the "
+                          "rest, until it is seen accepting (at the latest when its probation "
+                          "ends)", new, _SHARE, self._describe(retiring))
+            elif share:
+                self._steer_fully(generation)
         else:
             _log.info("%s ready, serving", new)
         detail = self._serving_detail()
@@ -3125,6 +3187,9 @@ class _Supervisor:
         """The new generation served its probation: the old one may retire."""
         generation, old = self._serving, self._fallback
         generation.probation_until = None
+        if generation.unproven:
+            self._share_ended(generation, "was not seen accepting before its probation ended "
+                              "(nothing waited for it long enough to be seen taken)")
         self._fallback = None
         self.restarts += 1
         if old is not None:
@@ -3143,6 +3208,8 @@ class _Supervisor:
         never told to stop), and the new one is stopped."""
         new, old = self._serving, self._fallback
         new.probation_until = None
+        if new.unproven:
+            self._share_ended(new, "is rolled back", steer=False)
         self._fallback = None
         self._serving = old
         old.serving = True
@@ -3173,6 +3240,52 @@ class _Supervisor:
         if self._restart_again:
             self._restart_again = False
             self._request_restart()
+
+    def _share_from(self) -> Optional[List[socket.socket]]:
+        """Steering: the sockets that get the rest of new connections while
+        the serving generation gets a share (None: it gets them all)."""
+        if self._serving is None or not self._serving.unproven or self._fallback is None:
+            return None
+        return self._fallback.sockets or self._steering.anchors
+
+    def _look_at_unproven(self, generation: _Generation, now: float) -> None:
+        """A generation ready by READY=1 alone shows that it accepts when
+        connections seen waiting on its socket are gone (nothing else takes
+        them from a socket that still listens), or when it is seen waiting
+        on it after all (a server whose workers were still loading)."""
+        generation.look_at = now + _QUIET_LOOK
+        if self._stopping:
+            return
+        waiting = sum(_backlog_length(sock) or 0 for sock in generation.sockets or ())
+        how = None
+        if waiting < generation.backlog_seen:
+            how = (f"took {_plural(generation.backlog_seen - waiting, 'connection')} seen "
+                   f"waiting on its socket")
+        else:
+            seen = next(filter(None, map(self._seen_waiting, generation.ready())), None)
+            if seen is not None:
+                how = f"is seen waiting on its socket ({seen})"
+        generation.backlog_seen = waiting
+        if how is not None:
+            self._share_ended(generation, how)
+
+    def _share_ended(self, generation: _Generation, why: str, steer: bool = True) -> None:
+        """Its share of new connections ends: it gets them all (steer), or
+        none (a rollback steers them back)."""
+        generation.unproven = False
+        generation.look_at = None
+        generation.backlog_seen = 0
+        children = generation.children()      # none left: the one that died, rolled back
+        _log.info("%s %s: %s", self._describe(children) if children else "the new generation",
+                  why, "every new connection goes to it now" if steer else "its share ends")
+        if steer:
+            self._steer_fully(generation)
+
+    def _steer_fully(self, generation: _Generation) -> None:
+        try:
+            self._steering.steer(generation.sockets)
+        except OSError as e:
+            _log.error("cannot steer new connections to the new generation: %s", e.strerror)
 
     def _retire_generation(self, generation: _Generation) -> None:
         """The serving generation has been replaced.  Steered away from (its
@@ -3513,6 +3626,10 @@ class _Supervisor:
         never got ready or keeps crashing soon after it does; while shutting
         down, never."""
         generation = child.generation
+        if (generation is self._fallback and self._serving is not None
+                and self._serving.unproven):
+            self._share_ended(self._serving, f"no longer shares new connections with "
+                              f"{self._name(child)}, kept for a rollback, which {what}")
         if not generation.vacate(child):
             return False
         self._update_takers()
@@ -3903,7 +4020,8 @@ class _Supervisor:
         queue.restored()
         if self._steering is not None and loaded["steering"] is not None:
             _adopt(self._steering, loaded["steering"], _STEERING_STATE, refs)
-            self._steering.steer(self._serving.sockets if self._serving is not None else None)
+            self._steering.steer(self._serving.sockets if self._serving is not None else None,
+                                 self._share_from())
         self._update_takers()
         for child in list(queue.deferred):
             queue.check_holders(child)      # watch anew; taken back if none holds it now
@@ -5382,7 +5500,7 @@ def _become_subreaper() -> None:
 _STATUS_SCHEMA = "socketprotector-status"   # --status --json: what the document is
 _STATUS_VERSION = 2     # its layout (README: "Status as data"): any change raises it
 _SNAPSHOT_CHILD = ("pid", "worker", "generation", "state", "started", "ready_at", "retired_at",
-                   "ready_by", "probation", "cwd", "sockets")     # see _Supervisor.snapshot()
+                   "ready_by", "probation", "cwd", "sockets", "share")  # _Supervisor.snapshot()
 _DRAINING = ("quieting", "retiring", "stopping")
 _READY_BY = {"channel": "receive_connections()", "notify": "READY=1",
              "epoll": "seen waiting in epoll", "accept": "seen waiting in accept()",
@@ -5428,7 +5546,7 @@ def _status_document(pid: int, pid_file: str, record: dict,
         children.append({
             "pid": c["pid"], "worker": c["worker"], "generation": c["generation"],
             "state": c["state"], "ready_by": c["ready_by"], "probation": c["probation"],
-            "cwd": c["cwd"], "uptime_seconds": ago(c["started"]),
+            "share": c.get("share"), "cwd": c["cwd"], "uptime_seconds": ago(c["started"]),
             "ready_seconds_ago": ago(c["ready_at"]),
             "retired_seconds_ago": ago(c["retired_at"]),
             "connections_sent": figures[0] if figures else None,
@@ -5488,6 +5606,9 @@ def _format_status(doc: dict) -> str:
             said.append("on probation" + (f", {left:.0f} s left" if left is not None else ""))
         elif child["probation"] == "fallback":
             said.append("kept for a rollback")
+        if child["share"]:
+            said.append(f"gets {child['share']} of new connections" + (
+                " until seen accepting" if child["probation"] == "on_probation" else ""))
         return f" ({'; '.join(said)})" if said else ""
 
     def listing(states, since: str, key: str) -> str:
