@@ -6225,6 +6225,9 @@ def _serve(opts: argparse.Namespace) -> None:
                 and _why_not_steer(opts, activated) is None):
             helper, helper_error = _start_helper(listeners, opts.backlog)
         if user is not None:
+            if opts.handoff == "activation":
+                import tempfile     # noqa: F401 for _notify_address(): as the user,
+                                    # the interpreter's own files may be out of reach
             _drop_privileges(*user)
         if os.environ.get("NOTIFY_SOCKET"):
             notifier = _SystemdNotifier(os.environ["NOTIFY_SOCKET"])

@@ -6013,6 +6013,30 @@ class PrivilegeTest(ProtectorTestCase):
         self.assertEqual(os.path.getsize(pid_file) if os.path.exists(pid_file) else 0, 0)
 
 
+    def test_activation_as_nobody_on_an_interpreter_nobody_may_read(self):
+        """--user nobody in activation mode, the daemon run by an interpreter
+        whose files nobody may read (pyenv's, under /root): it has loaded
+        all it needs before the drop, so its first server starts and serves
+        (under 3.9 it imported tempfile for the notification directory only
+        after it: 'No module named tempfile')."""
+        if os.geteuid() != 0:
+            self.skipTest("needs root")
+        ActivationTest.use_activated_app(self)
+        os.chmod(self.tmp, 0o755)
+        os.chmod(self.app, 0o644)
+        if not os.path.exists(self.SYSTEM_PYTHON) or not all(
+                os.stat(d).st_mode & 0o001 for p in (HERE, self.tmp) for d in _ancestors(p)):
+            self.skipTest("no python and test files that user nobody can reach")
+        del self.env["SP_TEST_RECORD"]        # nobody cannot create it here
+        port = free_port()
+        proc = self.start_session(
+            [sys.executable, DAEMON, "-f", "--user", "nobody", "--handoff", "activation",
+             "--bind", "127.0.0.1", str(port), "--", self.SYSTEM_PYTHON, self.app])
+        child = wait_until(lambda: served_by_or_none(port), f"a child to serve on port {port}")
+        self.assertEqual(proc_stat(child)[1], proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+
     def activated_as_nobody(self, *options, port="0", script=DAEMON):
         """As root with --user nobody, in activation mode, serving
         ACTIVATED_APP with steering on: (daemon, first child, the pid of its
