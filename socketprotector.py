@@ -1617,21 +1617,34 @@ def _ns(seconds: Optional[float]) -> Optional[int]:
     return int(seconds * 1e9) if seconds else None
 
 
-def _listening_backlogs() -> dict:
-    """{inode: connections waiting to be accepted} for every TCP socket
-    listening in this network namespace (a LISTEN line's rx_queue).
-    /proc/net/tcp* lists the listening sockets first: the rest is not read."""
-    found = {}
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+def _tcp_sockets(families=(socket.AF_INET, socket.AF_INET6),
+                 listening_only: bool = False) -> Iterator[tuple]:
+    """(family, fields of its line) for each TCP socket of this network
+    namespace, from /proc/net/tcp and tcp6 (one unreadable: none of it).
+    listening_only: the LISTEN lines, which come first; no more is read."""
+    for family, path in ((socket.AF_INET, "/proc/net/tcp"), (socket.AF_INET6, "/proc/net/tcp6")):
+        if family not in families:
+            continue
         try:
             with open(path) as f:
                 next(f, None)
                 for line in f:
-                    fields = line.split()
-                    if len(fields) <= 9 or fields[3] != "0A":
+                    fields = line.split(None, 10)
+                    if listening_only and (len(fields) < 10 or fields[3] != "0A"):
                         break
-                    found[int(fields[9])] = int(fields[4].partition(":")[2], 16)
-        except (OSError, ValueError):
+                    yield family, fields
+        except OSError:
+            pass
+
+
+def _listening_backlogs() -> dict:
+    """{inode: connections waiting to be accepted} for every TCP socket
+    listening in this network namespace (a LISTEN line's rx_queue)."""
+    found = {}
+    for _, fields in _tcp_sockets(listening_only=True):
+        try:
+            found[int(fields[9])] = int(fields[4].partition(":")[2], 16)
+        except ValueError:
             pass
     return found
 
@@ -1677,25 +1690,14 @@ class _QueueWatch:
 
     def _waiting(self) -> set:
         found = set()
-        for family, path in ((socket.AF_INET, "/proc/net/tcp"), (socket.AF_INET6, "/proc/net/tcp6")):
-            ends = [(host, port) for f, host, port in self.ends if f == family]
-            if not ends:
+        for family, fields in _tcp_sockets({family for family, _, _ in self.ends}):
+            # ESTABLISHED or CLOSE_WAIT (the client has sent all and
+            # half-closed), owned by no process: in an accept queue.
+            if len(fields) < 10 or fields[9] != "0" or fields[3] not in ("01", "08"):
                 continue
-            try:
-                with open(path) as f:
-                    next(f, None)
-                    for line in f:
-                        fields = line.split(None, 10)
-                        # ESTABLISHED or CLOSE_WAIT (the client has sent all and
-                        # half-closed), owned by no process: in an accept queue.
-                        if (len(fields) < 10 or fields[9] != "0"
-                                or fields[3] not in ("01", "08")):
-                            continue
-                        host, _, port = fields[1].rpartition(":")
-                        if any(port == p and h in (None, host) for h, p in ends):
-                            found.add((fields[1], fields[2]))
-            except OSError:
-                pass
+            host, _, port = fields[1].rpartition(":")
+            if any(f == family and port == p and h in (None, host) for f, h, p in self.ends):
+                found.add((fields[1], fields[2]))
         return found
 
 
@@ -2811,7 +2813,7 @@ class _Supervisor:
             generation = c.generation
             probation = ("on_probation" if on_probation and generation is serving else
                          "fallback" if generation is fallback else None)
-            sockets = ([_inode(sock) for sock in generation.sockets or self._queue.sockets()
+            sockets = ([_inode(sock) for sock in self._sockets_of(generation)
                         if sock.fileno() >= 0] if steering else None)
             share = (None if not unproven else f"1/{_SHARE}" if generation is serving else
                      f"{_SHARE - 1}/{_SHARE}" if generation is fallback else None)
@@ -2980,7 +2982,7 @@ class _Supervisor:
             notify.close()
             raise _SpawnError(f"cannot start {self._command[0]!r}: notification socket: "
                               f"{e.strerror}") from None
-        listeners = generation.sockets or self._queue.sockets()
+        listeners = self._sockets_of(generation)
         env = self._environment(index)
         env.update(LISTEN_FDS=str(len(listeners)),
                    LISTEN_FDNAMES=":".join(["socketprotector"] * len(listeners)),
@@ -3096,7 +3098,7 @@ class _Supervisor:
                  and any(c.ready_by == "notify" for c in generation.children()))
         if self._steering is not None:
             try:
-                self._steering.steer(generation.sockets, (old.sockets or self._steering.anchors)
+                self._steering.steer(generation.sockets, self._sockets_of(old)
                                      if share else None)
             except OSError as e:
                 _log.error("cannot steer new connections to the new generation: %s", e.strerror)
@@ -3246,7 +3248,7 @@ class _Supervisor:
         the serving generation gets a share (None: it gets them all)."""
         if self._serving is None or not self._serving.unproven or self._fallback is None:
             return None
-        return self._fallback.sockets or self._steering.anchors
+        return self._sockets_of(self._fallback)
 
     def _look_at_unproven(self, generation: _Generation, now: float) -> None:
         """A generation ready by READY=1 alone shows that it accepts when
@@ -3324,7 +3326,7 @@ class _Supervisor:
         empty for the quiet period (or at the latest after _QUIET_MAX); stop
         it at once if it is hung (_quiet_hung())."""
         waiting = 0 if self._forwarding else sum(
-            _backlog_length(sock) or 0 for sock in generation.sockets or self._queue.sockets())
+            _backlog_length(sock) or 0 for sock in self._sockets_of(generation))
         if self._quiet_hung(generation, waiting, now):
             return
         if generation is self._fallback:    # on probation: kept as it is
@@ -3380,8 +3382,8 @@ class _Supervisor:
         if self._steering is not None:
             others = {_inode(sock) for g in (self._serving, self._starting, self._fallback)
                       if g is not None and g is not generation
-                      for sock in g.sockets or self._steering.anchors}
-            self._steering.take_out([sock for sock in generation.sockets or self._steering.anchors
+                      for sock in self._sockets_of(g)}
+            self._steering.take_out([sock for sock in self._sockets_of(generation)
                                      if _inode(sock) not in others])
         for child in [c for c in self._children.values() if c.generation is generation
                       and c.state in (*_LIVE_ROLES, _State.QUIETING)]:
@@ -3729,10 +3731,15 @@ class _Supervisor:
                   self._name(child), "sent READY=1 and is" if child.notified else "is", how)
         self._ready(child, how.partition("(")[0].partition(",")[0])
 
+    def _sockets_of(self, generation: _Generation) -> List[socket.socket]:
+        """The sockets a generation listens on: its own (steering), or the
+        daemon's (the first generation, and all where restarts share them)."""
+        return generation.sockets or self._queue.sockets()
+
     def _seen_waiting(self, child: _Child) -> Optional[str]:
         if child.exec_report is not None or child.exec_error:
             return None
-        sockets = child.generation.sockets or self._queue.sockets()
+        sockets = self._sockets_of(child.generation)
         return _seen_waiting(child.pid, {_inode(sock) for sock in sockets})
 
     def _notified(self, child: _Child, now: float) -> None:
@@ -3795,7 +3802,7 @@ class _Supervisor:
         generation = self._serving
         if generation is None or self._stopping:
             return
-        stalled = watch.stalled(now, generation.sockets or self._queue.sockets())
+        stalled = watch.stalled(now, self._sockets_of(generation))
         if self._starting is not None:
             # The generation starting replaces it anyway, and the stall so far
             # goes with it: hung by then, it is stopped as the new one
