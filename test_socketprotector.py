@@ -4686,6 +4686,21 @@ def wsgi(environ, start_response):
     return [b"%d\n" % os.getpid()]
 
 async def asgi(scope, receive, send):
+    if scope["type"] == "lifespan":
+        # SP_TEST_STARTUP "S" or "S fail": the startup takes S seconds (then fails).
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                path = os.environ.get("SP_TEST_STARTUP", "")
+                seconds, fail = (open(path).read().split() + [""])[:2] if os.path.exists(
+                    path) else ("0", "")
+                import asyncio
+                await asyncio.sleep(float(seconds))
+                await send({"type": "lifespan.startup.failed" if fail else
+                            "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
     if scope["type"] != "http":
         return
     await send({"type": "http.response.start", "status": 200,
@@ -5107,6 +5122,7 @@ class HttpLoad:
     def __init__(self, port, threads=2):
         self.port = port
         self.statuses = []
+        self.durations = []     # seconds, of each request on a new connection
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
         for t in self._threads:
@@ -5115,11 +5131,13 @@ class HttpLoad:
     def _run(self):
         while not self._stop.is_set():
             conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=TIMEOUT)
+            began = time.monotonic()
             try:
                 conn.request("GET", "/", headers={"Connection": "close"})
                 response = conn.getresponse()
                 response.read()
                 self.statuses.append(response.status)
+                self.durations.append(time.monotonic() - began)
             except Exception as e:      # every kind of failure is a finding
                 self.statuses.append(repr(e))
             finally:
@@ -5306,6 +5324,41 @@ class ThirdPartyServerTest(ThirdPartyServers, ProtectorTestCase):
                 self.assertEqual([s for s in load.statuses if s != 200], [], daemon.log())
                 daemon.signal(signal.SIGTERM)
                 self.assertEqual(daemon.wait(), 0, daemon.log())
+
+    def test_uvicorn_slow_to_start_is_waited_for_and_one_that_fails_rolled_back(self):
+        """uvicorn whose application's lifespan startup takes 3 s, and no
+        --ready-delay: it is ready once seen waiting on its socket (epoll,
+        after the startup), the old one serving meanwhile, so no request
+        waits 2 s (taken as ready when it started, clients would wait the
+        3 s).  A startup that takes 3 s and then fails: --reload exits 1,
+        the old one serves on; not one request fails."""
+        uvicorn = self.server("uvicorn")
+        startup = os.path.join(self.tmp, "startup")
+        self.env["SP_TEST_STARTUP"] = startup
+        daemon = Daemon(self, command=[uvicorn, "--fd", "3", "webapp:asgi"])
+        daemon.serving()
+        load = HttpLoad(daemon.port)
+        self.addCleanup(load.stop)
+        load.wait_for(10)
+        with open(startup, "w") as f:
+            f.write("3")
+        began = time.monotonic()
+        mark = daemon.mark()
+        code, lines = self.run_protector("--reload", "--pid-file", daemon.pid_file)
+        self.assertEqual((code, lines), (0, []), daemon.log())
+        self.assertGreaterEqual(time.monotonic() - began, 3)
+        second = int(daemon.wait_line(r"child (\d+) is waiting for connections on its listening "
+                                      r"socket \(epoll, pid \d+\): ready", mark).group(1))
+        with open(startup, "w") as f:
+            f.write("3 fail")
+        code, lines = self.run_protector("--reload", "--pid-file", daemon.pid_file)
+        self.assertEqual(code, 1, daemon.log())
+        self.assertOneLineError(lines, rf"restart failed: child \d+ exited with status \d+ "
+                                       rf"before it was ready; child {second} keeps serving$")
+        load.wait_for(10)
+        load.stop()
+        self.assertEqual([s for s in load.statuses if s != 200], [], daemon.log())
+        self.assertLess(max(load.durations), 2.0)
 
 
 class ThirdPartyRestartsTest(ThirdPartyServers, ProtectorTestCase):
