@@ -843,7 +843,7 @@ class _State(enum.Enum):
     STARTING = "starting"    # forked; not yet asked for a connection
     READY = "ready"          # asked; waits for the rest of its generation
     SERVING = "serving"      # its generation serves: it is sent new connections
-    QUIETING = "quieting"    # activation: steered away; accepting its backlog, then retired
+    QUIETING = "quieting"    # steered away; accepting its backlog, then retired
     RETIRING = "retiring"    # stream ended; finishing its connections
     STOPPING = "stopping"    # sent SIGTERM; SIGKILL at kill_at
     EXITED = "exited"
@@ -1911,8 +1911,9 @@ def _help_make_sockets(channel_fd: int, places: List[tuple], backlog: int) -> No
 
 
 class _Steering:
-    """Activation mode: each generation after the first listens on sockets of
-    its own, which join the SO_REUSEPORT group of the daemon's socket for
+    """Activation and listener modes: each generation after the first
+    listens on sockets of its own (handed to a listener-mode child over its
+    channel), which join the SO_REUSEPORT group of the daemon's socket for
     the same address; a one-instruction classic BPF program on each group
     returns the index of the serving generation's socket, so every new
     connection goes to it and an old generation gets nothing new once its
@@ -2427,7 +2428,7 @@ class _Supervisor:
         # stopped: pid -> [pidfd (-1: none), when to SIGKILL it, killed], until gone.
         self._strays: dict = {}
         self._listener_inodes = {_inode(sock) for sock in listeners}
-        self._steering = steering       # activation: each generation its own sockets
+        self._steering = steering       # activation, listener: each generation its own sockets
         # --hang-timeout where the servers accept for themselves.
         self._queue_watch = (_QueueWatch(listeners) if hang_timeout is not None
                              and not self._forwarding else None)
@@ -3080,7 +3081,7 @@ class _Supervisor:
     def _serve(self, child: _Child) -> None:
         """A ready child of the serving generation: it is sent connections."""
         child.state = _State.SERVING
-        if not self._forwarding and not self._activation and self._queue.listeners:
+        if not self._forwarding and not self._activation and self._sockets_of(child.generation):
             self._hand_listener(child)
         self._update_takers()
 
@@ -3093,8 +3094,9 @@ class _Supervisor:
         # Ready by READY=1 alone, it has not shown that anyone accepts: it
         # gets a share until it does, while the old one (kept for a rollback
         # anyway) serves the rest.
-        share = (self._steering is not None and old is not None and not old.hung
-                 and self._probation > 0 and bool(old.ready())
+        # (A listener-mode child says it is ready itself: no share.)
+        share = (self._activation and self._steering is not None and old is not None
+                 and not old.hung and self._probation > 0 and bool(old.ready())
                  and any(c.ready_by == "notify" for c in generation.children()))
         if self._steering is not None:
             try:
@@ -3515,10 +3517,11 @@ class _Supervisor:
     # -- one child's transitions --------------------------------------------
 
     def _hand_listener(self, child: _Child) -> None:
-        """Listener mode: a serving child accepts from our listening sockets."""
+        """Listener mode: a serving child accepts from its generation's
+        listening sockets (with steering, its own; else ours)."""
         try:
             _send_fds(child.channel, _MSG_LISTENER, [sock.fileno() for sock in
-                                                     self._queue.sockets()])
+                                                     self._sockets_of(child.generation)])
         except OSError as e:
             # A fresh channel has room, so this is a hang-up: the grace
             # period will tell whether it exits.
@@ -3544,9 +3547,10 @@ class _Supervisor:
 
     def _retire(self, child: _Child) -> None:
         """A live child -> RETIRING: its stream ends; it finishes and exits."""
-        # Listener mode at shutdown: nobody takes over the backlog, so the
-        # child accepts it before letting go.
-        self._let_go(child, drain=self._stopping and not self._forwarding)
+        # Listener mode at shutdown, or steered away (quieting): nobody
+        # takes over the backlog, so the child accepts it before letting go.
+        self._let_go(child, drain=not self._forwarding and (
+            self._stopping or child.state is _State.QUIETING))
         if self._activation and child.state is not _State.RETIRING:
             self._signal(child, self._stop_signal)      # it has no stream to end
         child.state = _State.RETIRING
@@ -6036,15 +6040,13 @@ def _refuse_idle_control(action: str, given: set, names: Dict[str, str]) -> None
 def _refuse_idle_options(opts: argparse.Namespace, given: set, names: Dict[str, str]) -> None:
     """UsageError for an option that would do nothing in the daemon this
     command line starts: in another hand-off mode, or without its companion."""
-    activation_only = ("ready_delay", "stop_signal", "quiet_period")
-    if opts.handoff == "listener" and "probation" in given:
-        raise UsageError(f"{names['probation']} is for --handoff forward and activation: a "
-                         f"listener-mode server keeps accepting from the shared socket")
     if opts.handoff != "activation":
-        for dest in activation_only:
+        for dest in ("ready_delay", "stop_signal"):
             if dest in given:
                 raise UsageError(f"{names[dest]} is for --handoff activation")
-    elif given & {"quiet_period", "probation"}:
+    if opts.handoff == "forward" and "quiet_period" in given:
+        raise UsageError(f"{names['quiet_period']} is for --handoff activation and listener")
+    if opts.handoff != "forward" and given & {"quiet_period", "probation"}:
         why = _why_not_steer(opts, False)
         if why is not None:
             dest = min(given & {"quiet_period", "probation"})
@@ -6200,7 +6202,7 @@ def _serve(opts: argparse.Namespace) -> None:
                 if inherited and inherited["pid_file"] else
                 _PidFile(opts.pid_file) if opts.pid_file else None)
     launcher = notifier = state_file = None
-    helper: Optional[_SocketHelper] = None     # --user in activation mode (a root process)
+    helper: Optional[_SocketHelper] = None     # --user with steering (a root process)
     helper_error: Optional[str] = None
     listeners: List[socket.socket] = []
     made: List[tuple] = []          # Unix sockets we created, to remove at exit
@@ -6249,13 +6251,13 @@ def _serve(opts: argparse.Namespace) -> None:
         steering, steering_off = _steering_for(opts, activated, listeners, inherited,
                                                helper, helper_error)
         nofile = inherited.get("nofile") if inherited else _raise_nofile()
-        # Activation needs steering for it; listener mode has none.
+        # Activation and listener modes need steering for it.
         probation = (opts.probation if steering is not None or opts.handoff == "forward"
                      else 0.0)
         if state_file is not None:
             state_file.describe({
                 "handoff": opts.handoff,
-                "steering": None if opts.handoff != "activation" else
+                "steering": None if opts.handoff == "forward" else
                 {"active": steering is not None, "fallback_reason": steering_off},
                 # What --reload, --stop and --upgrade wait by (seconds).
                 "limits": {"ready_timeout": opts.ready_timeout, "probation": probation,
@@ -6336,9 +6338,9 @@ def _raise_nofile() -> Optional[int]:
 
 
 def _why_not_steer(opts: argparse.Namespace, activated: bool) -> Optional[str]:
-    """Why restarts in activation mode cannot give each generation a socket
-    of its own (None: they can); "" outside activation mode."""
-    if opts.handoff != "activation":
+    """Why restarts in activation or listener mode cannot give each
+    generation a socket of its own (None: they can); "" forwarding."""
+    if opts.handoff == "forward":
         return ""
     if activated:
         return "systemd passed the sockets"
@@ -6348,7 +6350,7 @@ def _why_not_steer(opts: argparse.Namespace, activated: bool) -> Optional[str]:
 
 
 def _start_helper(listeners: List[socket.socket], backlog: int) -> tuple:
-    """--user in activation mode, still root: (the socket helper, None), or
+    """--user with steering (activation or listener mode), still root: (the socket helper, None), or
     (None, why it could not be started)."""
     try:
         return _SocketHelper.start(listeners, backlog), None
@@ -6359,10 +6361,10 @@ def _start_helper(listeners: List[socket.socket], backlog: int) -> tuple:
 def _steering_for(opts: argparse.Namespace, activated: bool, listeners: List[socket.socket],
                   inherited: Optional[dict], helper: Optional[_SocketHelper] = None,
                   helper_error: Optional[str] = None) -> tuple:
-    """Activation mode: a _Steering over the daemon's sockets (with the
-    socket helper --user started, which it then owns), or None (and one
-    line saying what is lost) where the setup or the kernel refuses; and
-    why not (None: steering, or not activation mode)."""
+    """Activation and listener modes: a _Steering over the daemon's sockets
+    (with the socket helper --user started, which it then owns), or None
+    (and one line saying what is lost) where the setup or the kernel
+    refuses; and why not (None: steering, or forwarding)."""
     if inherited is not None:       # as the code before the upgrade had it
         if inherited["supervisor"].get("steering"):
             return _Steering(listeners, opts.backlog, attach=False), None

@@ -2223,7 +2223,7 @@ class CommandLineTest(ProtectorTestCase):
             (["--ready-delay", "1", "4321", "--", "true"], r"--ready-delay is for --handoff "
                                                            r"activation"),
             (["--quiet-period", "1", "4321", "--", "true"], r"--quiet-period is for --handoff "
-                                                            r"activation"),
+                                                            r"activation and listener$"),
             (["--reload", "--stop", "--pid-file", "p"], r"--reload and --stop cannot be combined"),
             (["--reload", "--json", "--pid-file", "p"], r"--format and --json are for --status, "
                                                          r"not --reload"),
@@ -2267,9 +2267,9 @@ class CommandLineTest(ProtectorTestCase):
              r"PORT 8000 does nothing: every --bind names its own port or is unix:$"),
             (["--bind", "unix:s", "0", "--", "true"],
              r"PORT 0 does nothing: every --bind names its own port or is unix:$"),
-            (["--handoff", "listener", "--probation", "2", "4321", "--", "true"],
-             r"--probation is for --handoff forward and activation: a listener-mode server "
-             r"keeps accepting from the shared socket$"),
+            (["--handoff", "listener", "--bind", "unix:s", "--probation", "2", "--", "true"],
+             r"--probation does nothing here: restarts share one listening socket \(a unix: "
+             r"address\)$"),
             (["--stop-signal", "TERM", "4321", "--", "true"],
              r"--stop-signal is for --handoff activation$"),
             (["--handoff", "activation", "--bind", "unix:s", "--quiet-period", "1", "--",
@@ -2829,6 +2829,103 @@ class ListenerModeTest(ProtectorTestCase):
         self.assertServedAsRoomAllows(lines, daemon)
         self.assertEqual(daemon.wait(), 0, daemon.log())
         self.assertEqual(daemon.child_pids(), [child])
+
+    def handed_sockets(self, daemon):
+        """pid -> the inodes of the listening sockets each live child was
+        handed (its generation's own with steering), from the status."""
+        return {c[0]: c[10] for c in daemon.status()["children"]}
+
+    def assertRolledBackUnderLoad(self, daemon):
+        """A new child that is ready and then dies at once, on probation: new
+        connections go back to the old child's socket, the old child was
+        never let go (it holds its socket and answers new connections and
+        one it held), --reload exits 1 naming the new child, and no session
+        of a small load running throughout fails, but those that queued on
+        the dead child's socket in the instant it was steered to, which the
+        log says were reset (net.ipv4.tcp_migrate_req off; with it on they
+        move to the old child's).  The old child's pid."""
+        load = Load(daemon.port, threads=2)
+        self.addCleanup(load.stop)
+        load.wait_for(10)
+        held, first = self.hold_connection(daemon)
+        socket_of_first = self.handed_sockets(daemon)[first]
+        self.reload_rolled_back(daemon, first, "SP_TEST_DIE", "3")
+        self.assertEqual(int(ask(held, b"pid")), first)
+        held.close()
+        self.assertEqual(self.handed_sockets(daemon)[first], socket_of_first)
+        self.assertIn(f"socket:[{socket_of_first[0]}]", fd_links(first))
+        load.wait_for(20)
+        load.stop()
+        reset = sum(int(m.group(1)) for m in map(
+            re.compile(r"(\d+) connections? waiting on a listening socket let go of (is|are) "
+                       r"reset").search, daemon.log().splitlines()) if m)
+        self.assertEqual([f for f in load.failures if "ConnectionResetError" not in f[1]], [],
+                         daemon.log())
+        self.assertLessEqual(len(load.failures), reset, daemon.log())
+        self.assertTrue(alive(first), daemon.log())
+        self.assertEqual(daemon.count(rf"child {first} exited"), 0, daemon.log())
+        return first
+
+    def assertSteeredAwayThenRetired(self, daemon, first):
+        """With a good build: once it is ready, the old child gets no new
+        connection but finishes one it holds; each was handed a socket of
+        its own; the old one lets go only once the probation (1.5 s) has
+        passed, and exits 0 with no session of a load failing."""
+        held = connect(daemon.port)
+        self.addCleanup(held.close)
+        self.assertEqual(int(ask(held, b"pid")), first)
+        load = Load(daemon.port, threads=2)
+        self.addCleanup(load.stop)
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        second = int(daemon.wait_line(rf"child (\d+) ready; child {first} retiring once the "
+                                      rf"new one has served 1.5 s \(probation\)", mark).group(1))
+        for _ in range(20):
+            self.assertEqual(served_by(daemon.port), second)
+        self.assertEqual(ask(held, b"still here"), b"still here")
+        self.assertTrue(alive(first), daemon.log())
+        handed = self.handed_sockets(daemon)
+        self.assertNotEqual(handed[first], handed[second], "one socket for both generations")
+        for pid in (first, second):
+            self.assertIn(f"socket:[{handed[pid][0]}]", fd_links(pid))
+        daemon.wait_line(rf"child {second} passed probation \(1.5 s\)", mark)
+        self.assertEqual(daemon.count(rf"child {first} exited", mark), 0, daemon.log())
+        held.close()
+        daemon.wait_line(rf"child {first} exited with status 0 \(retiring\)", mark)
+        load.wait_for(10)
+        load.stop()
+        self.assertEqual(load.failures, [], daemon.log())
+        self.assertEqual(served_by(daemon.port), second)
+
+    def test_a_new_child_that_dies_on_probation_is_rolled_back(self):
+        """--probation 2 in listener mode (assertRolledBackUnderLoad)."""
+        daemon = Daemon(self, "--probation", "2")
+        daemon.serving()
+        self.assertRolledBackUnderLoad(daemon)
+
+    def test_the_old_child_is_steered_away_and_lets_go_after_the_probation(self):
+        """--probation 1.5 in listener mode (assertSteeredAwayThenRetired)."""
+        daemon = Daemon(self, "--probation", "1.5")
+        self.assertSteeredAwayThenRetired(daemon, daemon.serving())
+
+    def test_a_child_on_an_older_vendored_library_is_steered_and_rolled_back(self):
+        """Children running the library as of commit a6c2a4a (before listener
+        mode had sockets per generation), read with git from this checkout:
+        the rollback and the steering away work as with the current one."""
+        old = os.path.join(self.tmp, "a6c2a4a")
+        os.mkdir(old)
+        try:
+            text = subprocess.run(["git", "-C", HERE, "show", "a6c2a4a:socketprotector.py"],
+                                  capture_output=True, timeout=TIMEOUT, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            self.skipTest("needs git and this checkout's history (commit a6c2a4a)")
+        with open(os.path.join(old, "socketprotector.py"), "wb") as f:
+            f.write(text)
+        self.env["SP_TEST_LIBDIR"] = old
+        daemon = Daemon(self, "--probation", "1.5")
+        daemon.serving()
+        first = self.assertRolledBackUnderLoad(daemon)
+        self.assertSteeredAwayThenRetired(daemon, first)
 
 
 class HostileTest(ProtectorTestCase):
