@@ -142,7 +142,7 @@ _QUICK_DEATH = 2.0         # a crash this soon after ready counts toward a crash
 _CRASH_LOOP = 3            # that many in a row: the slot's replacements are backed off
 _MAX_WORKERS = 256         # each costs the daemon a few descriptors and a process
 _EXIT_GRACE = 1.0          # after a child hangs up, how long to wait for it to exit
-_DEFAULT_QUIET = 0.3       # activation: the old generation's quiet period before its stop
+_DEFAULT_QUIET = 0.3       # steering: the old generation's quiet period before its stop
 _HELPER_TIMEOUT = 2.0      # --user in activation: the socket helper's answer, at most
 _HELPER_NAME = b"sp-sock-helper"    # its process name (ps, top), 15 bytes at most
 _DEFAULT_PROBATION = 2.0   # activation: how long the old generation stays ready to take over
@@ -5897,16 +5897,16 @@ def _build_parser() -> _Parser:
                              "select() or poll()) counts as ready once it has run S seconds "
                              "(a guess)")
     parser.add_argument("--quiet-period", metavar="S", type=_seconds, default=_DEFAULT_QUIET,
-                        help="--handoff activation: once the new generation serves, the old "
-                             "one gets no new connection, accepts what waits for it, and is "
-                             "asked to stop once nothing has waited for S seconds (default "
-                             f"{_DEFAULT_QUIET:g})")
+                        help="--handoff activation and listener: once the new generation "
+                             "serves, the old one gets no new connection, accepts what waits "
+                             "for it, and is asked to stop (let go of, in listener mode) once "
+                             f"nothing has waited for S seconds (default {_DEFAULT_QUIET:g})")
     parser.add_argument("--probation", metavar="S", type=_non_negative, default=None,
-                        help="forward and activation modes: the old generation stays ready "
+                        help="every hand-off mode: the old generation stays ready "
                              "to serve again for S seconds after the new one serves; a new "
                              "worker that dies meanwhile rolls the restart back (default: "
                              f"{_DEFAULT_PROBATION:g} with --handoff activation, 0 (none) "
-                             f"forwarding)")
+                             f"forwarding and in listener mode)")
     parser.add_argument("--stop-signal", metavar="SIG", type=_signal, default=signal.SIGTERM,
                         help="--handoff activation: the signal that asks a retiring child to "
                              "stop gracefully (default SIGTERM; nginx wants SIGQUIT)")
