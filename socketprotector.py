@@ -950,12 +950,12 @@ class _Generation:
         self.quiet_limit: Optional[float] = None
         self.probation_until: Optional[float] = None     # serving, its predecessor kept
         self.hung = False       # left its connections unaccepted: ended once replaced
-        # Its backlog at the last look: while it serves with a share of new
-        # connections (unproven: ready by READY=1 alone, it gets one in
-        # _SHARE, its predecessor the rest, until seen accepting; look_at is
-        # then when to look next), or, --hang-timeout in listener and
-        # activation modes, once replaced (with since when none of it was
-        # accepted).
+        # Its backlog at the last look, and since when none of it was seen
+        # accepted: while it serves with a share of new connections
+        # (unproven: ready by READY=1 alone, it gets one in _SHARE, its
+        # predecessor the rest, until seen accepting; look_at is then when
+        # to look next), or, --hang-timeout in listener and activation
+        # modes, once replaced.
         self.unproven = False
         self.backlog_seen = 0
         self.stalled_since: Optional[float] = None
@@ -1824,7 +1824,9 @@ class _SocketHelper:
                           f"answered {msg[:16]!r} with {len(sockets)} of {count} sockets")
 
     def abandon(self) -> None:
-        """Ask no more: its channel closed, it SIGKILLed (reaped by the loop)."""
+        """Ask no more: its channel closed, it SIGKILLed where we may (no
+        longer root, we may not: it exits at the EOF once it runs, and
+        with the daemon in any case); reaped by the loop."""
         if self.channel is not None:
             self.channel.close()
             self.channel = None
@@ -1836,7 +1838,10 @@ class _SocketHelper:
 
     def stop(self) -> None:
         """At exit: EOF on its channel, which it exits at; SIGKILL if it has
-        not within _HELPER_TIMEOUT; reaped."""
+        not within _HELPER_TIMEOUT, and reaped if gone.  Never waits longer:
+        one we may not kill (stopped by root, and we no longer root) exits
+        at the EOF once it runs again (a parent-death signal would not
+        reach it either: the kernel checks the dying parent's right)."""
         if self.channel is not None:
             self.channel.close()
             self.channel = None
@@ -1856,10 +1861,13 @@ class _SocketHelper:
         if not exited:
             try:
                 os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+                exited = True
+            except OSError as e:
+                _log.warning("socket helper %d did not exit within %g s and cannot be "
+                             "killed (%s): it exits once it runs again", pid, _HELPER_TIMEOUT,
+                             e.strerror)
         try:
-            os.waitpid(pid, 0)
+            os.waitpid(pid, 0 if exited else os.WNOHANG)
         except ChildProcessError:
             pass
 
@@ -2005,9 +2013,10 @@ class _Steering:
         is reset, and _let_go_of() says which.  Never one steered to."""
         for sock in sockets:
             inode = _inode(sock)
-            group = next((g for g in self.groups if inode in g), None)
-            if group is None or inode in self.targets:
+            g = next((i for i, group in enumerate(self.groups) if inode in group), None)
+            if g is None or inode in self._steered_to(g):
                 continue
+            group = self.groups[g]
             self._let_go_of(sock)
             try:
                 sock.shutdown(socket.SHUT_RD)
@@ -3091,6 +3100,9 @@ class _Supervisor:
         self._starting = None
         self._serving = generation
         generation.serving = True
+        # Stalled while the restart started (--hang-timeout): hung now, and
+        # given no share of new connections.
+        stalled = self._stalled_before(old) if old is not None and not old.hung else ""
         # Ready by READY=1 alone, it has not shown that anyone accepts: it
         # gets a share until it does, while the old one (kept for a rollback
         # anyway) serves the rest.
@@ -3117,7 +3129,7 @@ class _Supervisor:
             self._retire_generation(old)
         elif old is not None:
             retiring = old.ready()
-            hung = self._stalled_before(old)
+            hung = stalled
             if hung:
                 _log.warning("%s: hung; stopping %s", hung,
                              "it" if len(old.children()) == 1 else "them")
@@ -3191,9 +3203,20 @@ class _Supervisor:
         """The new generation served its probation: the old one may retire."""
         generation, old = self._serving, self._fallback
         generation.probation_until = None
+        if generation.unproven and generation.stalled_since is not None:
+            # Connections wait in its share and none has been seen taken.
+            waited = now - generation.stalled_since
+            if waited >= _READY_UNSEEN:
+                self._roll_back(f"{self._describe(generation.children())} took none of the "
+                                f"{_plural(generation.backlog_seen, 'connection')} sent to "
+                                f"{'it' if len(generation.children()) == 1 else 'them'} in "
+                                f"{waited:.1f} s", hung=True)
+                return
+            generation.probation_until = generation.stalled_since + _READY_UNSEEN
+            return      # decided once they have waited that long
         if generation.unproven:
             self._share_ended(generation, "was not seen accepting before its probation ended "
-                              "(nothing waited for it long enough to be seen taken)")
+                              "(nothing waited for it)")
         self._fallback = None
         self.restarts += 1
         if old is not None:
@@ -3206,10 +3229,12 @@ class _Supervisor:
             self._restart_again = False
             self._request_restart()
 
-    def _roll_back(self, failure: str) -> None:
+    def _roll_back(self, failure: str, hung: bool = False) -> None:
         """A new worker ended on probation: the generation before it serves
         again (new connections go back to its sockets; its servers were
-        never told to stop), and the new one is stopped."""
+        never told to stop), and the new one is stopped (hung: as a hung
+        generation is, _stop_hung(): what waits for it moves at once, and a
+        frozen server gets the SIGTERM now, not at the SIGKILL)."""
         new, old = self._serving, self._fallback
         new.probation_until = None
         if new.unproven:
@@ -3217,7 +3242,7 @@ class _Supervisor:
         self._fallback = None
         self._serving = old
         old.serving = True
-        old.look_at = old.quiet_at = old.quiet_limit = None
+        old.look_at = old.quiet_at = old.quiet_limit = old.stalled_since = None
         new.serving = False
         for child in list(self._children.values()):
             if child.generation is old and child.state is _State.QUIETING:
@@ -3229,8 +3254,11 @@ class _Supervisor:
                 self._steering.steer(old.sockets)
             except OSError as e:
                 _log.error("cannot steer new connections back: %s", e.strerror)
-        for child in new.children():
-            self._terminate(child)
+        if hung:
+            self._stop_hung(new)
+        else:
+            for child in new.children():
+                self._terminate(child)
         self._update_takers()
         self.failed_restarts += 1
         failure = (f"restart failed: {failure} on probation; rolled back: "
@@ -3270,6 +3298,11 @@ class _Supervisor:
             if seen is not None:
                 how = f"is seen waiting on its socket ({seen})"
         generation.backlog_seen = waiting
+        # Since when what waits for it has waited, none taken (_probation_passed()).
+        if not waiting:
+            generation.stalled_since = None
+        elif generation.stalled_since is None:
+            generation.stalled_since = now
         if how is not None:
             self._share_ended(generation, how)
 
@@ -3277,7 +3310,7 @@ class _Supervisor:
         """Its share of new connections ends: it gets them all (steer), or
         none (a rollback steers them back)."""
         generation.unproven = False
-        generation.look_at = None
+        generation.look_at = generation.stalled_since = None
         generation.backlog_seen = 0
         children = generation.children()      # none left: the one that died, rolled back
         _log.info("%s %s: %s", self._describe(children) if children else "the new generation",
@@ -3365,6 +3398,15 @@ class _Supervisor:
             return False
         quieting = [c for c in self._children.values()
                     if c.generation is generation and c.state is _State.QUIETING]
+        if generation is self._fallback and self._serving.unproven:
+            # It still gets 15 in 16 new connections: a backlog that grows
+            # may be a slow server's.  It gets nothing new now, and is hung
+            # if what waits for it then sees no accept for as long.
+            generation.stalled_since = now
+            self._share_ended(self._serving, f"ends its share: the backlog of "
+                              f"{self._describe(quieting)} has not shrunk for "
+                              f"{self._hang_timeout:g} s")
+            return False
         _log.warning("%s: hung; stopping %s", self._accepted_none(quieting, waiting),
                      "it" if len(quieting) == 1 else "them")
         self._stop_hung(generation)
@@ -3380,6 +3422,8 @@ class _Supervisor:
         generation.hung = True
         generation.look_at = generation.quiet_at = generation.quiet_limit = None
         if generation is self._fallback:
+            if self._serving.unproven:      # it got the rest: the new one gets them all
+                self._share_ended(self._serving, "ends its share: the old generation is hung")
             self._fallback = None       # nothing to roll back to
         if self._steering is not None:
             others = {_inode(sock) for g in (self._serving, self._starting, self._fallback)
@@ -3822,7 +3866,7 @@ class _Supervisor:
         watch.reset()       # a replacement that fails is tried again after as long
         what = self._accepted_none(generation.children(), waiting) + ": hung"
         if generation.probation_until is not None and self._fallback is not None:
-            self._roll_back(what)
+            self._roll_back(what, hung=True)
             return
         generation.hung = True
         _log.warning("%s; starting a replacement, which takes them over%s", what,
@@ -5715,9 +5759,10 @@ def _format_prometheus(doc: Optional[dict], pid_file: str) -> str:
         ids = [{"pid": c["pid"], "worker": c["worker"], "generation": c["generation"]}
                for c in children]
         family("child_info", "gauge", "Each child: its state, how it was judged ready, its "
-               "probation and the directory it started in.",
+               "probation, its share of new connections and the directory it started in.",
                [(dict(key, state=c["state"], ready_by=c["ready_by"] or "",
-                      probation=c["probation"] or "", cwd=c["cwd"] or ""), 1)
+                      probation=c["probation"] or "", share=c.get("share") or "",
+                      cwd=c["cwd"] or ""), 1)
                 for key, c in zip(ids, children)])
         family("child_uptime_seconds", "gauge", "Seconds since each child started.",
                [(key, c["uptime_seconds"]) for key, c in zip(ids, children)])

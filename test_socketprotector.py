@@ -4688,6 +4688,15 @@ class ActivationTest(ActivatedAppCase):
                                          rf"connections\); 0 restarts succeeded, 0 "
                                          rf"failed; 0 crashes$")
         self.assertNotIn("forwarded", self.stdout[0])
+        code, lines = self.run_protector("--status", "--format", "prometheus", "--pid-file",
+                                         daemon.pid_file)
+        self.assertEqual((code, lines), (0, []))
+        errors, samples = exposition_errors("\n".join(self.stdout) + "\n")
+        self.assertEqual(errors, [])
+        self.assertEqual(sorted((int(labels["pid"]), labels["probation"], labels["share"])
+                                for name, labels, _ in samples
+                                if name == "socketprotector_child_info"),
+                         sorted([(first, "fallback", "15/16"), (second, "on_probation", "1/16")]))
 
     def test_status_says_why_steering_fell_back(self):
         """Without steering (a unix: address) the status says so, and why;
@@ -5045,6 +5054,138 @@ class ActivationRecoveryTest(ActivatedAppCase):
         wait_until(lambda: not alive(frozen), "the frozen server to be stopped", timeout=3)
         return new
 
+    def hold(self, port, count, say=b""):
+        """count connections opened (each sending `say`), closed at cleanup."""
+        clients = []
+        for _ in range(count):
+            clients.append(connect(port))
+            self.addCleanup(clients[-1].close)
+            if say:
+                clients[-1].sendall(say)
+        return clients
+
+    def assertDaemonUnbroken(self, daemon):
+        """The daemon runs, and has printed no traceback of its own."""
+        self.assertIsNone(daemon.proc.poll(), daemon.log())
+        self.assertNotRegex(daemon.log(), r'File ".*socketprotector\.py"')
+
+    def test_an_old_server_frozen_during_a_share_ends_it_and_is_stopped(self):
+        """--hang-timeout 1: after a restart the new server is ready by READY=1
+        alone, so it gets 1 in 16 new connections and the old one, kept for
+        a rollback, the rest.  The old one freezes: once its backlog has not
+        shrunk for the hang timeout, the new one gets every new connection
+        (a growing backlog alone could be a slow server's), and once what
+        waits for the old one has then seen no accept for as long, it is
+        stopped as hung.  (Stopping it while the program still sent it 15
+        in 16 crashed the daemon: its socket left the group under the
+        program.)"""
+        daemon = Daemon(self, "--hang-timeout", "1", "--probation", "10")
+        first = daemon.serving()
+        self.set_flag("SP_TEST_UNSEEN")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(r"ready by READY=1 alone: it gets 1 in 16", mark)
+        second = daemon.generation(mark)[0]
+        os.kill(first, signal.SIGSTOP)
+        self.addCleanup(lambda: alive(first) and os.kill(first, signal.SIGKILL))
+        self.hold(daemon.port, 20)
+        daemon.wait_line(rf"child {second} ends its share: the backlog of child {first} has "
+                         rf"not shrunk for 1 s: every new connection goes to it now", mark)
+        daemon.wait_line(rf"child {first} accepted none of the \d+ connections waiting for it "
+                         rf"for 1 s: hung; stopping it", mark)
+        wait_until(lambda: not alive(first), "the frozen server stopped")
+        self.assertEqual(served_by(daemon.port), second)
+        self.assertDaemonUnbroken(daemon)
+
+    def test_an_old_server_frozen_as_a_restart_starts_gets_no_share(self):
+        """--hang-timeout 1.5: the serving server freezes with connections
+        waiting, and a restart starts whose server is ready by READY=1 alone
+        once the old one has stalled past the hang timeout: the old one is
+        hung at the switch, gets no share, and is stopped; the new one
+        serves everything.  (The share was steered to it, then its socket
+        taken out under the program: the daemon crashed.)"""
+        daemon = Daemon(self, "--hang-timeout", "1.5")
+        first = daemon.serving()
+        self.set_flag("SP_TEST_UNSEEN")
+        os.kill(first, signal.SIGSTOP)
+        self.addCleanup(lambda: alive(first) and os.kill(first, signal.SIGKILL))
+        self.hold(daemon.port, 3)
+        # The scenario's pace: stalled 1.2 s, then a start of over 1 s.
+        time.sleep(1.2)
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        second = daemon.generation(mark)[0]
+        daemon.wait_line(rf"stopping child {first}, hung|hung; stopping it", mark)
+        self.assertEqual(daemon.count(r"it gets 1 in 16", mark), 0, daemon.log())
+        wait_until(lambda: not alive(first), "the frozen server stopped")
+        self.assertEqual(served_by(daemon.port), second)
+        self.assertDaemonUnbroken(daemon)
+
+    def test_a_frozen_server_on_a_share_is_rolled_back_at_its_probations_end(self):
+        """No --hang-timeout.  The new server, ready by READY=1 alone, freezes:
+        what its 1 in 16 share queues on its socket is never taken.  At its
+        probation's end it is rolled back, not given every new connection,
+        and it is stopped at once (SIGCONT with the SIGTERM); the old one
+        serves on.  (It was promoted, the log saying nothing had waited for
+        it.)"""
+        daemon = Daemon(self, "--probation", "3")
+        first = daemon.serving()
+        self.set_flag("SP_TEST_UNSEEN")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(r"ready by READY=1 alone: it gets 1 in 16", mark)
+        new = daemon.generation(mark)[0]
+        os.kill(new, signal.SIGSTOP)
+        self.addCleanup(lambda: alive(new) and os.kill(new, signal.SIGKILL))
+        self.hold(daemon.port, 96, b"pid\n")
+        daemon.wait_line(rf"restart failed: child {new} took none of the \d+ connections? sent "
+                         rf"to it in \d+\.\d s on probation; rolled back: child {first} keeps "
+                         rf"serving", mark)
+        wait_until(lambda: not alive(new), "the frozen server stopped", timeout=3)
+        self.assertEqual(served_by(daemon.port), first)
+        self.assertEqual(daemon.count(r"every new connection goes to it now", mark), 0,
+                         daemon.log())
+
+    def test_a_slow_fallback_during_a_share_is_not_taken_for_hung(self):
+        """--hang-timeout 1: the old server accepts one connection every 0.2 s,
+        and during the share gets 15 in 16 of clients arriving every 20 ms:
+        its backlog grows while it accepts.  It is not stopped as hung (it
+        was, by its backlog's length alone); the share ends instead."""
+        self.set_flag("SP_TEST_ACCEPT_EVERY", "0.2 one")
+        daemon = Daemon(self, "--hang-timeout", "1", "--probation", "10")
+        daemon.serving()
+        self.clear_flag("SP_TEST_ACCEPT_EVERY")
+        self.set_flag("SP_TEST_UNSEEN")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(r"ready by READY=1 alone: it gets 1 in 16", mark)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            self.hold(daemon.port, 1, b"pid\n")
+            time.sleep(0.02)        # the load's pace, not a wait for anything
+        self.assertEqual(daemon.count(r"hung", mark), 0, daemon.log())
+        self.assertDaemonUnbroken(daemon)
+
+    def test_a_frozen_new_server_rolled_back_is_stopped_at_once(self):
+        """--hang-timeout 1 --probation 10, in a network namespace with
+        tcp_migrate_req=1: the new server (seen waiting: no share) freezes
+        with requests queued and is rolled back as hung: its socket leaves
+        the group at once and it is woken to stop, so what queued for it is
+        answered by the old server within about the hang timeout (it waited
+        for the SIGKILL, 5 s later)."""
+        if self.in_network_namespace("1") is None:
+            return
+        daemon = Daemon(self, "--hang-timeout", "1", "--probation", "10")
+        first = daemon.serving()
+        second = daemon.restart()
+        began = time.monotonic()
+        os.kill(second, signal.SIGSTOP)
+        self.addCleanup(lambda: alive(second) and os.kill(second, signal.SIGKILL))
+        clients = self.hold(daemon.port, 3, b"pid\n")
+        self.assertEqual([int(read_line(client)) for client in clients], [first] * 3,
+                         daemon.log())
+        self.assertLess(time.monotonic() - began, 3.5, daemon.log())
+
     def test_what_waits_on_a_generation_rolled_back_moves_with_tcp_migrate_req(self):
         """In a network namespace of its own (where the sysctl is the test's):
         after a restart, a new build is seen waiting on its socket, accepts
@@ -5203,7 +5344,7 @@ class ActivationRecoveryTest(ActivatedAppCase):
         mark = daemon.mark()
         third = daemon.restart()
         daemon.wait_line(rf"child {third} was not seen accepting before its probation ended "
-                         r"\(nothing waited for it long enough to be seen taken\): every new "
+                         r"\(nothing waited for it\): every new "
                          r"connection goes to it now", mark)
         daemon.wait_line(rf"^stopped by SIGTERM pid {second}$", mark)
         self.assertEqual(served_by(daemon.port), third)
@@ -6307,6 +6448,29 @@ class PrivilegeTest(ProtectorTestCase):
         self.assertEqual(daemon.status_document()["steering"],
                          {"active": True, "fallback_reason": None})
         self.assertEqual(daemon.count(r"socket helper|cannot open"), 1, daemon.log())
+
+    def test_a_stopped_socket_helper_does_not_keep_the_daemon_from_exiting(self):
+        """The root socket helper is stopped (SIGSTOP): the next restart gives
+        up on it after 2 s and shares the socket; at SIGTERM the daemon
+        (nobody, which may not kill root's helper) says so and exits within
+        2 s instead of waiting for it for ever (it did), and the helper,
+        once it runs again, exits (EOF on its channel)."""
+        if os.geteuid() != 0:
+            self.skipTest("needs root")
+        daemon, first, helper = self.activated_as_nobody()
+        os.kill(helper, signal.SIGSTOP)
+        self.addCleanup(lambda: alive(helper) and os.kill(helper, signal.SIGKILL))
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(rf"socket helper {helper} did not answer within 2 s", mark)
+        daemon.generation(mark)
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(timeout=TIMEOUT), 0, daemon.log())
+        self.assertEqual(daemon.count(rf"socket helper {helper} did not exit within 2 s and "
+                                      rf"cannot be killed \(Operation not permitted\): it "
+                                      rf"exits once it runs again"), 1, daemon.log())
+        os.kill(helper, signal.SIGCONT)
+        wait_until(lambda: not alive(helper), "the helper gone once it runs")
 
     def test_a_socket_helper_gone_is_said_and_restarts_share_the_socket(self):
         """The socket helper killed: one line says so, the status says
