@@ -143,7 +143,7 @@ _CRASH_LOOP = 3            # that many in a row: the slot's replacements are bac
 _MAX_WORKERS = 256         # each costs the daemon a few descriptors and a process
 _EXIT_GRACE = 1.0          # after a child hangs up, how long to wait for it to exit
 _DEFAULT_QUIET = 0.3       # steering: the old generation's quiet period before its stop
-_HELPER_TIMEOUT = 2.0      # --user in activation: the socket helper's answer, at most
+_HELPER_TIMEOUT = 2.0      # --user with steering: the socket helper's answer, at most
 _HELPER_NAME = b"sp-sock-helper"    # its process name (ps, top), 15 bytes at most
 _DEFAULT_PROBATION = 2.0   # activation: how long the old generation stays ready to take over
 _QUIET_LOOK = 0.05         # how often its backlog is looked at meanwhile
@@ -1751,7 +1751,7 @@ class _HelperGone(Exception):
 
 
 class _SocketHelper:
-    """--user in activation mode: a process that keeps root, forked before
+    """--user with steering: a process that keeps root, forked before
     the daemon drops it, whose only job is to make the listening sockets of
     a new generation, beside the daemon's own (a group of SO_REUSEPORT
     sockets must all belong to one user, and a port below 1024 needs
@@ -1759,8 +1759,8 @@ class _SocketHelper:
     other descriptor closed, standard ones on /dev/null); each request (one
     byte on a private socketpair) gets one socket per address, sent back
     and closed at once (a copy it kept would stay in the group), or the
-    errno that refused them.  It exits when the daemon's end closes, the
-    daemon SIGKILLed too.
+    errno that refused them.  It exits when the daemon's end closes (the
+    daemon stops, or is killed).
 
     The daemon calls make() (blocking, _HELPER_TIMEOUT at most), abandon()
     when it will ask no more, stop() at exit; its waitpid() loop reaps it."""
@@ -2467,7 +2467,7 @@ class _Supervisor:
         self.crashes = 0
         # --hang-timeout, listener and activation modes: hung generations
         # replaced, replacements that failed, and after one failed, not
-        # not before when the next starts, and how many failed in a row.
+        # before when the next starts, and how many failed in a row.
         self.hangs_replaced = 0
         self.failed_replacements = 0
         self._replace_after = 0.0
