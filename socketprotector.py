@@ -1680,7 +1680,8 @@ class _QueueWatch:
             self.reset()        # the clock starts when something is seen waiting
             return 0.0
         waiting = self._waiting()
-        if self.progress_at is None or self.seen - waiting:
+        # None listed though some wait: taken between the two reads.
+        if self.progress_at is None or self.seen - waiting or not waiting:
             self.progress_at = now
         self.seen = waiting
         return now - self.progress_at
@@ -2090,6 +2091,8 @@ class _Steering:
                 and all(group[-1] not in self._steered_to(g) or len(group) <= 2
                         for g, group in enumerate(self.groups))):
             for sock, group in zip(self.anchors, self.groups):
+                if sock.fileno() < 0:
+                    continue        # shutting down: closed already
                 self._let_go_of(sock)
                 try:
                     sock.shutdown(socket.SHUT_RD)   # out of its group at once
@@ -3100,9 +3103,10 @@ class _Supervisor:
         self._starting = None
         self._serving = generation
         generation.serving = True
-        # Stalled while the restart started (--hang-timeout): hung now, and
-        # given no share of new connections.
-        stalled = self._stalled_before(old) if old is not None and not old.hung else ""
+        # A hang's replacement; or stalled while the restart started
+        # (--hang-timeout): hung now, and given no share of new connections.
+        replaced = old is not None and old.hung
+        stalled = self._stalled_before(old) if old is not None and not replaced else ""
         # Ready by READY=1 alone, it has not shown that anyone accepts: it
         # gets a share until it does, while the old one (kept for a rollback
         # anyway) serves the rest.
@@ -3121,7 +3125,7 @@ class _Supervisor:
             self._serve(child)
         new = self._describe(generation.children())
         probation = False
-        if old is not None and old.hung:
+        if replaced:
             self.hangs_replaced += 1
             self._replace_failures = 0
             _log.info("%s ready, serving; stopping %s, hung", new,

@@ -294,14 +294,15 @@ def accept_queue(port):
     raise AssertionError(f"no listener on 127.0.0.1:{port}")
 
 
-def listener_inode(port):
-    """The inode of the listening socket on 127.0.0.1:port."""
+def listeners_on(port):
+    """What a process holding one of the listening sockets on 127.0.0.1:port
+    lists in /proc/PID/fd (steering: each generation's, and the daemon's)."""
     with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[1] == "0100007F:%04X" % port:
-                return int(fields[9])
-    raise AssertionError(f"no listener on 127.0.0.1:{port}")
+        found = {f"socket:[{fields[9]}]" for fields in map(str.split, f.readlines()[1:])
+                 if fields[3] == "0A" and fields[1] == "0100007F:%04X" % port}
+    if not found:
+        raise AssertionError(f"no listener on 127.0.0.1:{port}")
+    return found
 
 
 def listen_queue(port):
@@ -1066,8 +1067,8 @@ class ProtectorTestCase(unittest.TestCase):
         if child is not None:
             self.assertEqual(int(status.group(1)), child, "not the serving child")
         child = int(status.group(1))
-        self.assertIn(f"socket:[{listener_inode(connect_to or daemon.port)}]", fd_links(child),
-                      f"serving child {child} does not hold the listening socket")
+        self.assertTrue(listeners_on(connect_to or daemon.port) & set(fd_links(child)),
+                        f"serving child {child} holds no listening socket")
 
     def taken(self):
         """Peer ports of every connection a child took."""
@@ -2755,8 +2756,9 @@ class ListenerModeTest(ProtectorTestCase):
             self.assertEqual(served_by(daemon.port), second)
         self.assertEqual(ask(held, b"still here"), b"still here")
         self.assertHandoff(daemon, second)
-        self.assertNotIn(f"socket:[{listener_inode(daemon.port)}]", fd_links(first),
-                         "the retired child still holds the listening socket")
+        # Quieting (steered away), then let go of: it closes its listener.
+        wait_until(lambda: not listeners_on(daemon.port) & set(fd_links(first)),
+                   "the retired child to let go of its listening socket")
         held.close()
         daemon.wait_line(rf"child {first} exited with status 0 \(retiring\)")
 
@@ -3540,9 +3542,9 @@ class WorkersTest(ProtectorTestCase):
             # All idle: each new connection goes to the next worker in turn.
             self.assertEqual(sorted(served_by(daemon.port) for _ in range(3)), sorted(pids))
         else:
-            inode = f"socket:[{listener_inode(daemon.port)}]"
             for pid in pids:
-                self.assertIn(inode, fd_links(pid), f"worker {pid} has no listener")
+                self.assertTrue(listeners_on(daemon.port) & set(fd_links(pid)),
+                                f"worker {pid} has no listener")
         if self.forwarding:
             wait_until(lambda: daemon.forwarded() > 0, "connections to be counted")
         else:
@@ -5089,8 +5091,11 @@ class ActivationRecoveryTest(ActivatedAppCase):
         os.kill(first, signal.SIGSTOP)
         self.addCleanup(lambda: alive(first) and os.kill(first, signal.SIGKILL))
         self.hold(daemon.port, 20)
-        daemon.wait_line(rf"child {second} ends its share: the backlog of child {first} has "
-                         rf"not shrunk for 1 s: every new connection goes to it now", mark)
+        # (Or, on a loaded machine, the new one was seen taking one of its
+        # share first: it had proved itself before the old one was found out.)
+        daemon.wait_line(rf"child {second} (ends its share: the backlog of child {first} has "
+                         rf"not shrunk for 1 s|took \d+ connections? seen waiting on its "
+                         rf"socket): every new connection goes to it now", mark)
         daemon.wait_line(rf"child {first} accepted none of the \d+ connections waiting for it "
                          rf"for 1 s: hung; stopping it", mark)
         wait_until(lambda: not alive(first), "the frozen server stopped")
@@ -5115,11 +5120,28 @@ class ActivationRecoveryTest(ActivatedAppCase):
         mark = daemon.mark()
         daemon.signal(signal.SIGHUP)
         second = daemon.generation(mark)[0]
-        daemon.wait_line(rf"stopping child {first}, hung|hung; stopping it", mark)
+        daemon.wait_line(rf"child {first} accepted none of the 3 connections waiting for it "
+                         rf"for 1.5 s while the restart started: hung; stopping it", mark)
         self.assertEqual(daemon.count(r"it gets 1 in 16", mark), 0, daemon.log())
         wait_until(lambda: not alive(first), "the frozen server stopped")
         self.assertEqual(served_by(daemon.port), second)
         self.assertDaemonUnbroken(daemon)
+        counters = daemon.status_document()["counters"]
+        self.assertEqual((counters["restarts_succeeded"], counters["hangs_replaced"]), (1, 0))
+
+    def test_a_stop_on_probation_says_nothing_of_sockets_already_closed(self):
+        """SIGTERM while a new generation is on probation: the daemon stops
+        cleanly, without 'cannot take the first generation's listening
+        socket out of its group: Bad file descriptor' (it tried, on the
+        sockets it had closed as it stopped)."""
+        daemon = Daemon(self, "--probation", "30")
+        daemon.serving()
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_line(r"retiring once the new one has served 30 s", mark)
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(), 0, daemon.log())
+        self.assertEqual(daemon.count(r"cannot take"), 0, daemon.log())
 
     def test_a_frozen_server_on_a_share_is_rolled_back_at_its_probations_end(self):
         """No --hang-timeout.  The new server, ready by READY=1 alone, freezes:
@@ -6059,7 +6081,9 @@ class ActivationUpgradeTest(UpgradeTest):
         """An upgrade while the new generation, ready by READY=1 alone, gets
         1 in 16 new connections: the new code keeps the share (the status
         says so, and the old server still answers most new connections),
-        and ends it when the probation ends, when the old server stops."""
+        and ends it when the new one is seen accepting (one of the 32 test
+        connections may have been its) or at the latest when the probation
+        ends, when the old server stops."""
         daemon = Daemon(self, "--probation", "5", script=self.script)
         first = daemon.serving()
         self.set_flag("SP_TEST_UNSEEN")
@@ -6073,8 +6097,8 @@ class ActivationUpgradeTest(UpgradeTest):
                          [(first, "15/16"), (second, "1/16")])
         served = [served_by(daemon.port) for _ in range(32)]
         self.assertGreater(served.count(first), 16, served)
-        daemon.wait_line(rf"child {second} was not seen accepting before its probation ended",
-                         mark)
+        daemon.wait_line(rf"child {second} (was not seen accepting before its probation ended|"
+                         rf"took \d+ connections? seen waiting on its socket)", mark)
         daemon.wait_line(rf"^stopped by SIGTERM pid {first}$", mark)
         self.assertEqual({served_by(daemon.port) for _ in range(5)}, {second})
 
