@@ -5373,6 +5373,16 @@ class ActivationRecoveryTest(ActivatedAppCase):
         self.assertEqual(served_by(daemon.port), third)
 
 
+def http_pid(port):
+    """The pid the test web application answers a GET with."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        conn.request("GET", "/", headers={"Connection": "close"})
+        return int(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
 class HttpLoad:
     """HTTP GET requests, each on a new connection, from threads until stop():
     the status of every one (or the error) is kept."""
@@ -5582,6 +5592,42 @@ class ThirdPartyServerTest(ThirdPartyServers, ProtectorTestCase):
                 self.assertEqual([s for s in load.statuses if s != 200], [], daemon.log())
                 daemon.signal(signal.SIGTERM)
                 self.assertEqual(daemon.wait(), 0, daemon.log())
+
+    def test_gunicorn_without_preload_and_a_broken_app_leaves_the_old_one_serving(self):
+        """gunicorn without --preload sends READY=1 from its arbiter before its
+        workers import the application: a build whose application fails to
+        import is never seen waiting on its socket, so it is never steered
+        to; --reload exits 1 and not one request fails (sync and gthread
+        workers)."""
+        gunicorn = [self.server("gunicorn"), "--no-control-socket", "-w", "2"]
+        for name, extra in (("sync", []), ("gthread", ["-k", "gthread", "--threads", "4"])):
+            with self.subTest(workers=name):
+                pid_file = os.path.join(self.tmp, f"{name}.pid")
+                daemon = Daemon(self, "--pid-file", pid_file,
+                                command=[*gunicorn, *extra, "webapp:wsgi"])
+                first = daemon.serving()
+                # Both workers have imported the application (without
+                # --preload, a worker gunicorn boots later imports the broken
+                # build and its arbiter halts: "Worker failed to boot").
+                answered = set()
+                wait_until(lambda: answered.add(http_pid(daemon.port)) or len(answered) == 2,
+                           "both workers to answer")
+                load = HttpLoad(daemon.port)
+                self.addCleanup(load.stop)
+                load.wait_for(10)
+                open(self.broken, "w").close()
+                code, lines = self.run_protector("--reload", "--pid-file", pid_file,
+                                                 timeout=TIMEOUT * 3)
+                os.unlink(self.broken)
+                self.assertEqual(code, 1, daemon.log())
+                self.assertOneLineError(lines, rf"restart failed: child \d+ exited with "
+                                               rf"status \d+ before it was ready; child {first} "
+                                               rf"keeps serving$")
+                load.wait_for(10)
+                load.stop()
+                self.assertEqual([s for s in load.statuses if s != 200], [], daemon.log())
+                daemon.signal(signal.SIGTERM)
+                self.assertEqual(daemon.wait(TIMEOUT * 2), 0, daemon.log())
 
     def test_uvicorn_slow_to_start_is_waited_for_and_one_that_fails_rolled_back(self):
         """uvicorn whose application's lifespan startup takes 3 s, and no
