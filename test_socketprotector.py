@@ -5067,6 +5067,16 @@ class ActivationRecoveryTest(ActivatedAppCase):
                 clients[-1].sendall(say)
         return clients
 
+    def restart_into_a_share(self, daemon):
+        """SIGHUP to a build ready by READY=1 alone (it cannot be seen waiting):
+        (the log mark before it, the new child), once it gets 1 in 16."""
+        self.set_flag("SP_TEST_UNSEEN")
+        mark = daemon.mark()
+        daemon.signal(signal.SIGHUP)
+        new = int(daemon.wait_line(r"child (\d+) ready by READY=1 alone: it gets 1 in 16",
+                                   mark).group(1))
+        return mark, new
+
     def assertDaemonUnbroken(self, daemon):
         """The daemon runs, and has printed no traceback of its own."""
         self.assertIsNone(daemon.proc.poll(), daemon.log())
@@ -5084,11 +5094,7 @@ class ActivationRecoveryTest(ActivatedAppCase):
         program.)"""
         daemon = Daemon(self, "--hang-timeout", "1", "--probation", "10")
         first = daemon.serving()
-        self.set_flag("SP_TEST_UNSEEN")
-        mark = daemon.mark()
-        daemon.signal(signal.SIGHUP)
-        daemon.wait_line(r"ready by READY=1 alone: it gets 1 in 16", mark)
-        second = daemon.generation(mark)[0]
+        mark, second = self.restart_into_a_share(daemon)
         os.kill(first, signal.SIGSTOP)
         self.addCleanup(lambda: alive(first) and os.kill(first, signal.SIGKILL))
         self.hold(daemon.port, 20)
@@ -5153,11 +5159,7 @@ class ActivationRecoveryTest(ActivatedAppCase):
         it.)"""
         daemon = Daemon(self, "--probation", "3")
         first = daemon.serving()
-        self.set_flag("SP_TEST_UNSEEN")
-        mark = daemon.mark()
-        daemon.signal(signal.SIGHUP)
-        daemon.wait_line(r"ready by READY=1 alone: it gets 1 in 16", mark)
-        new = daemon.generation(mark)[0]
+        mark, new = self.restart_into_a_share(daemon)
         os.kill(new, signal.SIGSTOP)
         self.addCleanup(lambda: alive(new) and os.kill(new, signal.SIGKILL))
         self.hold(daemon.port, 96, b"pid\n")
@@ -5178,10 +5180,7 @@ class ActivationRecoveryTest(ActivatedAppCase):
         daemon = Daemon(self, "--hang-timeout", "1", "--probation", "10")
         daemon.serving()
         self.clear_flag("SP_TEST_ACCEPT_EVERY")
-        self.set_flag("SP_TEST_UNSEEN")
-        mark = daemon.mark()
-        daemon.signal(signal.SIGHUP)
-        daemon.wait_line(r"ready by READY=1 alone: it gets 1 in 16", mark)
+        mark, _ = self.restart_into_a_share(daemon)
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
             self.hold(daemon.port, 1, b"pid\n")
