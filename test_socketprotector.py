@@ -5567,66 +5567,55 @@ class ThirdPartyServerTest(ThirdPartyServers, ProtectorTestCase):
         self.assertRegex(lines[-1], r"^socketprotector: child \d+ exited with status 1 "
                                     r"before it was ready " + ACTIVATION_HINT)
 
+    def reload_to_a_broken_build(self, name, command, options=(), workers=1,
+                                 stop_within=TIMEOUT):
+        """`command` serving under HTTP load (once `workers` of its processes
+        have answered), the build made broken, --reload: it exits 1, saying
+        the new child exited before it was ready and the old one keeps
+        serving, and not one request fails."""
+        pid_file = os.path.join(self.tmp, f"{name.replace(' ', '-')}.pid")
+        daemon = Daemon(self, "--pid-file", pid_file, *options, command=command)
+        first = daemon.serving()
+        answered = set()
+        wait_until(lambda: answered.add(http_pid(daemon.port)) or len(answered) >= workers,
+                   f"{workers} of its processes to answer")
+        load = HttpLoad(daemon.port)
+        self.addCleanup(load.stop)
+        load.wait_for(10)
+        open(self.broken, "w").close()
+        code, lines = self.run_protector("--reload", "--pid-file", pid_file,
+                                         timeout=TIMEOUT * 3)
+        os.unlink(self.broken)
+        self.assertEqual(code, 1, (lines, daemon.log()))
+        self.assertOneLineError(lines, rf"restart failed: child \d+ exited with "
+                                       rf"status \d+ before it was ready; child {first} "
+                                       rf"keeps serving$")
+        load.wait_for(10)
+        load.stop()
+        self.assertEqual([s for s in load.statuses if s != 200], [], daemon.log())
+        daemon.signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(stop_within), 0, daemon.log())
+
     def test_a_broken_build_leaves_the_old_one_serving(self):
         """A new build whose app fails to import: --reload exits 1, and the old
         server keeps answering."""
         for name, (options, command) in self.commands().items():
             with self.subTest(server=name):
-                pid_file = os.path.join(self.tmp, f"{name.replace(' ', '-')}.pid")
-                daemon = Daemon(self, "--pid-file", pid_file, *options, command=command)
-                first = daemon.serving()
-                load = HttpLoad(daemon.port)
-                self.addCleanup(load.stop)
-                load.wait_for(10)
-                open(self.broken, "w").close()
-                code, lines = self.run_protector("--reload", "--pid-file", pid_file,
-                                                 timeout=TIMEOUT * 3)
-                os.unlink(self.broken)
-                self.assertEqual(code, 1, lines)
-                self.assertOneLineError(lines, rf"restart failed: child \d+ exited with "
-                                               rf"status \d+ before it was ready; child {first} "
-                                               rf"keeps serving$")
-                load.wait_for(10)
-                load.stop()
-                self.assertEqual([s for s in load.statuses if s != 200], [], daemon.log())
-                daemon.signal(signal.SIGTERM)
-                self.assertEqual(daemon.wait(), 0, daemon.log())
+                self.reload_to_a_broken_build(name, command, options)
 
     def test_gunicorn_without_preload_and_a_broken_app_leaves_the_old_one_serving(self):
         """gunicorn without --preload sends READY=1 from its arbiter before its
         workers import the application: a build whose application fails to
         import is never seen waiting on its socket, so it is never steered
         to; --reload exits 1 and not one request fails (sync and gthread
-        workers)."""
+        workers).  Both workers answer first: without --preload, a worker
+        gunicorn boots later imports the broken build, and its arbiter
+        halts ("Worker failed to boot")."""
         gunicorn = [self.server("gunicorn"), "--no-control-socket", "-w", "2"]
         for name, extra in (("sync", []), ("gthread", ["-k", "gthread", "--threads", "4"])):
             with self.subTest(workers=name):
-                pid_file = os.path.join(self.tmp, f"{name}.pid")
-                daemon = Daemon(self, "--pid-file", pid_file,
-                                command=[*gunicorn, *extra, "webapp:wsgi"])
-                first = daemon.serving()
-                # Both workers have imported the application (without
-                # --preload, a worker gunicorn boots later imports the broken
-                # build and its arbiter halts: "Worker failed to boot").
-                answered = set()
-                wait_until(lambda: answered.add(http_pid(daemon.port)) or len(answered) == 2,
-                           "both workers to answer")
-                load = HttpLoad(daemon.port)
-                self.addCleanup(load.stop)
-                load.wait_for(10)
-                open(self.broken, "w").close()
-                code, lines = self.run_protector("--reload", "--pid-file", pid_file,
-                                                 timeout=TIMEOUT * 3)
-                os.unlink(self.broken)
-                self.assertEqual(code, 1, daemon.log())
-                self.assertOneLineError(lines, rf"restart failed: child \d+ exited with "
-                                               rf"status \d+ before it was ready; child {first} "
-                                               rf"keeps serving$")
-                load.wait_for(10)
-                load.stop()
-                self.assertEqual([s for s in load.statuses if s != 200], [], daemon.log())
-                daemon.signal(signal.SIGTERM)
-                self.assertEqual(daemon.wait(TIMEOUT * 2), 0, daemon.log())
+                self.reload_to_a_broken_build(name, [*gunicorn, *extra, "webapp:wsgi"],
+                                              workers=2, stop_within=TIMEOUT * 2)
 
     def test_uvicorn_slow_to_start_is_waited_for_and_one_that_fails_rolled_back(self):
         """uvicorn whose application's lifespan startup takes 3 s, and no
