@@ -3321,6 +3321,10 @@ class _Supervisor:
                   why, "every new connection goes to it now" if steer else "its share ends")
         if steer:
             self._steer_fully(generation)
+            if self._fallback is not None:
+                # It got 15 in 16 new connections until now: a backlog that
+                # grew meanwhile says nothing of a hang; its clock starts now.
+                self._fallback.stalled_since = None
 
     def _steer_fully(self, generation: _Generation) -> None:
         try:
