@@ -4594,6 +4594,9 @@ class ActivationTest(ActivatedAppCase):
         daemon.wait_line(rf"child {second} is waiting for connections on its listening socket "
                          rf"\(accept\(\), pid {second}\): ready", mark)
         self.assertGreaterEqual(time.monotonic() - started, 1.0)
+        # Steered to once it serves (said next): a connection made between
+        # the two lines may reach the old server, which answers only a line.
+        daemon.wait_line(rf"child {second} ready; child {first} retiring", mark)
         with connect(daemon.port) as s:
             self.assertEqual(int(read_line(s)), second)
 
