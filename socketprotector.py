@@ -1649,47 +1649,126 @@ def _listening_backlogs() -> dict:
     return found
 
 
+# sock_diag (netlink): the kernel lists just the sockets asked for.
+_NETLINK_SOCK_DIAG = getattr(socket, "NETLINK_SOCK_DIAG", 4)
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_INET_DIAG_REQ_BYTECODE = 1
+_INET_DIAG_BC_S_GE, _INET_DIAG_BC_S_LE = 2, 3
+_TCP_ESTABLISHED, _TCP_CLOSE_WAIT = 1, 8
+_DIAG_MSG = struct.Struct("=BBBB2s2s16s16sI8sIIIII")    # struct inet_diag_msg
+
+
+def _unaccepted_by_diag(family: int, port: int) -> Iterator[tuple]:
+    """(local address, remote address, remote port) of each TCP connection to
+    a local port that no process holds yet (inode 0: in an accept queue),
+    established or half-closed by its client, as sock_diag lists them:
+    the kernel filters by state and port, so the cost does not grow with
+    the namespace's other sockets (/proc/net/tcp* lists every one, TIME_WAIT
+    too: under load tens of thousands of lines, seconds to read).  OSError
+    where netlink is refused."""
+    # Bytecode: local port >= port and <= port, else reject (a jump past the end).
+    bytecode = struct.pack("=BBHHHBBHHH", _INET_DIAG_BC_S_GE, 8, 20, 0, port,
+                           _INET_DIAG_BC_S_LE, 8, 12, 0, port)
+    request = struct.pack("=BBBBI48s", family, socket.IPPROTO_TCP, 0, 0,
+                          (1 << _TCP_ESTABLISHED) | (1 << _TCP_CLOSE_WAIT), b"")
+    request += struct.pack("=HH", 4 + len(bytecode), _INET_DIAG_REQ_BYTECODE) + bytecode
+    header = struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY,
+                         _NLM_F_REQUEST_DUMP, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(1.0)
+        nl.sendto(header + request, (0, 0))
+        while True:
+            data = nl.recv(1 << 16)
+            if not data:
+                return
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                if kind == _NLMSG_DONE:
+                    return
+                if kind == _NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", data, offset + 16)[0]
+                    raise OSError(code, os.strerror(code))
+                if kind == _SOCK_DIAG_BY_FAMILY and length >= 16 + _DIAG_MSG.size:
+                    (_, state, _, _, _, dport, src, dst, _, _, _, _, _, _,
+                     inode) = _DIAG_MSG.unpack_from(data, offset + 16)
+                    if inode == 0 and state in (_TCP_ESTABLISHED, _TCP_CLOSE_WAIT):
+                        size = 4 if family == socket.AF_INET else 16
+                        yield src[:size], dst[:size], int.from_bytes(dport, "big")
+                offset += max(16, (length + 3) & ~3)
+
+
+def _proc_address(text: str) -> bytes:
+    """An address as /proc/net/tcp* writes it (host-order 32-bit words, in
+    hex), in network order."""
+    return b"".join(struct.pack("=I", int(text[i:i + 8], 16)) for i in range(0, len(text), 8))
+
+
 class _QueueWatch:
     """--hang-timeout where the servers accept for themselves (listener and
     activation modes): how long the serving generation has accepted none of
     the connections waiting for it.  Its queue's length is read first (cheap:
-    TCP_INFO); only when something waits are the waiting connections listed,
-    from /proc/net/tcp*, where one has inode 0 until a process accepts it.
-    Progress is one seen waiting at the last look and gone now.  A long
-    queue alone would not do: an overloaded healthy server keeps one, but
-    keeps taking from it."""
+    TCP_INFO); only when something waits are the waiting connections listed
+    (sock_diag, else /proc/net/tcp*), where one has inode 0 until a process
+    accepts it.  Progress is one seen waiting at the last look and gone now,
+    or the queue shorter than then.  A long queue alone would not do: an
+    overloaded healthy server keeps one, but keeps taking from it."""
 
     def __init__(self, listeners: List[socket.socket]) -> None:
-        # The local addresses to look for, as /proc/net/tcp* writes them.
+        # The local addresses to look for: (family, address in network
+        # order or None for any, port).
         self.ends = set()
         for sock in listeners:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 host, port = sock.getsockname()[:2]
                 wildcard = host in ("0.0.0.0", "::") or sock.family == socket.AF_INET6
-                self.ends.add((sock.family, None if wildcard else
-                               "%08X" % struct.unpack("=I", socket.inet_aton(host))[0],
-                               "%04X" % port))
+                self.ends.add((sock.family, None if wildcard else socket.inet_aton(host), port))
+        # Listed by sock_diag, else (refused: said once) from /proc/net/tcp*.
+        self.diag = True
         self.seen: set = set()          # (local, remote) of those waiting at the last look
+        self.backlog = 0                # the sockets' queue at the last look
         self.progress_at: Optional[float] = None
         self.look_at: Optional[float] = None
 
     def stalled(self, now: float, sockets: List[socket.socket]) -> float:
         """Seconds the connections waiting on these sockets have seen no
         accept (0: none waits, or one was accepted since the last look)."""
-        if not any(_backlog_length(sock) for sock in sockets):
+        backlog = sum(_backlog_length(sock) or 0 for sock in sockets)
+        if not backlog:
             self.reset()        # the clock starts when something is seen waiting
             return 0.0
+        # The listing is by address: it also holds what waits on other
+        # generations' sockets of the same port.  So the sockets' own queue
+        # is read again after it: shorter than at the last look, or empty
+        # now, is an accept too (a queue shrinks only by accept()).
         waiting = self._waiting()
+        backlog_after = sum(_backlog_length(sock) or 0 for sock in sockets)
         # None listed though some wait: taken between the two reads.
-        if self.progress_at is None or self.seen - waiting or not waiting:
+        if (self.progress_at is None or self.seen - waiting or not waiting
+                or not backlog_after or min(backlog, backlog_after) < self.backlog):
             self.progress_at = now
-        self.seen = waiting
+        self.seen, self.backlog = waiting, backlog_after
         return now - self.progress_at
 
     def reset(self) -> None:
-        self.seen, self.progress_at = set(), None
+        self.seen, self.progress_at, self.backlog = set(), None, 0
 
     def _waiting(self) -> set:
+        """(family, local address, port, remote address, port) of each
+        connection waiting in an accept queue at one of our addresses."""
+        if self.diag:
+            try:
+                return {(family, local, port, remote, remote_port)
+                        for family, address, port in self.ends
+                        for local, remote, remote_port in _unaccepted_by_diag(family, port)
+                        if address in (None, local)}
+            except OSError as e:
+                self.diag = False
+                _log.warning("--hang-timeout: sock_diag refused (%s): waiting connections "
+                             "are listed from /proc/net/tcp, whose cost grows with every "
+                             "socket of the host, TIME_WAIT too", e.strerror or e)
         found = set()
         for family, fields in _tcp_sockets({family for family, _, _ in self.ends}):
             # ESTABLISHED or CLOSE_WAIT (the client has sent all and
@@ -1697,8 +1776,11 @@ class _QueueWatch:
             if len(fields) < 10 or fields[9] != "0" or fields[3] not in ("01", "08"):
                 continue
             host, _, port = fields[1].rpartition(":")
-            if any(f == family and port == p and h in (None, host) for f, h, p in self.ends):
-                found.add((fields[1], fields[2]))
+            remote, _, remote_port = fields[2].rpartition(":")
+            key = (family, _proc_address(host), int(port, 16), _proc_address(remote),
+                   int(remote_port, 16))
+            if any(f == family and key[2] == p and h in (None, key[1]) for f, h, p in self.ends):
+                found.add(key)
         return found
 
 

@@ -2774,6 +2774,24 @@ class ListenerModeTest(ProtectorTestCase):
         daemon = Daemon(self, "--hang-timeout", "1")
         check_hung_server_replaced(self, daemon, daemon.serving())
 
+    def test_a_sighup_storm_under_load_is_not_taken_for_a_hang(self):
+        """--hang-timeout 1, two workers, SIGHUP every 100 ms under load: no
+        healthy generation is found hung, and no session fails.  (Listing
+        the waiting connections from /proc/net/tcp, which holds every
+        TIME_WAIT socket of the host, took the daemon up to 5 s a look here:
+        generations were found hung and their queues reset.)"""
+        daemon = Daemon(self, "--hang-timeout", "1", "--workers", "2")
+        daemon.generation()
+        load = Load(daemon.port, threads=4)
+        self.addCleanup(load.stop)
+        load.wait_for(20)
+        daemon.sighup_storm()
+        load.wait_for(20)
+        load.stop()
+        self.assertEqual(load.failures, [], daemon.log())
+        self.assertEqual(daemon.count(r"hung"), 0, daemon.log())
+        self.assertEqual(daemon.restarted(3)["failed"], 0)
+
     def test_failed_upgrade_keeps_old_child(self):
         """A new child that fails never gets the listener; the old one serves on."""
         daemon = Daemon(self)
@@ -6048,6 +6066,90 @@ class UpgradeTest(ProtectorTestCase):
             self.assertEqual(ask(s, b"in the container"), b"in the container")
         daemon.signal(signal.SIGTERM)
         self.assertEqual(daemon.wait(), 0, daemon.log())
+
+
+class QueueWatchTest(unittest.TestCase):
+    """--hang-timeout in listener and activation modes lists the connections
+    waiting in accept queues at the daemon's addresses (in process, real
+    sockets on 127.0.0.1 and ::)."""
+
+    def waiting_set(self, listeners):
+        """What the watch lists by sock_diag, checked against /proc/net/tcp*,
+        which it must not read while sock_diag answers."""
+        watch = socketprotector._QueueWatch(listeners)
+        real = socketprotector._tcp_sockets
+        def refused(*args, **kwargs):
+            raise AssertionError("/proc/net/tcp read though sock_diag answers")
+        socketprotector._tcp_sockets = refused
+        try:
+            by_diag = watch._waiting()
+        finally:
+            socketprotector._tcp_sockets = real
+        self.assertTrue(watch.diag)
+        watch.diag = False
+        self.assertEqual(watch._waiting(), by_diag)
+        return by_diag
+
+    def connect_to(self, address, family=socket.AF_INET, say=b"", close=False):
+        client = socket.socket(family)
+        self.addCleanup(client.close)
+        client.connect(address)
+        client.sendall(say)
+        if close:
+            client.shutdown(socket.SHUT_WR)     # half-closed: CLOSE_WAIT on the server side
+        return client
+
+    def test_waiting_connections_are_listed_by_sock_diag(self):
+        """Waiting (established, or half-closed by the client) at our
+        address are listed; one accepted, or waiting at another port, is
+        not; and on a dual-stack socket IPv4 and IPv6 clients alike."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        other = socket.create_server(("127.0.0.1", 0))
+        for sock in (listener, other):
+            self.addCleanup(sock.close)
+        port = listener.getsockname()[1]
+        self.connect_to(("127.0.0.1", port), say=b"hi\n")
+        self.connect_to(("127.0.0.1", port), say=b"bye\n", close=True)
+        self.connect_to(("127.0.0.1", port))
+        accepted, _ = listener.accept()       # the first: no longer waiting
+        self.addCleanup(accepted.close)
+        self.connect_to(other.getsockname())
+        waiting = self.waiting_set([listener])
+        self.assertEqual(len(waiting), 2, waiting)
+        self.assertEqual({key[2] for key in waiting}, {port})
+        self.assertNotIn(accepted.getpeername()[1], {key[4] for key in waiting})
+        if not socket.has_dualstack_ipv6():
+            return
+        dual = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+        self.addCleanup(dual.close)
+        port6 = dual.getsockname()[1]
+        self.connect_to(("::1", port6), socket.AF_INET6)
+        self.connect_to(("127.0.0.1", port6))
+        self.assertEqual(len(self.waiting_set([dual])), 2)
+
+    def test_without_sock_diag_proc_net_tcp_is_read_and_said_once(self):
+        """Netlink refused (a sandbox): one line, and the same listing from /proc/net/tcp."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        self.connect_to(listener.getsockname())
+        watch = socketprotector._QueueWatch([listener])
+        real = socket.socket
+        def no_netlink(family=-1, *args, **kwargs):
+            if family == socket.AF_NETLINK:
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return real(family, *args, **kwargs)
+        socket.socket = no_netlink
+        try:
+            with self.assertLogs("socketprotector", "WARNING") as said:
+                first = watch._waiting()
+                second = watch._waiting()
+        finally:
+            socket.socket = real
+        self.assertEqual(len(first), 1)
+        self.assertEqual(first, second)
+        self.assertEqual(len(said.output), 1)
+        self.assertRegex(said.output[0], r"sock_diag refused \(Permission denied\): waiting "
+                                         r"connections are listed from /proc/net/tcp")
 
 
 class StateDeclarationTest(unittest.TestCase):
