@@ -327,8 +327,16 @@ class ConnectionReceiver:
         error = None
         if len(self._listeners) > 1:      # start with each in turn, so none starves
             self._listeners.append(self._listeners.pop(0))
-        for listener, more in self._listeners:
-            error = _accept_into(listener.accept, more, limit - len(conns), conns) or error
+        for listener, more in list(self._listeners):
+            try:
+                error = _accept_into(listener.accept, more, limit - len(conns), conns) or error
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                # No longer listening: the daemon took a hung generation's
+                # socket out of its group (shutdown()); what it held moved on.
+                self._drop_listener(listener)
+                continue
             if len(conns) >= limit:
                 break
         if error is not None:
@@ -337,6 +345,12 @@ class ConnectionReceiver:
             self._accept_paused_until = 0.0
             self._listen_edge(False)
         return conns
+
+    def _drop_listener(self, listener: socket.socket) -> None:
+        self._listeners = [entry for entry in self._listeners if entry[0] is not listener]
+        if self._poller is not None:
+            self._poller.unregister(listener.fileno())
+        listener.close()
 
     def _pause_accepting(self, error: OSError) -> None:
         """Out of descriptors: the backlog keeps what waits, and accepting

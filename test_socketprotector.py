@@ -2390,6 +2390,31 @@ class LibraryTest(ProtectorTestCase):
                 self.assertEqual(receiver.receive(), [])
                 self.assertTrue(receiver.ended)
 
+    def test_a_listener_taken_out_by_the_daemon_is_dropped(self):
+        """Listener mode: the daemon takes a hung generation's socket out of
+        its group (shutdown()); the child, woken again, drops that listener
+        (accept() says EINVAL) and goes on with its channel, not raising."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(ours.close)
+        os.environ[socketprotector.ENV_FD] = str(theirs.detach())
+        os.environ[socketprotector.ENV_HANDOFF] = "listener"
+        receiver = socketprotector.ConnectionReceiver()
+        self.addCleanup(receiver.close)
+        self.assertEqual(ours.recv(16)[:1], socketprotector._MSG_READY)
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        socketprotector._send_fds(ours, socketprotector._MSG_LISTENER, [listener.fileno()])
+        client = connect(listener.getsockname()[1])
+        self.addCleanup(client.close)
+        got = wait_until(lambda: receiver.receive(), "the connection through the listener")
+        self.assertEqual(len(got), 1)
+        got[0].close()
+        listener.shutdown(socket.SHUT_RD)       # as the daemon does
+        select.select([receiver], [], [], TIMEOUT)
+        self.assertEqual(receiver.receive(), [])
+        self.assertEqual(receiver._listeners, [])
+        self.assertFalse(receiver.ended)
+
     def test_a_stalled_receiver_whose_daemon_is_gone_stops_waiting(self):
         """A receiver with no room for a message waits for the daemon's b"K";
         if the daemon is gone meanwhile, it ends instead of waiting for ever."""
