@@ -3413,14 +3413,15 @@ class _Supervisor:
         generation.look_at = generation.stalled_since = None
         generation.backlog_seen = 0
         children = generation.children()      # none left: the one that died, rolled back
-        _log.info("%s %s: %s", self._describe(children) if children else "the new generation",
-                  why, "every new connection goes to it now" if steer else "its share ends")
         if steer:
             self._steer_fully(generation)
             if self._fallback is not None:
                 # It got 15 in 16 new connections until now: a backlog that
                 # grew meanwhile says nothing of a hang; its clock starts now.
                 self._fallback.stalled_since = None
+        # Said once done: whoever reads the log may act on it.
+        _log.info("%s %s: %s", self._describe(children) if children else "the new generation",
+                  why, "every new connection goes to it now" if steer else "its share ends")
 
     def _steer_fully(self, generation: _Generation) -> None:
         try:
