@@ -6271,7 +6271,13 @@ class ActivationUpgradeTest(UpgradeTest):
         daemon.wait_line(r"socketprotector \S+ took over from", mark)
         self.assertEqual([(c["pid"], c["share"]) for c in daemon.status_document()["children"]],
                          [(first, "15/16"), (second, "1/16")])
-        served = [served_by(daemon.port) for _ in range(32)]
+        # All at once: the share ends as soon as the new server is seen
+        # taking one, and one at a time the rest would all be its.
+        clients = [connect(daemon.port) for _ in range(32)]
+        for client in clients:
+            self.addCleanup(client.close)
+            client.sendall(b"pid\n")
+        served = [int(read_line(client)) for client in clients]
         self.assertGreater(served.count(first), 16, served)
         daemon.wait_line(rf"child {second} (was not seen accepting before its probation ended|"
                          rf"took \d+ connections? seen waiting on its socket)", mark)
