@@ -1726,8 +1726,8 @@ class _QueueWatch:
     the connections waiting for it.  Its queue's length is read first (cheap:
     TCP_INFO); only when something waits are the waiting connections listed
     (sock_diag, else /proc/net/tcp*), where one has inode 0 until a process
-    accepts it.  Progress is one seen waiting at the last look and gone now,
-    or the queue shorter than then.  A long queue alone would not do: an
+    accepts it.  Progress is a queue shorter than at the last look plus
+    what has been listed since.  A long queue alone would not do: an
     overloaded healthy server keeps one, but keeps taking from it."""
 
     def __init__(self, listeners: List[socket.socket]) -> None:
@@ -1749,21 +1749,22 @@ class _QueueWatch:
     def stalled(self, now: float, sockets: List[socket.socket]) -> float:
         """Seconds the connections waiting on these sockets have seen no
         accept (0: none waits, or one was accepted since the last look)."""
-        backlog = sum(_backlog_length(sock) or 0 for sock in sockets)
-        if not backlog:
+        if not any(_backlog_length(sock) for sock in sockets):
             self.reset()        # the clock starts when something is seen waiting
             return 0.0
-        # The listing is by address: it also holds what waits on other
-        # generations' sockets of the same port.  So the sockets' own queue
-        # is read again after it: shorter than at the last look, or empty
-        # now, is an accept too (a queue shrinks only by accept()).
+        # A queue shrinks only by accept(): a connection its client resets
+        # stays in it (and is accepted, reset), but leaves the kernel's
+        # lists, so one seen and gone now may not have been accepted.  What
+        # is new in the listing arrived since the last look (at least: some
+        # arrive and are accepted, or reset, in between): a queue shorter
+        # than the last one plus those has had an accept.  The queue is read
+        # after the listing, so what arrives meanwhile makes it only longer.
         waiting = self._waiting()
-        backlog_after = sum(_backlog_length(sock) or 0 for sock in sockets)
-        # None listed though some wait: taken between the two reads.
-        if (self.progress_at is None or self.seen - waiting or not waiting
-                or not backlog_after or min(backlog, backlog_after) < self.backlog):
+        backlog = sum(_backlog_length(sock) or 0 for sock in sockets)
+        if (self.progress_at is None or not backlog
+                or backlog < self.backlog + len(waiting - self.seen)):
             self.progress_at = now
-        self.seen, self.backlog = waiting, backlog_after
+        self.seen, self.backlog = waiting, backlog
         return now - self.progress_at
 
     def reset(self) -> None:
@@ -1775,9 +1776,10 @@ class _QueueWatch:
         if self.diag:
             try:
                 return {(family, local, port, remote, remote_port)
-                        for family, address, port in self.ends
+                        for family, port in {(family, port) for family, _, port in self.ends}
                         for local, remote, remote_port in _unaccepted_by_diag(family, port)
-                        if address in (None, local)}
+                        if any(f == family and p == port and a in (None, local)
+                               for f, a, p in self.ends)}
             except OSError as e:
                 self.diag = False
                 _log.warning("--hang-timeout: sock_diag refused (%s): waiting connections "

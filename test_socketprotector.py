@@ -6152,6 +6152,32 @@ class QueueWatchTest(unittest.TestCase):
         self.connect_to(("127.0.0.1", port6))
         self.assertEqual(len(self.waiting_set([dual])), 2)
 
+    def test_only_an_accept_is_progress_not_a_client_that_resets(self):
+        """A queued connection whose client resets leaves the kernel's lists
+        but not the queue (it is accepted later, reset): the hang clock runs
+        on through resets, half-closes and new arrivals, and only an accept
+        stops it.  (Clients that connect, time out and reset, as health
+        checks do, kept a frozen server from ever being found hung.)"""
+        listener = socket.create_server(("127.0.0.1", 0), backlog=16)
+        self.addCleanup(listener.close)
+        address = listener.getsockname()
+        clients = [self.connect_to(address, say=b"hi\n") for _ in range(5)]
+        watch = socketprotector._QueueWatch([listener])
+        wait_until(lambda: len(watch._waiting()) == 5, "5 connections listed")
+        self.assertEqual(watch.stalled(100.0, [listener]), 0.0)
+        for client in clients[:2]:      # reset: RST
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+        clients[2].shutdown(socket.SHUT_WR)
+        wait_until(lambda: len(watch._waiting()) == 3, "the reset ones gone from the lists")
+        self.assertEqual(socketprotector._backlog_length(listener), 5)
+        self.assertEqual(watch.stalled(110.0, [listener]), 10.0)
+        self.connect_to(address)        # a new arrival
+        wait_until(lambda: len(watch._waiting()) == 4, "the new one listed")
+        self.assertEqual(watch.stalled(115.0, [listener]), 15.0)
+        listener.accept()[0].close()
+        self.assertEqual(watch.stalled(120.0, [listener]), 0.0)
+
     def test_without_sock_diag_proc_net_tcp_is_read_and_said_once(self):
         """Netlink refused (a sandbox): one line, and the same listing from /proc/net/tcp."""
         listener = socket.create_server(("127.0.0.1", 0))
