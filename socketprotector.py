@@ -1741,7 +1741,7 @@ class _QueueWatch:
                 self.ends.add((sock.family, None if wildcard else socket.inet_aton(host), port))
         # Listed by sock_diag, else (refused: said once) from /proc/net/tcp*.
         self.diag = True
-        self.seen: set = set()          # (local, remote) of those waiting at the last look
+        self.seen: set = set()          # _waiting() at the last look
         self.backlog = 0                # the sockets' queue at the last look
         self.progress_at: Optional[float] = None
         self.look_at: Optional[float] = None
