@@ -1054,6 +1054,17 @@ class ProtectorTestCase(unittest.TestCase):
                 self.assertEqual(read_line(c), lines.pop(c))
                 c.close()
 
+    def storm_under_load(self, daemon, threads):
+        """A SIGHUP storm with `threads` clients running before, through
+        and after it; the load, stopped."""
+        load = Load(daemon.port, threads=threads)
+        self.addCleanup(load.stop)
+        load.wait_for(20)
+        daemon.sighup_storm()
+        load.wait_for(20)
+        load.stop()
+        return load
+
     def assertHandoff(self, daemon, child=None, connect_to=None):
         """What only the hand-off mode in use can cause.  Forwarding: the
         daemon has passed connections on.  Listener mode: it has passed
@@ -2390,17 +2401,23 @@ class LibraryTest(ProtectorTestCase):
                 self.assertEqual(receiver.receive(), [])
                 self.assertTrue(receiver.ended)
 
+    def receiver_of(self, handoff):
+        """A ConnectionReceiver in this process as a child in that hand-off
+        mode, and the daemon's end of its channel (READY read off it)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(ours.close)
+        os.environ[socketprotector.ENV_FD] = str(theirs.detach())
+        os.environ[socketprotector.ENV_HANDOFF] = handoff
+        receiver = socketprotector.ConnectionReceiver()
+        self.addCleanup(receiver.close)
+        self.assertEqual(ours.recv(16)[:1], socketprotector._MSG_READY)
+        return ours, receiver
+
     def test_a_listener_taken_out_by_the_daemon_is_dropped(self):
         """Listener mode: the daemon takes a hung generation's socket out of
         its group (shutdown()); the child, woken again, drops that listener
         (accept() says EINVAL) and goes on with its channel, not raising."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.addCleanup(ours.close)
-        os.environ[socketprotector.ENV_FD] = str(theirs.detach())
-        os.environ[socketprotector.ENV_HANDOFF] = "listener"
-        receiver = socketprotector.ConnectionReceiver()
-        self.addCleanup(receiver.close)
-        self.assertEqual(ours.recv(16)[:1], socketprotector._MSG_READY)
+        ours, receiver = self.receiver_of("listener")
         listener = socket.create_server(("127.0.0.1", 0))
         self.addCleanup(listener.close)
         socketprotector._send_fds(ours, socketprotector._MSG_LISTENER, [listener.fileno()])
@@ -2447,13 +2464,7 @@ print("ended" if receiver.ended else "still waiting")
     def test_receive_takes_what_waits_and_nothing_when_nothing_does(self):
         """receive() on a channel with nothing waiting returns [] (it looks
         without polling first); with two messages waiting it returns both."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.addCleanup(ours.close)
-        os.environ[socketprotector.ENV_FD] = str(theirs.detach())
-        os.environ[socketprotector.ENV_HANDOFF] = "forward"
-        receiver = socketprotector.ConnectionReceiver()
-        self.addCleanup(receiver.close)
-        self.assertEqual(ours.recv(16)[:1], b"R")
+        ours, receiver = self.receiver_of("forward")
         self.assertEqual(receiver.receive(), [])
         pairs = [socket.socketpair() for _ in range(2)]
         for a, b in pairs:
@@ -2520,12 +2531,7 @@ class ChaosTest(ProtectorTestCase):
         """The storm again, against the bench's selectors server on ConnectionReceiver."""
         daemon = Daemon(self, command=[sys.executable, EVENT_LOOP_SERVER, "0"])
         daemon.serving()
-        load = Load(daemon.port, threads=8)
-        self.addCleanup(load.stop)
-        load.wait_for(20)
-        daemon.sighup_storm()
-        load.wait_for(20)
-        load.stop()
+        load = self.storm_under_load(daemon, threads=8)
         self.assertEqual(load.failures, [], daemon.log())
         self.assertEqual(daemon.count(r"unexpectedly"), 0, daemon.log())
         status = daemon.restarted(3)
@@ -2807,12 +2813,7 @@ class ListenerModeTest(ProtectorTestCase):
         generations were found hung and their queues reset.)"""
         daemon = Daemon(self, "--hang-timeout", "1", "--workers", "2")
         daemon.generation()
-        load = Load(daemon.port, threads=4)
-        self.addCleanup(load.stop)
-        load.wait_for(20)
-        daemon.sighup_storm()
-        load.wait_for(20)
-        load.stop()
+        load = self.storm_under_load(daemon, threads=4)
         self.assertEqual(load.failures, [], daemon.log())
         self.assertEqual(daemon.count(r"hung"), 0, daemon.log())
         self.assertEqual(daemon.restarted(3)["failed"], 0)
